@@ -1,0 +1,51 @@
+"""cpu_streams: ``torch.cuda.Stream/Event/current_stream`` are CPU stand-ins when CUDA is absent.
+
+The MoE all-to-all token dispatcher creates a side ``torch.cuda.Stream()`` for device-to-host copies of
+split sizes, and DDP / the schedules record events. CPU work is synchronous, so a stream that runs work
+immediately and events that are always complete are exact stand-ins (no numerics involved).
+"""
+
+import torch
+
+from ._base import Patch, Target
+
+
+class CpuStream(torch.cpu.Stream):
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def record_event(self, event=None):
+        return event if event is not None else torch.cpu.Event()
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+def _apply():
+    default = CpuStream()
+    torch.cuda.Stream = CpuStream
+    torch.cuda.Event = torch.cpu.Event
+    torch.cuda.current_stream = lambda device=None: default
+    torch.cuda.default_stream = lambda device=None: default
+    torch.cuda.stream = torch.cpu.stream
+    torch.cuda.set_stream = lambda stream: None
+
+
+PATCH = Patch(
+    name="cpu_streams",
+    when="cpu",
+    summary="torch.cuda.Stream/Event/current_stream become synchronous CPU stand-ins",
+    why="MoEAlltoAllTokenDispatcher builds torch.cuda.Stream() for its D2H copies",
+    targets=[Target("megatron.core.transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher",
+                    ("num_local_experts", "local_expert_indices", "config"))],
+    apply=_apply,
+)

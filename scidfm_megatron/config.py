@@ -1,0 +1,243 @@
+"""Typed, nested configuration: dataclasses, YAML recipes and ``a.b=value`` overrides.
+
+One adapter (``model.builder.to_transformer_config``) turns these into megatron-core's
+``TransformerConfig``; nothing else in the library reads megatron's config objects directly.
+Unknown keys and wrongly typed values are errors that name the key path, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    """Architecture of a SciDFM-style Llama MoE: RMSNorm, RoPE, SwiGLU experts, Mixtral-style routing."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int  # key/value heads; == num_attention_heads for plain MHA (SciDFM)
+    head_dim: int
+    moe_ffn_hidden_size: int  # per-expert SwiGLU hidden size (w1/w3: hidden -> this)
+    num_experts: int
+    moe_router_topk: int
+    vocab_size: int  # real tokenizer size; the embedding is padded to padded_vocab_size
+    max_seq_length: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    untie_embeddings: bool = True
+    moe_aux_loss_coeff: float = 0.02
+    # Expert capacity as a multiple of the even share (tokens*topk/experts). None = dropless routing.
+    moe_capacity_factor: Optional[float] = 1.0
+    # Which tokens lose their slot when an expert is over capacity: lowest router prob ("probs",
+    # GShard/Switch practice) or latest position ("position").
+    moe_token_drop_policy: str = "probs"
+    moe_token_dispatcher: str = "alltoall"
+    moe_router_dtype: Optional[str] = "fp32"  # router logits/softmax in fp32 even when training bf16
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # Pad the vocabulary to a multiple of this, independent of TP, so every layout shares one
+    # global embedding shape (Megatron-LM pads to a multiple of 128*TP, which changes with TP).
+    make_vocab_size_divisible_by: int = 128
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def attention_width(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    def validate(self) -> None:
+        for f in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
+                  "moe_ffn_hidden_size", "num_experts", "moe_router_topk", "vocab_size", "max_seq_length",
+                  "make_vocab_size_divisible_by"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"model.{f} must be >= 1, got {getattr(self, f)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                              f"model.num_query_groups ({self.num_query_groups})")
+        if self.moe_router_topk > self.num_experts:
+            raise ConfigError(f"model.moe_router_topk ({self.moe_router_topk}) exceeds model.num_experts "
+                              f"({self.num_experts})")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise ConfigError("model.moe_capacity_factor must be > 0, or null for dropless routing")
+        if self.moe_token_drop_policy not in ("probs", "position"):
+            raise ConfigError(f"model.moe_token_drop_policy must be 'probs' or 'position', "
+                              f"got {self.moe_token_drop_policy!r}")
+        if self.moe_token_dispatcher not in ("alltoall", "allgather"):
+            raise ConfigError(f"model.moe_token_dispatcher must be 'alltoall' or 'allgather', "
+                              f"got {self.moe_token_dispatcher!r}")
+        if self.moe_router_dtype not in (None, "fp32", "fp64"):
+            raise ConfigError(f"model.moe_router_dtype must be null, 'fp32' or 'fp64', got {self.moe_router_dtype!r}")
+
+
+# ------------------------------------------------------------------------------------ parallel
+@dataclass
+class ParallelConfig:
+    """Parallel degrees. Data parallelism is what is left: dp = world_size / (tp * pp).
+
+    Experts use their own grid over the same ranks: expert tensor parallel (etp, defaults to tp) x
+    expert parallel (ep) x expert data parallel (edp = world_size / (etp * ep * pp)) x pp.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None  # expert tensor parallel; None = same as tp (megatron-core's default)
+    vpp: Optional[int] = None  # virtual pipeline stages per rank (interleaved 1F1B)
+    # Megatron requires sequence parallelism for MoE with TP>1 in training; None = on exactly then.
+    sequence_parallel: Optional[bool] = None
+
+    @property
+    def expert_tp(self) -> int:
+        return self.etp if self.etp is not None else self.tp
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    def dp(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp)
+
+    def edp(self, world_size: int) -> int:
+        return world_size // (self.expert_tp * self.ep * self.pp)
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``path``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: {value!r} matches none of {[_type_name(a) for a in args]}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, path)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys by their full path."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key(s) {[where + k for k in unknown]}; valid keys here: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{path}.{f.name}" if path else f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {path + '.' if path else ''}{f.name}")
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``model.num_layers=4`` -> (["model", "num_layers"], 4); the value is parsed as YAML."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key component")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted overrides to a nested mapping (before it becomes dataclasses, so types get checked)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[p] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "apply_overrides", "from_dict", "load_yaml",
+           "parse_override", "to_dict", "field"]

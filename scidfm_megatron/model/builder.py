@@ -1,0 +1,180 @@
+"""ModelConfig + ParallelConfig -> megatron-core ``TransformerConfig`` + layer spec -> ``GPTModel``.
+
+The only place that knows megatron-core's config field names. Spec choice: TransformerEngine's spec when
+TE imports and CUDA is present (fused kernels, grouped-GEMM experts), megatron-core's local spec
+otherwise (pure torch: CPU, or GPUs without TE), with this project's sequence-parallel-aware RMSNorm.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig, ParallelConfig
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def have_te() -> bool:
+    import megatron_patches
+
+    return megatron_patches.have_transformer_engine() and torch.cuda.is_available()
+
+
+def default_precision() -> str:
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision: Optional[str] = None,
+                          recompute: Optional[str] = None, calculate_per_token_loss: bool = False,
+                          **extra):
+    """The one adapter to megatron's TransformerConfig.
+
+    recompute: None, "selective" (attention core + MoE), or "full" (every layer, uniform).
+    ``extra`` passes further TransformerConfig fields through (for experiments), by their megatron names.
+    """
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    precision = precision or default_precision()
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    cuda = torch.cuda.is_available()
+    te = have_te()
+    recompute_kw = {}
+    if recompute == "full":
+        recompute_kw = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        recompute_kw = dict(recompute_granularity="selective", recompute_modules=["core_attn", "moe"])
+    elif recompute is not None:
+        raise ValueError(f"recompute must be null, 'selective' or 'full', got {recompute!r}")
+
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.moe_ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        # Mixture of experts, Mixtral-style: top-k over logits, softmax over the k chosen.
+        num_moe_experts=model.num_experts,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        moe_router_topk=model.moe_router_topk,
+        moe_router_pre_softmax=False,
+        moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_expert_capacity_factor=model.moe_capacity_factor,
+        moe_token_drop_policy=model.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=False,
+        moe_token_dispatcher_type=model.moe_token_dispatcher,
+        moe_router_dtype=model.moe_router_dtype,
+        moe_grouped_gemm=te,
+        moe_permute_fusion=False,
+        # Parallelism.
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp,
+        expert_model_parallel_size=par.ep,
+        expert_tensor_parallel_size=par.etp,
+        sequence_parallel=par.use_sequence_parallel,
+        # Precision. On CPU, master weights are built on the host (megatron's CPU-init path).
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision == "bf16",
+        fp16=False,
+        use_cpu_initialization=not cuda,
+        # Fusions need TE/apex kernels; without them megatron must take its unfused paths.
+        gradient_accumulation_fusion=te,
+        masked_softmax_fusion=te,
+        bias_dropout_fusion=cuda,
+        apply_rope_fusion=te,
+        persist_layer_norm=False,
+        calculate_per_token_loss=calculate_per_token_loss,
+        **recompute_kw,
+    )
+    kwargs.update(extra)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(model: ModelConfig, *, backend: Optional[str] = None):
+    """The transformer layer ModuleSpec: "te" (TransformerEngine) or "local" (pure torch)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    backend = backend or ("te" if have_te() else "local")
+    if backend == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=model.num_experts, moe_grouped_gemm=True)
+    if backend != "local":
+        raise ValueError(f"backend must be 'te' or 'local', got {backend!r}")
+    from .norm import RMSNorm
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=model.num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    return spec
+
+
+def block_spec(model: ModelConfig, config, *, backend: Optional[str] = None, vp_stage: Optional[int] = None):
+    """Layer spec for this pipeline stage's layers plus the final norm, as a TransformerBlock spec."""
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    backend = backend or ("te" if have_te() else "local")
+    spec = layer_spec(model, backend=backend)
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        from .norm import RMSNorm as final_norm
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=final_norm)
+
+
+def build_model(model: ModelConfig, par: ParallelConfig, *, precision: Optional[str] = None,
+                config=None, backend: Optional[str] = None, vp_stage: Optional[int] = None,
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None, **config_kw):
+    """Build this rank's GPTModel shard. Requires :func:`scidfm_megatron.parallel.init_distributed`."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    config = config or to_transformer_config(model, par, precision=precision, **config_kw)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(model, config, backend=backend, vp_stage=vp_stage),
+        vocab_size=model.padded_vocab_size,
+        max_sequence_length=model.max_seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not model.untie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=model.rope_theta,
+        vp_stage=vp_stage,
+    )
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
+
+
+def build_model_chunks(model: ModelConfig, par: ParallelConfig, *, precision: Optional[str] = None,
+                       backend: Optional[str] = None, **config_kw) -> list:
+    """All model chunks of this rank: one, or ``vpp`` with the interleaved pipeline schedule."""
+    config = to_transformer_config(model, par, precision=precision, **config_kw)
+    stages = par.vpp or 1
+    return [build_model(model, par, config=config, backend=backend,
+                        vp_stage=(i if par.vpp else None)) for i in range(stages)]

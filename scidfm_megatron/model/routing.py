@@ -1,0 +1,70 @@
+"""Observe the MoE routers without copying them: forward hooks on megatron's ``TopKRouter``.
+
+:class:`RouterRecorder` records, for every router call, the layer, the number of tokens it routed,
+tokens per expert *after* capacity dropping (megatron's returned ``routing_map``) and, on request, the
+per-expert sum over tokens of the gate logits ``h W_g`` (what SciDFM's expert-choice analysis needs).
+The logits are recomputed in the hook from the router's input and weight, outside autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class RouterCall:
+    layer: int  # 1-based global layer number, as megatron numbers layers
+    num_tokens: int
+    tokens_per_expert: torch.Tensor  # [num_experts], after dropping
+    logits_sum: Optional[torch.Tensor] = None  # [num_experts], sum over tokens of h W_g
+
+    @property
+    def routed(self) -> int:
+        return int(self.tokens_per_expert.sum())
+
+
+def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert: ceil(capacity_factor * num_tokens * topk / num_experts) (GShard / Switch)."""
+    return math.ceil(num_tokens * topk * capacity_factor / num_experts)
+
+
+class RouterRecorder:
+    def __init__(self, models, keep_logits: bool = False):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        models = models if isinstance(models, (list, tuple)) else [models]
+        self.routers = [m for model in models for m in model.modules() if isinstance(m, TopKRouter)]
+        self.keep_logits = keep_logits
+        self.calls: list[RouterCall] = []
+        self._handles = []
+
+    def _hook(self, module, inputs, output):
+        _, routing_map = output
+        hidden = inputs[0]
+        logits_sum = None
+        if self.keep_logits:
+            with torch.no_grad():
+                h = hidden.reshape(-1, hidden.shape[-1]).float()
+                logits_sum = (h @ module.weight.float().t()).sum(0).cpu()
+        self.calls.append(RouterCall(
+            layer=int(getattr(module, "layer_number", 0) or 0),
+            num_tokens=int(routing_map.shape[0]),
+            tokens_per_expert=routing_map.sum(0).detach().cpu(),
+            logits_sum=logits_sum))
+
+    def __enter__(self):
+        self._handles = [r.register_forward_hook(self._hook) for r in self.routers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return False
+
+    def clear(self):
+        self.calls = []

@@ -1,0 +1,61 @@
+"""Launch a script under torchrun on this machine (CPU + gloo) and fail with the log tail if it fails.
+
+Each launch pays megatron-core's import cost (~5 s per process), so tests launch once per layout and
+check several things per launch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONWARNINGS="ignore",
+               PYTHONUNBUFFERED="1")
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra or {})
+    return env
+
+
+class TorchrunError(RuntimeError):
+    """A torchrun launch failed; ``output`` holds every rank's combined stdout and stderr."""
+
+    def __init__(self, message: str, output: str):
+        super().__init__(message)
+        self.output = output
+
+
+def root_cause(output: str) -> str:
+    """The first exception line a rank printed (torchrun's own summary comes after it)."""
+    import re
+
+    for line in output.splitlines():
+        if re.match(r"^(\[rank\d+\]: )?[A-Za-z_.]*(Error|Exception)\b", line) and "ChildFailedError" not in line:
+            return line
+    return ""
+
+
+def run_torchrun(script: str | Path, nproc: int, args: list[str], *, timeout: float = 900,
+                 env: dict | None = None, nnodes: int = 1, cwd: str | None = None) -> str:
+    """Run ``torchrun --standalone --nproc-per-node nproc script args``; return combined output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *map(str, args)]
+    proc = subprocess.run(cmd, env=cpu_env(env), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        tail = "\n".join(out.splitlines()[-40:])
+        raise TorchrunError(f"torchrun {Path(script).name} {' '.join(map(str, args))} on {nproc} processes "
+                            f"exited {proc.returncode}; root cause: {root_cause(out)}\n{tail}", out)
+    return out

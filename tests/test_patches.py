@@ -1,0 +1,115 @@
+"""megatron_patches: every patch still fits megatron-core, is needed, is scoped, and apply() is safe.
+
+* drift: each patch's declared targets (the megatron-core internals it relies on) exist with the
+  parameters it expects; an upgrade that moves one fails here, not silently at run time.
+* necessity: with one patch disabled (SCIDFM_DISABLE_PATCHES), a TP2 x EP2 training step fails with the
+  exact symptom the patch documents; with all patches it passes (the parity tests prove it changes no
+  numbers).
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+import megatron_patches
+from conftest import WORKERS
+from megatron_patches import PATCHES, UnsupportedMegatronVersion
+from scidfm_megatron.testing.distributed import TorchrunError, root_cause, run_torchrun
+
+
+def run_py(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    full = dict(os.environ, TORCHDYNAMO_DISABLE="1", **(env or {}))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=full)
+
+
+@pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.name)
+def test_patch_targets_have_not_moved(patch):
+    assert patch.targets, f"{patch.name} declares no megatron-core targets"
+    assert patch.drift() == []
+    assert patch.summary and patch.why and patch.when in ("always", "no_te", "cpu")
+
+
+def test_drift_is_detected():
+    from megatron_patches._base import Target
+
+    assert "not found" in Target("megatron.core.transformer.moe.moe_utils", "no_such_function").check()
+    assert "no longer takes" in Target("megatron.core.transformer.moe.moe_utils", "maybe_move_tensor_to_cpu",
+                                       ("tensor", "renamed_arg")).check()
+
+
+def test_refuses_an_unsupported_megatron_version(monkeypatch):
+    monkeypatch.setattr(megatron_patches, "megatron_core_version", lambda: "0.17.0")
+    with pytest.raises(UnsupportedMegatronVersion, match=r"0\.16\.1.*0\.17\.0 is installed.*pip install megatron-core==0\.16\.1"):
+        megatron_patches.apply()
+
+
+def test_apply_is_idempotent_and_cpu_only_patches_follow_cuda():
+    out = run_py(
+        "import megatron_patches, torch\n"
+        "a = megatron_patches.apply(); f = torch.zeros; t = torch.Tensor.to\n"
+        "b = megatron_patches.apply()\n"
+        "print(a == b, torch.zeros is f, torch.Tensor.to is t, sorted(a))\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("True True True")
+    expected = sorted(p.name for p in PATCHES)  # no CUDA and no TE here: every patch applies
+    assert str(expected) in out.stdout
+
+
+def test_unknown_disabled_patch_is_an_error():
+    out = run_py("import megatron_patches; megatron_patches.apply()", env={"SCIDFM_DISABLE_PATCHES": "nope"})
+    assert out.returncode != 0 and "unknown patches ['nope']" in out.stderr
+
+
+def test_cpu_device_and_tensor_type_act_only_for_megatron_callers():
+    out = run_py(
+        "import megatron_patches, torch\n"
+        "megatron_patches.apply()\n"
+        "try:\n"
+        "    torch.zeros(2, device='cuda'); print('user: no error')\n"
+        "except (AssertionError, RuntimeError) as e:\n"
+        "    print('user: refused')\n"
+        "print('user type:', torch.zeros(1).type())\n"
+        "ns = {'__name__': 'megatron.core.fake', 'torch': torch}\n"
+        "exec(\"t = torch.zeros(2, device='cuda'); u = torch.ones(1).cuda(); v = torch.ones(1).to(torch.cuda.current_device()); "
+        "kind = t.type()\", ns)\n"
+        "print('megatron:', ns['t'].device, ns['u'].device, ns['v'].device, ns['kind'])\n")
+    assert out.returncode == 0, out.stderr
+    assert "user: refused" in out.stdout and "user type: torch.FloatTensor" in out.stdout
+    assert "megatron: cpu cpu cpu torch.cuda.FloatTensor" in out.stdout
+
+
+def test_moe_split_sizes_become_numpy_in_both_modules():
+    out = run_py(
+        "import megatron_patches, torch\n"
+        "megatron_patches.apply()\n"
+        "import megatron.core.transformer.moe.moe_utils as mu, megatron.core.transformer.moe.token_dispatcher as td\n"
+        "r = td.maybe_move_tensor_to_cpu(torch.tensor([3, 5]), as_numpy=True)\n"
+        "print(type(r).__name__, r.tolist(), mu.maybe_move_tensor_to_cpu is td.maybe_move_tensor_to_cpu)\n")
+    assert out.stdout.strip() == "ndarray [3, 5] True", out.stderr
+
+
+SYMPTOMS = {
+    "te_general_gemm_missing": "NameError: name 'te_general_gemm' is not defined",
+    "cpu_device": "Torch not compiled with CUDA enabled",
+    "cpu_rng": "Torch not compiled with CUDA enabled",
+    "cpu_streams": "torch.cuda.Stream requires CUDA support",
+    "cpu_tensor_type": "assert param.grad.type() == 'torch.cuda.FloatTensor'",
+    "moe_cpu_split_sizes": "TypeError: all_to_all_single(): incompatible function arguments",
+    "gloo_uneven_all_gather": "ProcessGroupGloo::allgather: invalid tensor size",
+}
+
+
+def test_every_patch_has_a_symptom_check():
+    assert set(SYMPTOMS) == {p.name for p in PATCHES}
+
+
+@pytest.mark.parametrize("name", sorted(SYMPTOMS))
+def test_each_patch_is_needed(tmp_path, name):
+    """Remove one patch: a TP2 x EP2 training step on CPU fails with that patch's documented symptom."""
+    args = ["--mode", "capacity", "--tp", 2, "--ep", 2, "--steps", 1, "--out", tmp_path / "out.pt"]
+    with pytest.raises(TorchrunError) as info:
+        run_torchrun(WORKERS / "parity_worker.py", 4, args, env={"SCIDFM_DISABLE_PATCHES": name}, timeout=300)
+    assert SYMPTOMS[name] in info.value.output, root_cause(info.value.output)
