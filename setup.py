@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     "tensorboard==2.21.0",
     "tqdm==4.70.1",
+    "zstandard==0.25.0",  # .jsonl.zst corpora
 ]
 
 EXTRAS = {
@@ -23,7 +24,6 @@ EXTRAS = {
     "hf": ["transformers==5.23.0", "safetensors==0.8.0"],
     "eval": ["rdkit==2026.9.1", "rouge-score==0.1.2", "scikit-learn==1.9.1", "rapidfuzz==3.14.6",
              "matplotlib==3.11.2"],
-    "data": ["zstandard==0.25.0"],
     "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
 }
 EXTRAS["all-cpu"] = sorted({r for k, v in EXTRAS.items() if k != "gpu" for r in v})
@@ -39,6 +39,10 @@ setup(
     packages=find_packages(include=["scidfm_megatron", "scidfm_megatron.*", "megatron_patches"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["scidfm-info=scidfm_megatron.cli.info:main"]},
+    entry_points={"console_scripts": [
+        "scidfm-info=scidfm_megatron.cli.info:main",
+        "scidfm-build-tokenizer=scidfm_megatron.cli.build_tokenizer:main",
+        "scidfm-preprocess=scidfm_megatron.cli.preprocess:main",
+    ]},
     license="Apache-2.0",
 )

@@ -17,3 +17,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+SAMPLE = ROOT / "examples" / "sample_corpus"
+BASE_MODEL = ROOT / "examples" / "tokenizer" / "base_tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def science_tokenizer_dir(tmp_path_factory):
+    """The science tokenizer as the README's main job builds it (bracket atoms from the sample corpus)."""
+    from scidfm_megatron.cli.build_tokenizer import main
+
+    out = tmp_path_factory.mktemp("tokenizer") / "tok"
+    assert main(["--base-model", str(BASE_MODEL), "--output-dir", str(out), "--bracket-atoms-from",
+                 f"{SAMPLE}/molecules.jsonl:smiles", f"{SAMPLE}/papers.jsonl:text"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def science_tokenizer(science_tokenizer_dir):
+    from scidfm_megatron.tokenizer import ScienceTokenizer
+
+    return ScienceTokenizer(science_tokenizer_dir / "tokenizer.model")
+
+
+def sample_documents():
+    """Every text of the sample corpus, as the pipeline feeds it (database fields wrapped in spans)."""
+    import json
+
+    from scidfm_megatron.tokenizer import wrap_molecule, wrap_protein
+
+    docs = []
+    for name, field, wrap in (("papers.jsonl", "text", None), ("code.jsonl", "text", None),
+                              ("molecules.jsonl", "smiles", wrap_molecule), ("proteins.jsonl", "sequence", wrap_protein)):
+        for line in open(SAMPLE / name, encoding="utf-8"):
+            v = json.loads(line)[field]
+            docs.append(wrap(v) if wrap else v)
+    for line in open(SAMPLE / "instructions.jsonl", encoding="utf-8"):
+        docs.extend(m["content"] for m in json.loads(line)["messages"])
+    return docs

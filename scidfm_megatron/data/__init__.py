@@ -1,0 +1,1 @@
+"""Data: raw corpora -> Megatron .bin/.idx, mixtures, pretraining and SFT datasets."""

@@ -1,0 +1,376 @@
+"""Raw jsonl corpora (plain, .gz, .zst) -> Megatron ``<prefix>_<key>_document.{bin,idx}``.
+
+Streaming and parallel: the main process reads raw lines and writes tokens; worker processes validate,
+decode, wrap and tokenize batches of lines. At most ``4 x workers`` batches are in flight, so memory is
+bounded whatever the input size (``multiprocessing.Pool.imap`` would read the whole input ahead). Nothing
+here imports torch: workers stay small and start fast.
+
+Bad input is never dropped silently. Each bad line (invalid UTF-8, NUL bytes, invalid JSON, not an
+object, missing key, non-string value) is counted and listed with its file, line number and reason in
+the summary and in ``<prefix>_rejected.jsonl``; ``strict=True`` stops at the first one with that
+message and writes nothing. Empty documents are skipped and counted. Outputs are written under
+temporary names and renamed only when everything is complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import io
+import itertools
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .indexed import IndexedWriter, idx_path, optimal_dtype
+
+SPAN_KINDS = ("molecule", "protein")
+
+
+class PreprocessError(RuntimeError):
+    pass
+
+
+@dataclass
+class Rejection:
+    file: str
+    line: int
+    reason: str
+
+
+@dataclass
+class Summary:
+    inputs: list[str]
+    outputs: dict[str, str]
+    documents: dict[str, int]
+    tokens: dict[str, int]
+    lines: int = 0
+    bytes_read: int = 0
+    rejected: int = 0
+    empty: int = 0
+    blank_lines: int = 0
+    seconds: float = 0.0
+    rejections: list[Rejection] = field(default_factory=list)  # the first ``max_listed``
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_read / 1e6 / max(self.seconds, 1e-9)
+
+    def render(self, max_listed: int = 20) -> str:
+        docs = sum(self.documents.values())
+        toks = sum(self.tokens.values())
+        lines = [f"{self.lines:,} lines, {self.bytes_read / 1e6:.1f} MB in {self.seconds:.1f} s "
+                 f"({self.mb_per_s:.2f} MB/s, {docs / max(self.seconds, 1e-9):,.0f} docs/s, "
+                 f"{toks / max(self.seconds, 1e-9):,.0f} tokens/s)"]
+        for key, out in self.outputs.items():
+            lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens -> {out}.{{bin,idx}}")
+        lines.append(f"  rejected lines: {self.rejected:,}; empty documents skipped: {self.empty:,}; "
+                     f"blank lines: {self.blank_lines:,}")
+        for r in self.rejections[:max_listed]:
+            lines.append(f"    {r.file}:{r.line}: {r.reason}")
+        if self.rejected > max_listed:
+            lines.append(f"    ... {self.rejected - max_listed:,} more (all in the _rejected.jsonl file)")
+        return "\n".join(lines)
+
+
+def open_binary(path: str | os.PathLike) -> io.BufferedIOBase:
+    """Open plain, gzip (.gz) or zstandard (.zst) files for binary reading."""
+    p = str(path)
+    if p.endswith(".gz"):
+        return gzip.open(p, "rb")
+    if p.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise PreprocessError(f"{p}: reading .zst needs the zstandard package (pip install zstandard)") from None
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(p, "rb"), closefd=True))
+    return open(p, "rb")
+
+
+# ------------------------------------------------------------------------------------ workers
+_W: dict = {}
+
+
+def _init_worker(model_file: str, keys: list[str], spans: dict, append_eod: bool, dtype: str,
+                 in_pool: bool = True) -> None:
+    if in_pool:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides how to stop
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # forked workers must not run the parent's handler
+    try:
+        from ..tokenizer.core import ScienceTokenizer, wrap_molecule, wrap_protein
+
+        tok = ScienceTokenizer(model_file)
+        tok.num_threads = 1  # one SentencePiece thread per worker process: the workers are the parallelism
+        _W.update(tok=tok, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype),
+                  wrap={k: (wrap_molecule if v == "molecule" else wrap_protein) for k, v in spans.items()})
+    except BaseException as exc:  # surface it on the first batch: a Pool would respawn failing workers forever
+        _W["init_error"] = f"{type(exc).__name__}: {exc}"
+
+
+def _type_name(v) -> str:
+    return {dict: "an object", list: "a list", type(None): "null", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _encode_batch(batch: tuple[int, int, bytes]):
+    """Validate + tokenize one block of whole lines.
+
+    ``batch`` is (file index, number of the block's first line, raw bytes). Returns (file index, per-key
+    (flat tokens in the output dtype, lengths), rejections, empty, blank, bytes, lines)."""
+    if "init_error" in _W:
+        raise PreprocessError(f"tokenizer worker failed to start: {_W['init_error']}")
+    file_idx, first_line, block = batch
+    tok, keys, wrap = _W["tok"], _W["keys"], _W["wrap"]
+    texts: dict[str, list[str]] = {k: [] for k in keys}
+    rejects: list[tuple[int, str]] = []
+    empty = blank = 0
+    lines = block.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    for lineno, raw in enumerate(lines, start=first_line):
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if not raw.strip():
+            blank += 1
+            continue
+        nul = raw.find(b"\x00")
+        if nul >= 0:
+            rejects.append((lineno, f"NUL byte at byte {nul}; remove NUL bytes from the input"))
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rejects.append((lineno, f"invalid UTF-8 at byte {e.start} ({raw[e.start:e.start + 4]!r}); "
+                                    f"re-encode the file as UTF-8"))
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            rejects.append((lineno, f"invalid JSON: {e.msg} at column {e.colno}"))
+            continue
+        if not isinstance(obj, dict):
+            rejects.append((lineno, f"expected a JSON object, got {_type_name(obj)}"))
+            continue
+        bad = None
+        values = []
+        for k in keys:
+            if k not in obj:
+                bad = f"missing key {k!r} (keys present: {sorted(obj)[:8]}); choose --json-keys accordingly"
+                break
+            v = obj[k]
+            if not isinstance(v, str):
+                bad = f"key {k!r} is {_type_name(v)}, expected a string"
+                break
+            if "\x00" in v:
+                bad = f"key {k!r} contains a NUL character (\\u0000)"
+                break
+            values.append(v)
+        if bad:
+            rejects.append((lineno, bad))
+            continue
+        for k, v in zip(keys, values):
+            if not v.strip():
+                empty += 1
+                continue
+            texts[k].append(wrap[k](v) if k in wrap else v)
+    out = {}
+    eod = _W["append_eod"]
+    for k in keys:
+        encoded = tok.encode_batch(texts[k]) if texts[k] else []
+        if eod:
+            for ids in encoded:
+                ids.append(tok.eod_id)
+        lengths = np.fromiter(map(len, encoded), dtype=np.int32, count=len(encoded))
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=_W["dtype"], count=int(lengths.sum()))
+        out[k] = (flat, lengths)
+    return file_idx, out, rejects, empty, blank, len(block), len(lines)
+
+
+# ---------------------------------------------------------------------------------- reading
+def _blocks(files: list[str], block_bytes: int) -> Iterator[tuple[int, int, bytes]]:
+    """(file index, first line number, bytes) blocks of whole lines; the main process never parses."""
+    for fi, path in enumerate(files):
+        line = 1
+        carry = b""
+        with open_binary(path) as f:
+            while True:
+                data = f.read(block_bytes)
+                if not data:
+                    break
+                data = carry + data
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # one line longer than a block: keep reading
+                    carry = data
+                    continue
+                block, carry = data[:cut], data[cut:]
+                yield fi, line, block
+                line += block.count(b"\n")
+        if carry:
+            yield fi, line, carry
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files, directories (their *.jsonl, *.jsonl.gz, *.jsonl.zst, *.json) and globs, in sorted order."""
+    import glob
+
+    files: list[str] = []
+    for item in inputs:
+        for part in item.split(","):
+            if not part:
+                continue
+            p = Path(part)
+            if p.is_dir():
+                found = sorted(str(x) for pat in ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.json")
+                               for x in p.glob(pat))
+            elif any(c in part for c in "*?["):
+                found = sorted(glob.glob(part))
+            else:
+                found = [part] if p.exists() else []
+            if not found:
+                raise PreprocessError(f"--input {part}: no such file (or no *.jsonl[.gz|.zst] in that directory)")
+            files.extend(found)
+    return files
+
+
+def output_prefix_for(prefix: str, key: str) -> str:
+    return f"{prefix}_{key}_document"
+
+
+class _Terminate(Exception):
+    pass
+
+
+def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, json_keys=("text",),
+               spans: Optional[dict] = None, append_eod: bool = True, workers: int = 1, strict: bool = False,
+               block_bytes: int = 1 << 20, progress: bool = True, max_listed: int = 20) -> Summary:
+    """Tokenize ``inputs`` into one Megatron dataset per json key. Returns the summary."""
+    from ..tokenizer.core import ScienceTokenizer
+
+    spans = dict(spans or {})
+    keys = list(json_keys)
+    for k, kind in spans.items():
+        if kind not in SPAN_KINDS:
+            raise PreprocessError(f"--span {k}={kind}: kind must be one of {SPAN_KINDS}")
+        if k not in keys:
+            raise PreprocessError(f"--span {k}={kind}: {k!r} is not one of --json-keys {keys}")
+    files = expand_inputs(list(inputs))
+    try:
+        tok = ScienceTokenizer(tokenizer_model)
+    except (OSError, ValueError) as exc:
+        raise PreprocessError(f"--tokenizer-model: {exc}") from None
+    dtype = optimal_dtype(tok.vocab_size)
+    prefixes = {k: output_prefix_for(output_prefix, k) for k in keys}
+    writers = {k: IndexedWriter(p, dtype) for k, p in prefixes.items()}
+    rejected_path = Path(f"{output_prefix}_rejected.jsonl")
+    rejected_tmp = Path(f"{rejected_path}.tmp")
+    summary = Summary(inputs=files, outputs=prefixes, documents={k: 0 for k in keys}, tokens={k: 0 for k in keys})
+    total_bytes = sum(os.path.getsize(f) for f in files)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
+                   dynamic_ncols=True, mininterval=1.0)
+
+    def on_term(signum, frame):
+        raise _Terminate()
+
+    prev_term = signal.signal(signal.SIGTERM, on_term) if _is_main_thread() else None
+    pool = None
+    start = time.perf_counter()
+    init_args = (str(tokenizer_model), keys, spans, append_eod, np.dtype(dtype).name)
+    try:
+        with open(rejected_tmp, "w") as rej_file:
+            if workers > 1:
+                import multiprocessing as mp
+
+                pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
+                submit = lambda b: pool.apply_async(_encode_batch, (b,))  # noqa: E731
+            else:
+                _init_worker(*init_args, in_pool=False)
+                submit = lambda b: _Done(_encode_batch(b))  # noqa: E731
+            inflight: collections.deque = collections.deque()
+            compressed = [f.endswith((".gz", ".zst")) for f in files]
+
+            def drain_one():
+                fi, out, rejects, empty, blank, nbytes, nlines = inflight.popleft().get()
+                for lineno, reason in rejects:
+                    r = Rejection(files[fi], lineno, reason)
+                    if strict:
+                        raise PreprocessError(f"{r.file}:{r.line}: {r.reason} (strict mode: nothing written)")
+                    summary.rejected += 1
+                    if len(summary.rejections) < max_listed:
+                        summary.rejections.append(r)
+                    rej_file.write(json.dumps(asdict(r)) + "\n")
+                for k, (flat, lengths) in out.items():
+                    if len(lengths):
+                        writers[k].add_documents(flat, lengths)
+                        summary.documents[k] += len(lengths)
+                        summary.tokens[k] += int(flat.size)
+                summary.lines += nlines
+                summary.empty += empty
+                summary.blank_lines += blank
+                summary.bytes_read += nbytes
+                if bar is not None:
+                    bar.update(nbytes if not compressed[fi] else 0)
+                    el = time.perf_counter() - start
+                    bar.set_postfix_str(f"{sum(summary.documents.values()) / el:,.0f} docs/s, "
+                                        f"{sum(summary.tokens.values()) / el:,.0f} tok/s", refresh=False)
+
+            for batch in _blocks(files, block_bytes):
+                inflight.append(submit(batch))
+                if len(inflight) >= 4 * max(workers, 1):
+                    drain_one()
+            while inflight:
+                drain_one()
+        for w in writers.values():
+            w.finalize()
+        os.replace(rejected_tmp, rejected_path)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        rejected_tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.close()
+        if prev_term is not None:
+            signal.signal(signal.SIGTERM, prev_term)
+    summary.seconds = time.perf_counter() - start
+    write_json_atomic(Path(f"{output_prefix}_summary.json"),
+                      dict(asdict(summary), mb_per_s=summary.mb_per_s, rejections=[asdict(r) for r in summary.rejections]))
+    return summary
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def outputs_complete(prefix: str) -> bool:
+    return idx_path(prefix).exists()
