@@ -43,6 +43,7 @@ setup(
         "scidfm-info=scidfm_megatron.cli.info:main",
         "scidfm-build-tokenizer=scidfm_megatron.cli.build_tokenizer:main",
         "scidfm-preprocess=scidfm_megatron.cli.preprocess:main",
+        "scidfm-mixture=scidfm_megatron.cli.mixture:main",
     ]},
     license="Apache-2.0",
 )

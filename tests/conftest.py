@@ -56,3 +56,19 @@ def sample_documents():
     for line in open(SAMPLE / "instructions.jsonl", encoding="utf-8"):
         docs.extend(m["content"] for m in json.loads(line)["messages"])
     return docs
+
+
+@pytest.fixture(scope="session")
+def sample_datasets(tmp_path_factory, science_tokenizer_dir):
+    """The sample corpus preprocessed as the main job does: {name: megatron prefix}."""
+    from scidfm_megatron.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("data")
+    model = str(science_tokenizer_dir / "tokenizer.model")
+    preprocess([str(SAMPLE / "papers.jsonl")], str(out / "papers"), model, progress=False)
+    preprocess([str(SAMPLE / "molecules.jsonl")], str(out / "molecules"), model, json_keys=["smiles"],
+               spans={"smiles": "molecule"}, progress=False)
+    preprocess([str(SAMPLE / "proteins.jsonl")], str(out / "proteins"), model, json_keys=["sequence"],
+               spans={"sequence": "protein"}, progress=False)
+    return {"papers": str(out / "papers_text_document"), "molecules": str(out / "molecules_smiles_document"),
+            "proteins": str(out / "proteins_sequence_document"), "dir": str(out)}

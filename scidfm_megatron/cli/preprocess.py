@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     g = ap.add_argument_group("Megatron-LM compatible")
     g.add_argument("--input", required=True, nargs="+", help="jsonl / .jsonl.gz / .jsonl.zst files, dirs or globs")
     g.add_argument("--output-prefix", required=True)
-    g.add_argument("--json-keys", nargs="+", default=["text"])
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="(SFT: the messages key, default messages)")
     g.add_argument("--workers", type=int, default=1)
     g.add_argument("--append-eod", action="store_true", help="end every document with <|eod|>")
     g.add_argument("--tokenizer-model", required=True, help="extended tokenizer.model (scidfm-build-tokenizer)")
@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     s.add_argument("--span", action="append", default=[], metavar="KEY=molecule|protein",
                    help="wrap that key's values in molecule / protein span markers")
     s.add_argument("--strict", action="store_true", help="stop at the first bad line; write nothing")
+    s.add_argument("--sft-seq-length", type=int, default=None, metavar="S",
+                   help="instruction data: records hold a 'messages' list; write packed SFT sequences of S+1 "
+                        "tokens with assistant-only loss masks (<prefix>_tokens / <prefix>_lossmask)")
+    s.add_argument("--no-pack", action="store_true", help="SFT: one conversation per sequence")
     s.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.tokenizer_type not in ("SciDFMTokenizer", "SentencePieceTokenizer"):
@@ -47,7 +51,8 @@ def main(argv=None) -> int:
     try:
         summary = preprocess(args.input, args.output_prefix, args.tokenizer_model, json_keys=args.json_keys,
                              spans=spans, append_eod=args.append_eod, workers=args.workers, strict=args.strict,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, sft_seq_length=args.sft_seq_length,
+                             sft_pack=not args.no_pack)
     except PreprocessError as exc:
         print(f"scidfm-preprocess: error: {exc}", file=sys.stderr)
         return 1

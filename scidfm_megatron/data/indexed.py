@@ -60,7 +60,7 @@ class IndexedWriter:
     def add_document(self, tokens) -> None:
         self.add_documents(np.asarray(tokens), np.asarray([len(tokens)], dtype=np.int32))
 
-    def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
+    def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray, *_unused) -> None:
         """Many documents at once: ``flat_tokens`` is their concatenation, ``lengths`` their sizes."""
         if flat_tokens.size and (int(flat_tokens.max()) > self._max or int(flat_tokens.min()) < 0):
             raise ValueError(f"token id out of range for {self.dtype} in {self.prefix}")

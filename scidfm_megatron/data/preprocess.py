@@ -58,6 +58,7 @@ class Summary:
     blank_lines: int = 0
     seconds: float = 0.0
     rejections: list[Rejection] = field(default_factory=list)  # the first ``max_listed``
+    sft: dict = field(default_factory=dict)  # SFT packing statistics (SFT mode only)
 
     @property
     def mb_per_s(self) -> float:
@@ -70,7 +71,13 @@ class Summary:
                  f"({self.mb_per_s:.2f} MB/s, {docs / max(self.seconds, 1e-9):,.0f} docs/s, "
                  f"{toks / max(self.seconds, 1e-9):,.0f} tokens/s)"]
         for key, out in self.outputs.items():
-            lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens -> {out}.{{bin,idx}}")
+            if self.sft:
+                lines.append(f"  {key}: {self.documents[key]:,} conversations, {self.tokens[key]:,} tokens "
+                             f"({self.sft['assistant_tokens']:,} assistant) in {self.sft['sequences']:,} sequences of "
+                             f"<= {self.sft['seq_length'] + 1} tokens ({self.sft['truncated']:,} truncated) -> "
+                             f"{out}_{{tokens,lossmask}}.{{bin,idx}}")
+            else:
+                lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens -> {out}.{{bin,idx}}")
         lines.append(f"  rejected lines: {self.rejected:,}; empty documents skipped: {self.empty:,}; "
                      f"blank lines: {self.blank_lines:,}")
         for r in self.rejections[:max_listed]:
@@ -98,7 +105,7 @@ def open_binary(path: str | os.PathLike) -> io.BufferedIOBase:
 _W: dict = {}
 
 
-def _init_worker(model_file: str, keys: list[str], spans: dict, append_eod: bool, dtype: str,
+def _init_worker(model_file: str, keys: list[str], spans: dict, append_eod: bool, dtype: str, mode: str = "text",
                  in_pool: bool = True) -> None:
     if in_pool:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides how to stop
@@ -108,7 +115,7 @@ def _init_worker(model_file: str, keys: list[str], spans: dict, append_eod: bool
 
         tok = ScienceTokenizer(model_file)
         tok.num_threads = 1  # one SentencePiece thread per worker process: the workers are the parallelism
-        _W.update(tok=tok, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype),
+        _W.update(tok=tok, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype), mode=mode,
                   wrap={k: (wrap_molecule if v == "molecule" else wrap_protein) for k, v in spans.items()})
     except BaseException as exc:  # surface it on the first batch: a Pool would respawn failing workers forever
         _W["init_error"] = f"{type(exc).__name__}: {exc}"
@@ -130,6 +137,7 @@ def _encode_batch(batch: tuple[int, int, bytes]):
     tok, keys, wrap = _W["tok"], _W["keys"], _W["wrap"]
     texts: dict[str, list[str]] = {k: [] for k in keys}
     rejects: list[tuple[int, str]] = []
+    chats: list[tuple[list[int], list[int]]] = []
     empty = blank = 0
     lines = block.split(b"\n")
     if lines and not lines[-1]:
@@ -158,6 +166,15 @@ def _encode_batch(batch: tuple[int, int, bytes]):
         if not isinstance(obj, dict):
             rejects.append((lineno, f"expected a JSON object, got {_type_name(obj)}"))
             continue
+        if _W["mode"] == "chat":
+            from ..tokenizer.core import encode_chat
+
+            try:
+                chats.append(encode_chat(tok, obj.get(keys[0]) if keys[0] in obj else None))
+            except ValueError as exc:
+                reason = f"missing key {keys[0]!r}" if keys[0] not in obj else f"key {keys[0]!r}: {exc}"
+                rejects.append((lineno, reason))
+            continue
         bad = None
         values = []
         for k in keys:
@@ -181,6 +198,12 @@ def _encode_batch(batch: tuple[int, int, bytes]):
                 continue
             texts[k].append(wrap[k](v) if k in wrap else v)
     out = {}
+    if _W["mode"] == "chat":
+        lengths = np.fromiter((len(ids) for ids, _ in chats), dtype=np.int32, count=len(chats))
+        flat = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in chats), dtype=_W["dtype"],
+                           count=int(lengths.sum()))
+        mask = np.fromiter(itertools.chain.from_iterable(m for _, m in chats), dtype=np.uint8, count=int(lengths.sum()))
+        return file_idx, {keys[0]: (flat, lengths, mask)}, rejects, empty, blank, len(block), len(lines)
     eod = _W["append_eod"]
     for k in keys:
         encoded = tok.encode_batch(texts[k]) if texts[k] else []
@@ -249,8 +272,12 @@ class _Terminate(Exception):
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, json_keys=("text",),
                spans: Optional[dict] = None, append_eod: bool = True, workers: int = 1, strict: bool = False,
-               block_bytes: int = 1 << 20, progress: bool = True, max_listed: int = 20) -> Summary:
-    """Tokenize ``inputs`` into one Megatron dataset per json key. Returns the summary."""
+               block_bytes: int = 1 << 20, progress: bool = True, max_listed: int = 20,
+               sft_seq_length: Optional[int] = None, sft_pack: bool = True) -> Summary:
+    """Tokenize ``inputs`` into one Megatron dataset per json key. Returns the summary.
+
+    With ``sft_seq_length``, records are conversations (``json_keys[0]``, default ``messages``: a list
+    of {role, content}) and the output is a packed SFT dataset (see :mod:`.sft`)."""
     from ..tokenizer.core import ScienceTokenizer
 
     spans = dict(spans or {})
@@ -266,8 +293,19 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
     except (OSError, ValueError) as exc:
         raise PreprocessError(f"--tokenizer-model: {exc}") from None
     dtype = optimal_dtype(tok.vocab_size)
-    prefixes = {k: output_prefix_for(output_prefix, k) for k in keys}
-    writers = {k: IndexedWriter(p, dtype) for k, p in prefixes.items()}
+    mode = "chat" if sft_seq_length else "text"
+    if mode == "chat":
+        from .sft import SFTPacker
+
+        if keys == ["text"]:
+            keys = ["messages"]
+        if len(keys) != 1 or spans:
+            raise PreprocessError("SFT preprocessing takes one --json-keys (the messages list) and no --span")
+        prefixes = {keys[0]: output_prefix}
+        writers = {keys[0]: SFTPacker(output_prefix, sft_seq_length, dtype, pack=sft_pack)}
+    else:
+        prefixes = {k: output_prefix_for(output_prefix, k) for k in keys}
+        writers = {k: IndexedWriter(p, dtype) for k, p in prefixes.items()}
     rejected_path = Path(f"{output_prefix}_rejected.jsonl")
     rejected_tmp = Path(f"{rejected_path}.tmp")
     summary = Summary(inputs=files, outputs=prefixes, documents={k: 0 for k in keys}, tokens={k: 0 for k in keys})
@@ -285,7 +323,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
     prev_term = signal.signal(signal.SIGTERM, on_term) if _is_main_thread() else None
     pool = None
     start = time.perf_counter()
-    init_args = (str(tokenizer_model), keys, spans, append_eod, np.dtype(dtype).name)
+    init_args = (str(tokenizer_model), keys, spans, append_eod, np.dtype(dtype).name, mode)
     try:
         with open(rejected_tmp, "w") as rej_file:
             if workers > 1:
@@ -309,9 +347,9 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
                     if len(summary.rejections) < max_listed:
                         summary.rejections.append(r)
                     rej_file.write(json.dumps(asdict(r)) + "\n")
-                for k, (flat, lengths) in out.items():
+                for k, (flat, lengths, *mask) in out.items():
                     if len(lengths):
-                        writers[k].add_documents(flat, lengths)
+                        writers[k].add_documents(flat, lengths, *mask)
                         summary.documents[k] += len(lengths)
                         summary.tokens[k] += int(flat.size)
                 summary.lines += nlines
@@ -347,8 +385,11 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
     summary.seconds = time.perf_counter() - start
+    extra = writers[keys[0]].stats() if mode == "chat" else {}
+    summary.sft = extra
     write_json_atomic(Path(f"{output_prefix}_summary.json"),
-                      dict(asdict(summary), mb_per_s=summary.mb_per_s, rejections=[asdict(r) for r in summary.rejections]))
+                      dict(asdict(summary), mb_per_s=summary.mb_per_s, rejections=[asdict(r) for r in summary.rejections],
+                           **({"sft": extra} if extra else {})))
     return summary
 
 

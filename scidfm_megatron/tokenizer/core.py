@@ -30,6 +30,7 @@ CONTROL.
 from __future__ import annotations
 
 import re
+import sys
 from typing import Iterable, Optional
 
 MOL_START, MOL_END = "[START_I_SMILES]", "[END_I_SMILES]"
@@ -168,15 +169,18 @@ class ScienceTokenizer:
             ids.extend(self._bpe(seq[run_start:], first=False))
         return ids
 
-    def encode(self, text: str, *, allow_special: bool = False, bos: bool = False, eos: bool = False) -> list[int]:
+    def encode(self, text: str, *, allow_special: bool = False, bos: bool = False, eos: bool = False,
+               continuation: bool = False) -> list[int]:
         """Token ids of ``text``. ``allow_special`` also turns the chat/document specials and the
-        ``<s>``/``</s>`` strings into their tokens (chat templates need it; raw documents must not)."""
+        ``<s>``/``</s>`` strings into their tokens (chat templates need it; raw documents must not).
+        ``continuation``: ``text`` continues a document (no SentencePiece dummy-prefix space), so
+        encoding a text in consecutive pieces gives the same ids as encoding it whole."""
         pattern = _SPECIAL_RE if allow_special else _SPAN_RE
         ids: list[int] = [self.bos_id] if bos else []
         if pattern.search(text) is None:  # fast path: prose without spans
-            ids.extend(self._bpe(text, first=True))
+            ids.extend(self._bpe(text, first=not continuation))
         else:
-            pos, mode, first = 0, None, True
+            pos, mode, first = 0, None, not continuation
             for m in pattern.finditer(text):
                 chunk = text[pos:m.start()]
                 if chunk:
@@ -272,10 +276,14 @@ def wrap_protein(sequence: str) -> str:
 ROLES = ("system", "user", "assistant")
 
 
-def chat_segments(messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+def chat_segments(messages: list, add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
     """[(text, is_assistant_target), ...] whose concatenation is the rendered conversation (with ``<s>``)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
     out: list[tuple[str, bool]] = [(BOS_TEXT, False)]
     for k, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ValueError(f"message {k}: expected an object with role and content")
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
             raise ValueError(f"message {k}: role must be one of {ROLES}, got {role!r}")
@@ -294,6 +302,20 @@ def chat_segments(messages: list[dict], add_generation_prompt: bool = False) -> 
     return out
 
 
+def encode_chat(tok: "ScienceTokenizer", messages: list) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and a 0/1 mask marking the assistant targets (content + ``</s>``).
+    The ids equal ``tok.encode(rendered, allow_special=True)`` of the whole rendered conversation."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for k, (text, target) in enumerate(chat_segments(messages)):
+        seg = tok.encode(text, allow_special=True, continuation=k > 0)
+        ids.extend(seg)
+        mask.extend([int(target)] * len(seg))
+    if not any(mask):
+        raise ValueError("conversation has no assistant turn to learn from")
+    return ids, mask
+
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}\n"
@@ -303,10 +325,15 @@ CHAT_TEMPLATE = (
 
 
 # ------------------------------------------------------------------------- Hugging Face tokenizer
-try:  # optional: only when transformers is installed (the HF export ships this file as its code)
-    from transformers.tokenization_python import PythonBackend as _HFBase
-except Exception:  # pragma: no cover - transformers absent or too old
-    _HFBase = None
+# Defined only when transformers is already imported (it is, when AutoTokenizer loads this file as
+# tokenization_scidfm.py): importing transformers just to tokenize would cost every preprocessing
+# worker ~40 MB and seconds of start-up.
+_HFBase = None
+if "transformers" in sys.modules:
+    try:
+        from transformers.tokenization_python import PythonBackend as _HFBase
+    except Exception:  # pragma: no cover - transformers too old
+        _HFBase = None
 
 if _HFBase is not None:
 

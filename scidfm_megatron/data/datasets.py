@@ -1,0 +1,53 @@
+"""Pretraining datasets: megatron-core's BlendedMegatronDatasetBuilder over a mixture's blend."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .mixture import Mixture
+
+
+class MegatronTokenizerAdapter:
+    """What megatron-core's GPT datasets need from a tokenizer (ids, and a stable cache identity)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size = tok.vocab_size
+        self.eod = tok.eod_id
+        self.pad = tok.pad_id
+        self.unique_identifiers = {"class": "ScienceTokenizer", "model_file": str(tok.model_file),
+                                   "vocab_size": tok.vocab_size}
+
+    def detokenize(self, ids):
+        return self.tok.decode(ids)
+
+
+def gpt_dataset_config(blend, tokenizer, *, seq_length: int, seed: int = 1234, split: str = "98,1,1",
+                       cache_dir: Optional[str] = None):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=blend, split=split, path_to_cache=cache_dir,
+        tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        mid_level_dataset_surplus=0.005)
+
+
+def build_pretrain_datasets(mixture: Mixture, epoch: int, tokenizer, *, seq_length: int,
+                            samples: tuple[int, int, int], seed: int = 1234, split: str = "98,1,1",
+                            cache_dir: Optional[str] = None, is_built_on_rank=None):
+    """(train, valid, test) blended GPT datasets with ``samples`` sequences each (0 -> None)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    import torch.distributed as dist
+
+    if not isinstance(tokenizer, MegatronTokenizerAdapter):
+        tokenizer = MegatronTokenizerAdapter(tokenizer)
+    if cache_dir and not dist.is_initialized():
+        # megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() unguarded when it
+        # writes its cache; a single process without a process group gains nothing from the cache.
+        cache_dir = None
+    config = gpt_dataset_config(mixture.blend(epoch), tokenizer, seq_length=seq_length, seed=seed, split=split,
+                                cache_dir=cache_dir)
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(samples), is_built_on_rank or (lambda: True), config)
+    return builder.build()

@@ -1,0 +1,100 @@
+"""Instruction-tuning data: packed conversations with assistant-only loss masks, stored indexed.
+
+On disk (written by ``scidfm-preprocess --sft-seq-length S``): two aligned Megatron datasets,
+``<prefix>_tokens`` (token ids) and ``<prefix>_lossmask`` (uint8, 1 on assistant targets), one entry
+per training sequence of at most S+1 tokens (inputs are tokens[:-1], labels tokens[1:]). Packing is
+greedy in input order and never splits a conversation: one that does not fit in the current sequence
+starts the next; a conversation longer than S+1 tokens is truncated (counted in the summary). Packed
+conversations attend to earlier ones in the same sequence (no block-diagonal mask on the local
+attention path), the common SFT trade-off; ``--no-pack`` gives one conversation per sequence.
+
+``SFTDataset`` reads them through megatron-core's mmap ``IndexedDataset``, so 9M samples are never held
+in memory, and pads each sequence to S with ``[PAD]`` (loss mask 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .indexed import IndexedWriter
+
+
+class SFTPacker:
+    def __init__(self, prefix: str, seq_length: int, dtype, pack: bool = True):
+        if seq_length < 2:
+            raise ValueError("SFT sequence length must be >= 2")
+        self.capacity = seq_length + 1
+        self.seq_length = seq_length
+        self.pack = pack
+        self.tokens = IndexedWriter(f"{prefix}_tokens", dtype)
+        self.mask = IndexedWriter(f"{prefix}_lossmask", np.uint8)
+        self._buf_ids: list[np.ndarray] = []
+        self._buf_mask: list[np.ndarray] = []
+        self._buf_len = 0
+        self.conversations = self.truncated = self.assistant_tokens = 0
+
+    def _flush(self):
+        if self._buf_len:
+            ids, mask = np.concatenate(self._buf_ids), np.concatenate(self._buf_mask)
+            self.tokens.add_document(ids)
+            self.mask.add_document(mask)
+            self._buf_ids, self._buf_mask, self._buf_len = [], [], 0
+
+    def add_documents(self, flat: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -> None:
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        for k in range(len(lengths)):
+            ids, m = flat[offsets[k]:offsets[k + 1]], mask[offsets[k]:offsets[k + 1]]
+            if len(ids) > self.capacity:
+                ids, m = ids[:self.capacity], m[:self.capacity]
+                self.truncated += 1
+            self.conversations += 1
+            self.assistant_tokens += int(m.sum())
+            if not self.pack or self._buf_len + len(ids) > self.capacity:
+                self._flush()
+            self._buf_ids.append(ids)
+            self._buf_mask.append(m)
+            self._buf_len += len(ids)
+        if not self.pack:
+            self._flush()
+
+    def finalize(self):
+        self._flush()
+        self.tokens.finalize()
+        self.mask.finalize()
+
+    def abort(self):
+        self.tokens.abort()
+        self.mask.abort()
+
+    def stats(self) -> dict:
+        return dict(conversations=self.conversations, sequences=self.tokens.documents, truncated=self.truncated,
+                    assistant_tokens=self.assistant_tokens, seq_length=self.seq_length, packed=self.pack)
+
+
+class SFTDataset:
+    """Map-style dataset of padded SFT sequences: dict(tokens, labels, loss_mask, position_ids)."""
+
+    def __init__(self, prefix: str, seq_length: int, pad_id: int):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.tokens = IndexedDataset(f"{prefix}_tokens")
+        self.mask = IndexedDataset(f"{prefix}_lossmask")
+        if len(self.tokens) != len(self.mask):
+            raise ValueError(f"{prefix}: tokens ({len(self.tokens)}) and lossmask ({len(self.mask)}) differ in length")
+        self.seq_length, self.pad_id = seq_length, pad_id
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        ids = np.asarray(self.tokens[i], dtype=np.int64)[: self.seq_length + 1]
+        mask = np.asarray(self.mask[i], dtype=np.float32)[: self.seq_length + 1]
+        pad = self.seq_length + 1 - len(ids)
+        if pad:
+            ids = np.concatenate([ids, np.full(pad, self.pad_id, dtype=np.int64)])
+            mask = np.concatenate([mask, np.zeros(pad, dtype=np.float32)])
+        return dict(tokens=torch.from_numpy(ids[:-1].copy()), labels=torch.from_numpy(ids[1:].copy()),
+                    loss_mask=torch.from_numpy(mask[1:].copy()),
+                    position_ids=torch.arange(self.seq_length, dtype=torch.long))
