@@ -44,6 +44,8 @@ setup(
         "scidfm-build-tokenizer=scidfm_megatron.cli.build_tokenizer:main",
         "scidfm-preprocess=scidfm_megatron.cli.preprocess:main",
         "scidfm-mixture=scidfm_megatron.cli.mixture:main",
+        "scidfm-pretrain=scidfm_megatron.cli.stages:pretrain",
+        "scidfm-sft=scidfm_megatron.cli.stages:sft",
     ]},
     license="Apache-2.0",
 )

@@ -22,6 +22,32 @@ class MegatronTokenizerAdapter:
         return self.tok.decode(ids)
 
 
+def check_splits(prefixes: list[str], split: str, samples: tuple[int, int, int]) -> None:
+    """Every source must have documents in every split that is asked for samples.
+
+    megatron-core 0.16.1's GPTDataset loops forever computing its epoch count when a split of a source is
+    empty (``_get_num_epochs`` with zero tokens per epoch), e.g. a 6-document source with a 2% validation
+    split. Fail instead, naming the source, the split and the fix. Uses megatron's own split arithmetic.
+    """
+    import struct
+
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                         parse_and_normalize_split)
+
+    from ..config import ConfigError
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        with open(f"{prefix}.idx", "rb") as f:
+            head = f.read(34)
+        n = struct.unpack("<Q", head[18:26])[0]  # sequences == documents for our datasets
+        for name, bounds, want in zip(("train", "valid", "test"), matrix, samples):
+            if want and bounds is not None and int(round(bounds[1] * n)) - int(round(bounds[0] * n)) < 1:
+                raise ConfigError(f"{prefix}: its {name} split is empty ({n} documents, data.split={split!r}) but "
+                                  f"{want} {name} samples are requested; give {name} a larger share of data.split, "
+                                  f"or drop evaluation (train.eval_interval: null)")
+
+
 def gpt_dataset_config(blend, tokenizer, *, seq_length: int, seed: int = 1234, split: str = "98,1,1",
                        cache_dir: Optional[str] = None):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
@@ -43,6 +69,7 @@ def build_pretrain_datasets(mixture: Mixture, epoch: int, tokenizer, *, seq_leng
 
     if not isinstance(tokenizer, MegatronTokenizerAdapter):
         tokenizer = MegatronTokenizerAdapter(tokenizer)
+    check_splits(mixture.blend(epoch)[0], split, samples)
     if cache_dir and not dist.is_initialized():
         # megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() unguarded when it
         # writes its cache; a single process without a process group gains nothing from the cache.

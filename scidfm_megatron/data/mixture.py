@@ -107,23 +107,24 @@ class Mixture:
         toks = self.tokens(epoch)
         total = sum(toks.values())
         u = self.unit
-        lines = [f"mixture {self.name!r}, epoch {epoch}: {total:,.2f}{u} tokens", "",
-                 f"{'category / domain / source':<52}{'tokens (' + u + ')':>14}{'share':>9}  data"]
+        f = ",.2f" if u == "B" else ",.0f"
+        lines = [f"mixture {self.name!r}, epoch {epoch}: {total:{f}}{'B' if u == 'B' else ''} tokens", "",
+                 f"{'category / domain / source':<52}{'tokens' + (' (B)' if u == 'B' else ''):>14}{'share':>9}  data"]
         for cat in ("science", "general"):
             cat_sources = [s for s in self.sources if s.category == cat]
             if not cat_sources:
                 continue
             ct = sum(toks[s.name] for s in cat_sources)
-            lines.append(f"{cat.upper():<52}{ct:>14,.2f}{ct / total:>9.1%}")
+            lines.append(f"{cat.upper():<52}{ct:>14{f}}{ct / total:>9.1%}")
             for dom in dict.fromkeys(s.domain for s in cat_sources):
                 ds = [s for s in cat_sources if s.domain == dom]
                 dt = sum(toks[s.name] for s in ds)
-                lines.append(f"  {dom:<50}{dt:>14,.2f}{dt / total:>9.1%}")
+                lines.append(f"  {dom:<50}{dt:>14{f}}{dt / total:>9.1%}")
                 for s in ds:
                     prefix = s.for_epoch(epoch)[0]
                     tag = " (re-sampled)" if epoch in s.epochs and s.epochs[epoch].data else ""
                     label = f"{s.name}" + (f" [{s.group}]" if s.group else "")
-                    lines.append(f"    {label:<48}{toks[s.name]:>14,.2f}{toks[s.name] / total:>9.2%}  "
+                    lines.append(f"    {label:<48}{toks[s.name]:>14{f}}{toks[s.name] / total:>9.2%}  "
                                  f"{prefix or '-'}{tag}")
         return "\n".join(lines)
 

@@ -1,0 +1,206 @@
+"""Checkpoints with megatron-core's dist_checkpointing: atomic, resumable, reshardable.
+
+Layout of ``checkpoint.save``::
+
+    iter_0000050/          complete checkpoint (dist_checkpointing torch_dist format + common.pt)
+    iter_0000100/
+    iter_0000150.tmp/      a save in progress, or one that was interrupted (ignored, with a warning)
+    latest                 text file: the newest complete iteration; written last, atomically
+
+A save goes into ``iter_N.tmp``; only after every rank finished does rank 0 rename it to ``iter_N`` and
+then move ``latest``. Resume takes the newest complete ``iter_*`` (so a crash between the rename and the
+marker loses nothing), warns about ``*.tmp`` leftovers and removes them. Model and optimizer state are
+sharded tensors, so a checkpoint saved at one TP/PP/EP/DP layout loads at another; the scheduler,
+iteration, consumed samples and the run's model config are common state; per-rank RNG states are
+restored only when the layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("scidfm.checkpoint")
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointMismatch(RuntimeError):
+    pass
+
+
+def iter_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _ITER.match(p.name)
+        if m and p.is_dir() and (p / "metadata.json").exists() and (p / "scidfm_meta.json").exists():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def find_resume(root: str | Path, cleanup: bool = True) -> Optional[Path]:
+    """The newest complete checkpoint under ``root``; interrupted saves are reported (and removed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for p in sorted(root.glob("iter_*.tmp")):
+        log.warning("ignoring interrupted checkpoint save %s (it never completed)%s", p,
+                    "; removing it" if cleanup else "")
+        if cleanup:
+            shutil.rmtree(p, ignore_errors=True)
+    done = complete_checkpoints(root)
+    latest = root / "latest"
+    if latest.exists() and done:
+        marked = int(latest.read_text().strip() or -1)
+        if marked != done[-1][0]:
+            log.warning("%s says iteration %s but iter_%07d is complete and newer; using it", latest, marked, done[-1][0])
+    return done[-1][1] if done else None
+
+
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout_tag() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return dict(world=torch.distributed.get_world_size(), tp=ps.get_tensor_model_parallel_world_size(),
+                pp=ps.get_pipeline_model_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size())
+
+
+def _sharded_state(chunks, optimizer, scheduler, with_optimizer: bool, common: dict, is_loading: bool = False):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_sd = {}
+    for i, c in enumerate(chunks):
+        model_sd[f"model{i}" if len(chunks) > 1 else "model"] = c.module.sharded_state_dict() \
+            if hasattr(c, "module") else c.sharded_state_dict()
+    state = dict(model_sd)
+    if with_optimizer:
+        flat = {}
+        for v in model_sd.values():
+            flat.update(v)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            flat, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        state["rng_state"] = ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0)
+    state["common"] = common
+    return state
+
+
+def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common: dict, keep_last: int = 2) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = iter_dir(root, iteration)
+    tmp = Path(f"{final}.tmp")
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    torch.distributed.barrier()
+    common = dict(common, iteration=iteration, layout=_layout_tag())
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, scheduler, True, common), str(tmp))
+    torch.distributed.barrier()
+    if rank == 0:
+        (tmp / "scidfm_meta.json").write_text(json.dumps({k: v for k, v in common.items() if k != "rng"},
+                                                          indent=1, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker = root / "latest.tmp"
+        marker.write_text(str(iteration))
+        os.replace(marker, root / "latest")
+        for _, old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+    return final
+
+
+def check_model_shapes(path: str | Path, chunks) -> None:
+    """Fail with the tensor name if the checkpoint's tensors disagree with this model's global shapes."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    problems = []
+    for c in chunks:
+        m = c.module if hasattr(c, "module") else c
+        for name, st in m.sharded_state_dict().items():
+            if not isinstance(st, ShardedTensor):
+                continue  # SwiGLU factories are checked through the sharded load itself
+            key = st.key
+            if key not in saved:
+                problems.append(f"{key}: not in the checkpoint")
+            elif tuple(saved[key].global_shape) != tuple(st.global_shape):
+                problems.append(f"{key}: checkpoint has shape {tuple(saved[key].global_shape)}, "
+                                f"this model {tuple(st.global_shape)}")
+    if problems:
+        raise CheckpointMismatch(f"checkpoint {path} does not fit this model ({len(problems)} tensors), e.g. "
+                                 + "; ".join(problems[:4]) + ". Check model.* against the run that saved it "
+                                 f"({Path(path) / 'scidfm_meta.json'}).")
+
+
+def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only: bool = False) -> dict:
+    """Load into this rank's shards (any layout). Returns the common state (iteration, consumed samples...)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    check_model_shapes(path, chunks)
+    meta = json.loads((path / "scidfm_meta.json").read_text())
+    here = _layout_tag()
+    same_layout = meta.get("layout") == here
+    saved_ep = (meta.get("layout") or {}).get("ep", here["ep"])
+    if not weights_only and (saved_ep > 1) != (here["ep"] > 1):
+        # megatron-core keeps expert parameters in a separate (chained) optimizer only when EP>1, so the
+        # optimizer state of an EP=1 run and of an EP>1 run are organised differently.
+        raise CheckpointMismatch(
+            f"{path} was saved with EP={saved_ep} and this run has EP={here['ep']}: megatron-core's optimizer state "
+            f"differs between EP=1 and EP>1, so a full resume must keep EP>1 (any TP/PP/DP/EP>1 change is fine). "
+            f"To continue anyway with a fresh optimizer, set checkpoint.init_from={path} and a new checkpoint.save.")
+    state = _sharded_state(chunks, optimizer, scheduler, not weights_only, {}, is_loading=True)
+    if weights_only or not same_layout:
+        state.pop("rng_state", None)
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, c in enumerate(chunks):
+        m = c.module if hasattr(c, "module") else c
+        m.load_state_dict(loaded[f"model{i}" if len(chunks) > 1 else "model"], strict=True)
+    if not weights_only:
+        optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler is not None and loaded.get("scheduler") is not None:
+            scheduler.load_state_dict(loaded["scheduler"])
+        if "rng_state" in loaded:
+            set_rng_state(loaded["rng_state"])
+        elif not same_layout:
+            log.warning("checkpoint layout %s differs from this run's %s: RNG states start fresh",
+                        meta.get("layout"), _layout_tag())
+    return loaded.get("common", meta)

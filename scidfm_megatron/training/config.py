@@ -1,0 +1,124 @@
+"""The run configuration: one YAML recipe + dotted overrides -> typed sections.
+
+    model:      preset name + any ModelConfig field to override (e.g. vocab_size to match the tokenizer)
+    parallel:   ParallelConfig (tp, pp, ep, etp, vpp, sequence_parallel)
+    train:      optimisation and schedule
+    data:       tokenizer + mixture (pretraining) or packed SFT prefix
+    checkpoint: where to save, how often, what to start from
+    logging:    console / tensorboard
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import ConfigError, ModelConfig, ParallelConfig, apply_overrides, from_dict, load_yaml, to_dict
+from ..model.presets import get_preset
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "pretrain"  # pretrain | sft
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 256
+    train_iters: Optional[int] = None  # pretraining: required; SFT: derived from data.sft_epochs when null
+    lr: float = 3e-4
+    min_lr: float = 3e-5  # cosine decays to this (SciDFM: 10% of the peak)
+    warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None  # default: train_iters
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+    recompute: Optional[str] = None  # null | selective | full
+    seed: int = 1234
+    eval_interval: Optional[int] = None
+    eval_iters: int = 2
+    exit_after_iters: Optional[int] = None  # stop (with a checkpoint) after this many iterations of this run
+
+    def validate(self):
+        if self.stage not in ("pretrain", "sft"):
+            raise ConfigError(f"train.stage must be pretrain or sft, got {self.stage!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"train.lr_decay_style must be cosine, linear or constant")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr ({self.min_lr}) exceeds train.lr ({self.lr})")
+
+
+@dataclass
+class DataConfig:
+    tokenizer_model: str = ""
+    mixture: Optional[str] = None  # pretraining: mixture recipe (YAML)
+    data_root: Optional[str] = None  # override the mixture's data_root
+    epoch: int = 1  # which epoch of the mixture (SciDFM stage 2 = epoch 2, re-sampled subsets)
+    split: str = "98,2,0"
+    cache_dir: Optional[str] = None
+    sft_prefix: Optional[str] = None  # SFT: <prefix>_tokens / <prefix>_lossmask from scidfm-preprocess
+    sft_epochs: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None  # directory of iter_XXXXXXX checkpoints; resumed from automatically
+    save_interval: Optional[int] = None
+    keep_last: int = 2
+    init_from: Optional[str] = None  # start from these weights with a fresh optimizer and schedule
+    save_on_exit: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard_dir: Optional[str] = None
+    metrics_file: Optional[str] = None  # one JSON line per step (rank 0): loss, lr, grad norm, ...
+    peak_tflops: Optional[float] = None  # per device, for MFU; null = detect the GPU, none on CPU
+    expert_load: bool = True  # per-layer tokens per expert and dropped fraction
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None) -> RunConfig:
+    raw = dict(base or {})
+    if path:
+        raw.update(load_yaml(path))
+    raw = apply_overrides(raw, list(overrides or []))
+    model_raw = dict(raw.get("model") or {})
+    preset = model_raw.pop("preset", None)
+    if preset is None:
+        raise ConfigError("model.preset is required (e.g. scidfm-18b, scidfm-tiny)")
+    model = get_preset(preset)
+    if model_raw:
+        model = from_dict(ModelConfig, {**to_dict(model), **model_raw}, "model")
+    model.validate()
+    sections = {k: v for k, v in raw.items() if k != "model"}
+    unknown = sorted(set(sections) - {f.name for f in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; sections are model, parallel, train, data, checkpoint, logging")
+    kinds = {"parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
+             "logging": LoggingConfig}
+    parts = {k: from_dict(cls, sections.get(k) or {}, k) for k, cls in kinds.items()}
+    cfg = RunConfig(model=model, **parts)
+    cfg.train.validate()
+    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
+        raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
+    return cfg

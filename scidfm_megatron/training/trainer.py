@@ -1,0 +1,276 @@
+"""One trainer over megatron-core for SciDFM's three stages (pretraining epochs 1 and 2, SFT).
+
+The stages differ only by recipe: stage 2 is pretraining on the epoch-2 mixture with LR 3e-5 and
+``checkpoint.init_from`` stage 1 (weights only: fresh optimizer and schedule); SFT reads packed
+conversations and takes the loss on assistant tokens only (per-token loss over the global batch).
+
+Everything numerical is megatron-core's: DDP and ``finalize_model_grads``, ``get_megatron_optimizer``
+(AdamW, plain or distributed), ``OptimizerParamScheduler`` (warmup + cosine to ``min_lr``), the
+pipeline schedules (``get_forward_backward_func``) with gradient accumulation over micro-batches, the MoE
+aux loss, recomputation, and ``dist_checkpointing``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import ConfigError
+from . import checkpoint as ckpt
+from .config import RunConfig
+
+log = logging.getLogger("scidfm.train")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self._stop_signal: Optional[int] = None
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+        if self.rank0:
+            print(f"[scidfm] received {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
+
+    def setup(self):
+        from megatron.core import parallel_state as ps
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from ..model.accounting import training_flops_per_token
+        from ..model.builder import build_model_chunks
+        from ..parallel import init_distributed
+        from ..tokenizer import ScienceTokenizer
+        from .metrics import ExpertLoad, Reporter, detect_peak_tflops
+        from .step import build_optimizer, wrap_ddp
+
+        cfg, m, t = self.cfg, self.cfg.model, self.cfg.train
+        self.layout = init_distributed(m, cfg.parallel, seed=t.seed)
+        self.rank0 = torch.distributed.get_rank() == 0
+        logging.basicConfig(level=logging.INFO if self.rank0 else logging.WARNING,
+                            format="[scidfm] %(levelname)s %(name)s: %(message)s", force=True)
+        if t.global_batch_size % (t.micro_batch_size * self.layout.dp):
+            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                              f"micro_batch_size x DP = {t.micro_batch_size} x {self.layout.dp}")
+        if not cfg.data.tokenizer_model:
+            raise ConfigError("data.tokenizer_model is required (build it with scidfm-build-tokenizer)")
+        self.tokenizer = ScienceTokenizer(cfg.data.tokenizer_model)
+        if self.tokenizer.vocab_size != m.vocab_size:
+            raise ConfigError(f"model.vocab_size is {m.vocab_size} but {cfg.data.tokenizer_model} has "
+                              f"{self.tokenizer.vocab_size} tokens: set model.vocab_size={self.tokenizer.vocab_size}")
+        precision = None if t.precision == "auto" else t.precision
+        self.chunks = build_model_chunks(m, cfg.parallel, precision=precision, recompute=t.recompute,
+                                         calculate_per_token_loss=t.stage == "sft")
+        self.config = self.chunks[0].config
+        self.chunks = wrap_ddp(self.chunks, self.config, use_distributed_optimizer=t.use_distributed_optimizer)
+        self.optimizer = build_optimizer(
+            self.chunks, self.config, lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
+            use_distributed_optimizer=t.use_distributed_optimizer)
+        self.train_ds, self.valid_ds = self._datasets()
+        self.train_iters = t.train_iters or len(self.train_ds) // t.global_batch_size
+        if self.train_iters * t.global_batch_size > len(self.train_ds):
+            raise ConfigError(f"train.train_iters x global_batch_size = {self.train_iters * t.global_batch_size} "
+                              f"samples, but the training data has {len(self.train_ds)}")
+        decay = t.lr_decay_iters or self.train_iters
+        if t.warmup_iters >= decay:
+            raise ConfigError(f"train.warmup_iters ({t.warmup_iters}) must be smaller than the decay length "
+                              f"({decay} = train.lr_decay_iters or train.train_iters)")
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if t.warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+            lr_warmup_steps=t.warmup_iters, lr_decay_steps=decay, lr_decay_style=t.lr_decay_style,
+            start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
+        peak = cfg.logging.peak_tflops or detect_peak_tflops()
+        self.reporter = Reporter(self.rank0, cfg.logging.tensorboard_dir, cfg.logging.metrics_file,
+                                 training_flops_per_token(m, t.seq_length), peak, self.layout.world_size)
+        self.expert_load = ExpertLoad(m.num_layers, m.num_experts, m.moe_router_topk) if cfg.logging.expert_load else None
+        self.dp_rank, self.dp = ps.get_data_parallel_rank(), self.layout.dp
+        self.iteration, self.consumed = 0, 0
+        self.last_checkpoint: Optional[Path] = None
+        self._restore()
+
+    def _datasets(self):
+        cfg, t = self.cfg, self.cfg.train
+        if t.stage == "sft":
+            from ..data.sft import SFTDataset
+            from .data import EpochShuffled
+
+            if not cfg.data.sft_prefix:
+                raise ConfigError("data.sft_prefix is required for train.stage: sft")
+            base = SFTDataset(cfg.data.sft_prefix, t.seq_length, self.tokenizer.pad_id)
+            return EpochShuffled(base, cfg.data.sft_epochs, t.seed), None
+        from ..data.datasets import build_pretrain_datasets
+        from ..data.mixture import Mixture
+
+        if not cfg.data.mixture:
+            raise ConfigError("data.mixture is required for train.stage: pretrain")
+        if not t.train_iters:
+            raise ConfigError("train.train_iters is required for pretraining")
+        mix = Mixture.load(cfg.data.mixture, data_root=cfg.data.data_root)
+        n_eval = (t.train_iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
+        train, valid, _ = build_pretrain_datasets(
+            mix, cfg.data.epoch, self.tokenizer, seq_length=t.seq_length,
+            samples=(t.train_iters * t.global_batch_size, n_eval, 0), seed=t.seed, split=cfg.data.split,
+            cache_dir=cfg.data.cache_dir)
+        return train, valid
+
+    def _restore(self):
+        c = self.cfg.checkpoint
+        choice = [None, False]
+        if self.rank0:
+            resume = ckpt.find_resume(c.save) if c.save else None
+            if resume is not None:
+                choice = [str(resume), False]
+            elif c.init_from:
+                src = Path(c.init_from)
+                found = src if (src / "metadata.json").exists() else ckpt.find_resume(src, cleanup=False)
+                if found is None:
+                    raise ConfigError(f"checkpoint.init_from {src}: no complete checkpoint there")
+                choice = [str(found), True]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        path, weights_only = choice
+        if path is None:
+            return
+        common = ckpt.load(path, self.chunks, self.optimizer, self.scheduler, weights_only=weights_only)
+        if weights_only:
+            if self.rank0:
+                print(f"[scidfm] initialised weights from {path} (fresh optimizer and LR schedule)", flush=True)
+            return
+        self.iteration, self.consumed = int(common["iteration"]), int(common["consumed_samples"])
+        self.last_checkpoint = Path(path)
+        if self.rank0:
+            print(f"[scidfm] resumed from {path}: iteration {self.iteration}, {self.consumed} samples consumed",
+                  flush=True)
+
+    # ------------------------------------------------------------------ loop
+    def _moe_aux(self, num_microbatches: int) -> Optional[float]:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, track_moe_metrics
+
+        totals: dict = {}
+        track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=self.iteration, total_loss_dict=totals,
+                          num_layers=self.cfg.model.num_layers)
+        clear_aux_losses_tracker()
+        v = totals.get("load_balancing_loss")
+        return None if v is None else float(v)
+
+    def save(self):
+        common = dict(consumed_samples=self.consumed, stage=self.cfg.train.stage, config=self.cfg.to_dict())
+        self.last_checkpoint = ckpt.save(self.cfg.checkpoint.save, self.iteration, self.chunks, self.optimizer,
+                                         self.scheduler, common, keep_last=self.cfg.checkpoint.keep_last)
+        if self.rank0:
+            print(f"[scidfm] saved checkpoint {self.last_checkpoint}", flush=True)
+
+    def evaluate(self) -> Optional[float]:
+        from .data import micro_batches
+        from .step import train_step
+
+        t = self.cfg.train
+        for c in self.chunks:
+            c.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for k in range(t.eval_iters):
+                mbs = micro_batches(self.valid_ds, k * t.global_batch_size, t.global_batch_size, t.micro_batch_size,
+                                    self.dp_rank, self.dp)
+                r = train_step(self.chunks, self.optimizer, iter(mbs), num_microbatches=len(mbs),
+                               seq_length=t.seq_length, micro_batch_size=t.micro_batch_size, forward_only=True)
+                total, count = total + r.loss * r.tokens, count + r.tokens
+        for c in self.chunks:
+            c.train()
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        clear_aux_losses_tracker()
+        return total / count if count else None
+
+    def _stop_everywhere(self) -> bool:
+        flag = torch.tensor([1 if self._stop_signal is not None else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self) -> list[dict]:
+        from ..model.routing import RouterRecorder
+        from .data import micro_batches
+        from .step import train_step
+
+        cfg, t = self.cfg, self.cfg.train
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        start = self.iteration
+        saved_at = self.iteration if self.last_checkpoint else None
+        if self.rank0:
+            print(f"[scidfm] {t.stage}: {cfg.model.name} on {self.layout}; iterations {start + 1}..{self.train_iters}, "
+                  f"global batch {t.global_batch_size} x {t.seq_length} tokens", flush=True)
+        try:
+            while self.iteration < self.train_iters:
+                self.reporter.start_step()
+                mbs = micro_batches(self.train_ds, self.consumed, t.global_batch_size, t.micro_batch_size,
+                                    self.dp_rank, self.dp)
+                recorder = RouterRecorder(self.chunks) if self.expert_load else contextlib.nullcontext()
+                with recorder as rec:
+                    r = train_step(self.chunks, self.optimizer, iter(mbs), num_microbatches=len(mbs),
+                                   seq_length=t.seq_length, micro_batch_size=t.micro_batch_size)
+                self.iteration += 1
+                self.consumed += t.global_batch_size
+                self.scheduler.step(increment=1)
+                aux = self._moe_aux(len(mbs))
+                if not math.isfinite(r.loss) or (r.grad_norm is not None and not math.isfinite(r.grad_norm)):
+                    raise TrainingDiverged(
+                        f"iteration {self.iteration}: loss {r.loss}, grad norm {r.grad_norm} is not finite; "
+                        f"last good checkpoint: {self.last_checkpoint or 'none saved yet'}. Lower train.lr or "
+                        f"resume from that checkpoint with different data order (train.seed).")
+                load, offered = self.expert_load.reduce(rec.calls) if self.expert_load else (None, None)
+                row = self.reporter.step(self.iteration, r.loss, self.optimizer.param_groups[0]["lr"], r.grad_norm, aux,
+                                         t.global_batch_size * t.seq_length, load, offered,
+                                         print_line=self.iteration % cfg.logging.log_interval == 0)
+                row["iteration"] = self.iteration
+                self.history.append(row)
+                if t.eval_interval and self.valid_ds is not None and self.iteration % t.eval_interval == 0:
+                    ev = self.evaluate()
+                    if self.rank0 and ev is not None:
+                        print(f"[scidfm] iteration {self.iteration}: validation loss {ev:.4f}", flush=True)
+                        if self.reporter.writer is not None:
+                            self.reporter.writer.add_scalar("valid/loss", ev, self.iteration)
+                    row["valid_loss"] = ev
+                c = cfg.checkpoint
+                if c.save and c.save_interval and self.iteration % c.save_interval == 0:
+                    self.save()
+                    saved_at = self.iteration
+                if self._stop_everywhere():
+                    break
+                if t.exit_after_iters and self.iteration - start >= t.exit_after_iters:
+                    break
+            if cfg.checkpoint.save and cfg.checkpoint.save_on_exit and saved_at != self.iteration:
+                self.save()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.reporter.close()
+        if self.rank0:
+            where = [f"checkpoints: {cfg.checkpoint.save}" if cfg.checkpoint.save else None,
+                     f"tensorboard: {cfg.logging.tensorboard_dir}" if cfg.logging.tensorboard_dir else None]
+            print(f"[scidfm] done at iteration {self.iteration}" +
+                  (" (stopped by signal)" if self._stop_signal else "") + "; " + "; ".join(w for w in where if w),
+                  flush=True)
+        return self.history
+
+
+def run(cfg: RunConfig) -> list[dict]:
+    from ..parallel import destroy_distributed
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        destroy_distributed()
