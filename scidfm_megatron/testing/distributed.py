@@ -50,8 +50,9 @@ def root_cause(output: str) -> str:
 def run_torchrun(script: str | Path, nproc: int, args: list[str], *, timeout: float = 900,
                  env: dict | None = None, nnodes: int = 1, cwd: str | None = None) -> str:
     """Run ``torchrun --standalone --nproc-per-node nproc script args``; return combined output."""
+    target = ["-m"] if str(script) == "-m" else [str(script)]  # "-m" runs the module named first in args
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *map(str, args)]
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", *target, *map(str, args)]
     proc = subprocess.run(cmd, env=cpu_env(env), cwd=cwd, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
