@@ -102,8 +102,12 @@ SYMPTOMS = {
 }
 
 
+# Patches whose failure needs a checkpoint round trip are checked where that happens.
+CHECKED_ELSEWHERE = {"distopt_torch_adam_load": "tests/test_training.py::test_distributed_optimizer_checkpoint_resumes"}
+
+
 def test_every_patch_has_a_symptom_check():
-    assert set(SYMPTOMS) == {p.name for p in PATCHES}
+    assert set(SYMPTOMS) | set(CHECKED_ELSEWHERE) == {p.name for p in PATCHES}
 
 
 @pytest.mark.parametrize("name", sorted(SYMPTOMS))

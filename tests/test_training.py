@@ -240,3 +240,23 @@ def test_checkpoint_of_another_model_shape_names_the_tensor(runs, tmp_path):
     assert r.returncode != 0
     assert "decoder.layers.mlp.experts.experts.linear_fc2.weight: checkpoint has shape (4, 8, 128, 256), " \
            "this model (4, 8, 128, 128)" in r.stdout + r.stderr
+
+
+def test_distributed_optimizer_checkpoint_resumes(runs, tmp_path):
+    """The distributed optimizer (the 18B recipes' choice) saves and resumes without apex/TE; without the
+    distopt_torch_adam_load patch the resume dies with KeyError: 'step'. The first step after resume
+    reproduces the uninterrupted run bitwise (weights and data position restored). Known issue
+    (docs/training.md): the step after that deviates slightly (torch Adam's step count), so exact
+    resume is asserted for the plain optimizer only (test_sigkill_then_resume_is_bitwise_identical)."""
+    common = {"train.train_iters": 4, "train.use_distributed_optimizer": "true"}
+    ref = tmp_path / "ref"
+    train(2, overrides(runs, ref, **common) + ["parallel.ep=2"])
+    run = tmp_path / "run"
+    args = overrides(runs, run, **common, **{"checkpoint.save_interval": 2}) + ["parallel.ep=2"]
+    train(2, args + ["train.exit_after_iters=2"])
+    broken = subprocess.run(cmd(2, "tiny_stage1.yaml", args), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=cpu_env({"SCIDFM_DISABLE_PATCHES": "distopt_torch_adam_load"}))
+    assert broken.returncode != 0 and "KeyError: 'step'" in broken.stdout + broken.stderr
+    r = train(2, args)
+    assert "resumed from" in r.stdout and "iteration 2" in r.stdout
+    assert losses(run)[3] == losses(ref)[3]

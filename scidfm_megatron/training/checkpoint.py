@@ -170,6 +170,17 @@ def check_model_shapes(path: str | Path, chunks) -> None:
                                  f"({Path(path) / 'scidfm_meta.json'}).")
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """A distributed optimizer over torch's Adam has no state before its first step, and megatron's
+    DistributedOptimizer.state_dict() needs it (its 'step'). Megatron-core's own remedy, a step with zero
+    gradients, creates it; the load below overwrites every value it touched (params and moments)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not any(len(s) for s in opt.optimizer.state.values()):
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only: bool = False) -> dict:
     """Load into this rank's shards (any layout). Returns the common state (iteration, consumed samples...)."""
     from megatron.core import dist_checkpointing
@@ -187,6 +198,8 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only:
             f"{path} was saved with EP={saved_ep} and this run has EP={here['ep']}: megatron-core's optimizer state "
             f"differs between EP=1 and EP>1, so a full resume must keep EP>1 (any TP/PP/DP/EP>1 change is fine). "
             f"To continue anyway with a fresh optimizer, set checkpoint.init_from={path} and a new checkpoint.save.")
+    if not weights_only:
+        _materialize_optimizer_state(optimizer)
     state = _sharded_state(chunks, optimizer, scheduler, not weights_only, {}, is_loading=True)
     if weights_only or not same_layout:
         state.pop("rng_state", None)
