@@ -9,8 +9,6 @@ layout with the same global batch.
 from __future__ import annotations
 
 import math
-from typing import Iterator
-
 import numpy as np
 import torch
 
@@ -54,6 +52,3 @@ def micro_batches(dataset, consumed_samples: int, global_batch: int, micro_batch
     idx = list(range(start, start + per_rank))
     return [_collate([dataset[i] for i in idx[k:k + micro_batch]]) for k in range(0, per_rank, micro_batch)]
 
-
-def iterate(mbs: list[dict]) -> Iterator[dict]:
-    return iter(mbs)
