@@ -29,18 +29,15 @@ def check_splits(prefixes: list[str], split: str, samples: tuple[int, int, int])
     empty (``_get_num_epochs`` with zero tokens per epoch), e.g. a 6-document source with a 2% validation
     split. Fail instead, naming the source, the split and the fix. Uses megatron's own split arithmetic.
     """
-    import struct
-
     from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
                                                                          parse_and_normalize_split)
 
     from ..config import ConfigError
+    from .indexed import read_index_counts
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for prefix in prefixes:
-        with open(f"{prefix}.idx", "rb") as f:
-            head = f.read(34)
-        n = struct.unpack("<Q", head[18:26])[0]  # sequences == documents for our datasets
+        _, n = read_index_counts(prefix)  # megatron splits a GPTDataset by documents
         for name, bounds, want in zip(("train", "valid", "test"), matrix, samples):
             if want and bounds is not None and int(round(bounds[1] * n)) - int(round(bounds[0] * n)) < 1:
                 raise ConfigError(f"{prefix}: its {name} split is empty ({n} documents, data.split={split!r}) but "

@@ -39,6 +39,25 @@ def idx_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{prefix}.idx")
 
 
+def read_index_counts(prefix: str | os.PathLike) -> tuple[int, int]:
+    """(sequences, documents) of a Megatron dataset, from its .idx header. FileNotFoundError if absent."""
+    path = idx_path(prefix)
+    with open(path, "rb") as f:
+        head = f.read(len(INDEX_HEADER) + 8 + 1 + 8 + 8)
+    if head[:len(INDEX_HEADER)] != INDEX_HEADER:
+        raise ValueError(f"{path}: not a Megatron index file")
+    sequences, doc_entries = struct.unpack("<QQ", head[len(INDEX_HEADER) + 9:])
+    return sequences, doc_entries - 1
+
+
+def read_sequence_lengths(prefix: str | os.PathLike) -> np.ndarray:
+    """The int32 length of every sequence, read from the .idx (no torch, no mmap of the .bin)."""
+    sequences, _ = read_index_counts(prefix)
+    with open(idx_path(prefix), "rb") as f:
+        f.seek(len(INDEX_HEADER) + 8 + 1 + 8 + 8)
+        return np.fromfile(f, dtype=np.int32, count=sequences)
+
+
 class IndexedWriter:
     """Append documents (1-D int arrays); :meth:`finalize` writes the index and renames into place."""
 

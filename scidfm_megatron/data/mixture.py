@@ -130,17 +130,13 @@ class Mixture:
 
 
 def count_tokens(prefix: str) -> int:
-    """Total tokens of a Megatron dataset, read from its .idx header and length table (no torch)."""
-    import struct
+    """Total tokens of a Megatron dataset, read from its .idx length table (no torch)."""
+    from .indexed import read_sequence_lengths
 
-    path = f"{prefix}.idx"
     try:
-        with open(path, "rb") as f:
-            head = f.read(9 + 8 + 1 + 8 + 8)
-            if head[:9] != b"MMIDIDX\x00\x00":
-                raise ConfigError(f"{path}: not a Megatron index file")
-            n = struct.unpack("<Q", head[18:26])[0]
-            lengths = np.fromfile(f, dtype=np.int32, count=n)
+        lengths = read_sequence_lengths(prefix)
     except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist: preprocess that source first (scidfm-preprocess)") from None
+        raise ConfigError(f"{prefix}.idx does not exist: preprocess that source first (scidfm-preprocess)") from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return int(lengths.astype(np.int64).sum())

@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from ..utils import atomic_write
 from .indexed import IndexedWriter, idx_path, optimal_dtype
 
 SPAN_KINDS = ("molecule", "protein")
@@ -408,9 +409,7 @@ def _is_main_thread() -> bool:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1))
 
 
 def outputs_complete(prefix: str) -> bool:

@@ -7,16 +7,11 @@ check several things per launch.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..parallel import free_port  # noqa: F401  (tests import it from here)
 
 
 def cpu_env(extra: dict | None = None) -> dict:

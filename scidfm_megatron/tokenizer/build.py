@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from ..utils import atomic_write
 from .core import (MOL_PREFIX, PROT_PREFIX, SPAN_MARKERS, SPECIALS, ScienceTokenizer, split_smiles)
 
 ELEMENTS = (
@@ -96,15 +97,6 @@ def extend_model(base_model: str | os.PathLike, extra_bracket_atoms: Iterable[st
     return proto.SerializeToString()
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def build_tokenizer(base_model: str | os.PathLike, output_dir: str | os.PathLike,
                     extra_bracket_atoms: Iterable[str] = ()) -> ScienceTokenizer:
     """Write ``tokenizer.model``, ``science_tokens.json`` and the Hugging Face files into ``output_dir``.
@@ -119,7 +111,7 @@ def build_tokenizer(base_model: str | os.PathLike, output_dir: str | os.PathLike
     tmp.mkdir(parents=True)
     try:
         extra = sorted(set(extra_bracket_atoms))
-        _atomic_write(tmp / "tokenizer.model", extend_model(base_model, extra))
+        atomic_write(tmp / "tokenizer.model", extend_model(base_model, extra))
         tok = ScienceTokenizer(tmp / "tokenizer.model")
         inventory = {
             "base_model": str(base_model),
@@ -132,7 +124,7 @@ def build_tokenizer(base_model: str | os.PathLike, output_dir: str | os.PathLike
             "protein_tokens": tok.prot_vocab,
             "harvested_bracket_atoms": extra,
         }
-        _atomic_write(tmp / "science_tokens.json", json.dumps(inventory, indent=1, ensure_ascii=False))
+        atomic_write(tmp / "science_tokens.json", json.dumps(inventory, indent=1, ensure_ascii=False))
         from . import hf
 
         hf.write_hf_tokenizer_files(tmp, tok)

@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from ..utils import atomic_write
+
 log = logging.getLogger("scidfm.checkpoint")
 _ITER = re.compile(r"^iter_(\d{7})$")
 
@@ -137,9 +139,7 @@ def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        marker = root / "latest.tmp"
-        marker.write_text(str(iteration))
-        os.replace(marker, root / "latest")
+        atomic_write(root / "latest", str(iteration))
         for _, old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     torch.distributed.barrier()
