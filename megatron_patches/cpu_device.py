@@ -67,6 +67,13 @@ def _wrap_factory(fn):
 def _apply():
     if getattr(torch.Tensor.to, "__scidfm_patched__", False):
         return
+    # torch's ``with torch.device(...)`` mode recognises factories by identity in a cached set built at
+    # first use. Build it now, from the originals: built after the wrapping it would hold the wrappers,
+    # the mode would stop placing factory calls on its device, and code that initialises on the meta
+    # device (transformers' from_pretrained) would get uninitialised buffers (e.g. RoPE's inv_freq).
+    from torch.utils import _device
+
+    _device._device_constructors()
     for name in FACTORIES:
         setattr(torch, name, _wrap_factory(getattr(torch, name)))
     for name in TENSOR_FACTORIES:
