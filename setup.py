@@ -23,7 +23,8 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]==2.20.2"],
     "hf": ["transformers==5.23.0", "safetensors==0.8.0"],
     "eval": ["rdkit==2026.9.1", "rouge-score==0.1.2", "scikit-learn==1.9.1", "rapidfuzz==3.14.6",
-             "matplotlib==3.11.2"],
+             "matplotlib==3.11.2", "lm-eval==0.4.13",
+             "accelerate==1.15.0"],  # lm-eval's hf model imports accelerate without declaring it
     "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
 }
 EXTRAS["all-cpu"] = sorted({r for k, v in EXTRAS.items() if k != "gpu" for r in v})
@@ -46,6 +47,7 @@ setup(
         "scidfm-mixture=scidfm_megatron.cli.mixture:main",
         "scidfm-pretrain=scidfm_megatron.cli.stages:pretrain",
         "scidfm-sft=scidfm_megatron.cli.stages:sft",
+        "scidfm-convert=scidfm_megatron.cli.convert:main",
     ]},
     license="Apache-2.0",
 )

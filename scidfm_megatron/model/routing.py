@@ -20,7 +20,9 @@ class RouterCall:
     layer: int  # 1-based global layer number, as megatron numbers layers
     num_tokens: int
     tokens_per_expert: torch.Tensor  # [num_experts], after dropping
-    logits_sum: Optional[torch.Tensor] = None  # [num_experts], sum over tokens of h W_g
+    # [batch, num_experts]: per sequence, the sum over its tokens of the gate logits h W_g (the
+    # paper's expert-choice statistic before its softmax). Only with keep_logits=True.
+    logits_sum: Optional[torch.Tensor] = None
 
     @property
     def routed(self) -> int:
@@ -48,8 +50,10 @@ class RouterRecorder:
         logits_sum = None
         if self.keep_logits:
             with torch.no_grad():
-                h = hidden.reshape(-1, hidden.shape[-1]).float()
-                logits_sum = (h @ module.weight.float().t()).sum(0).cpu()
+                h = hidden.float()  # [seq, batch, hidden]: megatron is sequence-first
+                if h.dim() == 2:
+                    h = h.unsqueeze(1)
+                logits_sum = torch.einsum("sbh,eh->be", h, module.weight.float()).cpu()
         self.calls.append(RouterCall(
             layer=int(getattr(module, "layer_number", 0) or 0),
             num_tokens=int(routing_map.shape[0]),

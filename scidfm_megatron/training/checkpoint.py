@@ -116,8 +116,12 @@ def _sharded_state(chunks, optimizer, scheduler, with_optimizer: bool, common: d
     return state
 
 
-def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common: dict, keep_last: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common: dict, keep_last: int = 2,
+         with_optimizer: bool = True) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    ``with_optimizer=False`` writes model weights only (checkpoint conversion): such a checkpoint is
+    marked ``weights_only`` and a run resuming from it starts a fresh optimizer and schedule."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -130,8 +134,8 @@ def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common:
             shutil.rmtree(tmp)
         tmp.mkdir()
     torch.distributed.barrier()
-    common = dict(common, iteration=iteration, layout=_layout_tag())
-    dist_checkpointing.save(_sharded_state(chunks, optimizer, scheduler, True, common), str(tmp))
+    common = dict(common, iteration=iteration, layout=_layout_tag(), weights_only=not with_optimizer)
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, scheduler, with_optimizer, common), str(tmp))
     torch.distributed.barrier()
     if rank == 0:
         (tmp / "scidfm_meta.json").write_text(json.dumps({k: v for k, v in common.items() if k != "rng"},
@@ -181,6 +185,11 @@ def _materialize_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def is_weights_only(path: str | Path) -> bool:
+    """True for a checkpoint without optimizer state (e.g. converted from Hugging Face)."""
+    return bool(json.loads((Path(path) / "scidfm_meta.json").read_text()).get("weights_only"))
+
+
 def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only: bool = False) -> dict:
     """Load into this rank's shards (any layout). Returns the common state (iteration, consumed samples...)."""
     from megatron.core import dist_checkpointing
@@ -188,6 +197,9 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only:
     path = Path(path)
     check_model_shapes(path, chunks)
     meta = json.loads((path / "scidfm_meta.json").read_text())
+    if meta.get("weights_only") and not weights_only:
+        raise CheckpointMismatch(f"{path} holds model weights only (no optimizer state); start from it with "
+                                 f"checkpoint.init_from={path.parent}")
     here = _layout_tag()
     same_layout = meta.get("layout") == here
     saved_ep = (meta.get("layout") or {}).get("ep", here["ep"])

@@ -132,7 +132,9 @@ class Trainer:
         if self.rank0:
             resume = ckpt.find_resume(c.save) if c.save else None
             if resume is not None:
-                choice = [str(resume), False]
+                # A weights-only checkpoint (converted from Hugging Face) in checkpoint.save starts the
+                # run from its weights, like checkpoint.init_from.
+                choice = [str(resume), ckpt.is_weights_only(resume)]
             elif c.init_from:
                 src = Path(c.init_from)
                 found = src if (src / "metadata.json").exists() else ckpt.find_resume(src, cleanup=False)

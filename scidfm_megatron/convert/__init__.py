@@ -1,0 +1,1 @@
+"""Checkpoint conversion between megatron-core (any layout) and Hugging Face (Mixtral layout)."""
