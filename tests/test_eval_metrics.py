@@ -1,0 +1,285 @@
+"""Evaluation metrics (scidfm_megatron.eval.metrics) against hand-computed values, and the task fixtures.
+
+Every expected number below is worked out by hand in a comment, so a metric that drifts (wrong
+fingerprint, wrong mean, wrong tokenisation, ...) fails.
+"""
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from scidfm_megatron.eval import metrics as M
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "eval" / "data"
+
+
+# --------------------------------------------------------------------------------- edit distance
+@pytest.mark.parametrize("a,b,d", [
+    ("kitten", "sitting", 3),   # k->s, e->i, +g
+    ("flaw", "lawn", 2),        # -f, +n
+    ("", "abc", 3),
+    ("CCO", "CCO", 0),
+    ("CCO", "OCC", 2),          # C->O at the start, O->C at the end
+])
+def test_levenshtein(a, b, d):
+    assert M.levenshtein(a, b) == d
+    assert M.levenshtein(b, a) == d
+
+
+# ------------------------------------------------------------------------------------ SMILES
+def test_canonical_smiles_and_validity(capfd):
+    assert M.canonical_smiles("OCC") == M.canonical_smiles("CCO") == "CCO"
+    assert M.canonical_smiles("c1ccccc1O") == M.canonical_smiles("Oc1ccccc1")
+    assert M.canonical_smiles(" CCO\n") == "CCO"
+    for bad in ("C1CC", "Xx", "", "   ", None, "C(C"):
+        assert M.canonical_smiles(bad) is None
+        assert not M.is_valid_smiles(bad)
+    assert M.is_valid_smiles("CCO")
+    out, err = capfd.readouterr()
+    assert "SMILES Parse Error" not in out + err  # RDKit's log is silenced while parsing
+
+
+def _count_tanimoto(a: dict, b: dict) -> float:
+    """Tanimoto of two count vectors: sum(min) / (sum(a) + sum(b) - sum(min))."""
+    inter = sum(min(a[k], b[k]) for k in a.keys() & b.keys())
+    return inter / (sum(a.values()) + sum(b.values()) - inter)
+
+
+def _morgan_counts(smi):
+    from rdkit import Chem
+    from rdkit.Chem import rdFingerprintGenerator
+
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=2)
+    return gen.GetSparseCountFingerprint(Chem.MolFromSmiles(smi)).GetNonzeroElements()
+
+
+def test_morgan_tanimoto_by_hand():
+    # Ethanol CCO: radius 0 gives 3 atom environments (CH3, CH2, OH), radius 1 three more; every radius-2
+    # environment covers both bonds, like CH2's radius-1 one, so it is dropped as a duplicate -> 6 ids.
+    # Methanol CO: C and O at radius 0, one radius-1 environment (the O's is the same bond) -> 3 ids.
+    # CH3 (1 heavy neighbour, 3 H) and OH (1 heavy neighbour, 1 H) have the same radius-0 invariants in
+    # both molecules -> 2 shared ids. Tanimoto = 2 / (6 + 3 - 2) = 2/7.
+    a, b = _morgan_counts("CCO"), _morgan_counts("CO")
+    assert (len(a), len(b), len(a.keys() & b.keys())) == (6, 3, 2)
+    assert _count_tanimoto(a, b) == pytest.approx(2 / 7)
+    assert M.fingerprint_tanimoto("CCO", "CO", "morgan") == pytest.approx(2 / 7)
+    assert M.fingerprint_tanimoto("OCC", "CCO", "morgan") == 1.0
+
+
+def test_morgan_is_count_based():
+    # Hexane vs propane: Mol-Instructions' GetMorganFingerprint is a *count* fingerprint, so multiplicities
+    # matter. Hexane has 7 distinct ids with counts summing to 16 (the CH2 radius-0 id occurs 4 times),
+    # propane 4 ids summing to 6; 3 ids are shared with min-counts 1 + 2 + 2 = 5 -> 5 / (16 + 6 - 5) = 5/17,
+    # whereas the set-based (bit) Tanimoto would be 3/8.
+    a, b = _morgan_counts("CCCCCC"), _morgan_counts("CCC")
+    assert (len(a), sum(a.values()), len(b), sum(b.values())) == (7, 16, 4, 6)
+    assert sorted(min(a[k], b[k]) for k in a.keys() & b.keys()) == [1, 2, 2]
+    assert _count_tanimoto(a, b) == pytest.approx(5 / 17)
+    assert len(a.keys() & b.keys()) / len(a.keys() | b.keys()) == pytest.approx(3 / 8)
+    assert M.fingerprint_tanimoto("CCCCCC", "CCC", "morgan") == pytest.approx(5 / 17)
+
+
+@pytest.mark.parametrize("kind", ["rdk", "maccs"])
+def test_bit_fingerprint_tanimoto_from_on_bits(kind):
+    from rdkit import Chem
+    from rdkit.Chem import MACCSkeys
+
+    make = Chem.RDKFingerprint if kind == "rdk" else MACCSkeys.GenMACCSKeys
+    for p, r in (("CCO", "CO"), ("c1ccccc1O", "c1ccccc1N"), ("CC(=O)Oc1ccccc1C(=O)O", "OC(=O)c1ccccc1O")):
+        on_p = set(make(Chem.MolFromSmiles(p)).GetOnBits())
+        on_r = set(make(Chem.MolFromSmiles(r)).GetOnBits())
+        assert M.fingerprint_tanimoto(p, r, kind) == pytest.approx(len(on_p & on_r) / len(on_p | on_r))
+    assert M.fingerprint_tanimoto("CCO", "OCC", kind) == 1.0
+
+
+def test_fingerprint_tanimoto_known_values_and_invalid():
+    # values checked against the on-bit computation above with RDKit 2026.9.1
+    assert M.fingerprint_tanimoto("CCO", "CO", "maccs") == pytest.approx(0.4)      # 2 of 5 MACCS keys
+    assert M.fingerprint_tanimoto("CCO", "CO", "rdk") == pytest.approx(1 / 3)
+    for kind in M.FINGERPRINT_KINDS:
+        assert M.fingerprint_tanimoto("CCO", "CCO", kind) == 1.0
+        assert M.fingerprint_tanimoto("C1CC", "CCO", kind) is None
+        assert M.fingerprint_tanimoto("CCO", "Xx", kind) is None
+    with pytest.raises(ValueError, match="unknown fingerprint kind 'ecfp'"):
+        M.fingerprint_tanimoto("CCO", "CCO", "ecfp")
+
+
+def test_molecule_generation_scores_hand_computed():
+    preds = ["OCC", "CO", "C1CC", "Xx"]
+    refs = ["CCO", "CCO", "CCC", "CC"]
+    s = M.molecule_generation_scores(preds, refs)
+    assert set(s) == {"exact", "levenshtein", "rdk_fts", "maccs_fts", "morgan_fts", "validity"}
+    assert s["validity"] == pytest.approx(2 / 4)          # OCC, CO parse; C1CC (unclosed ring), Xx do not
+    assert s["exact"] == pytest.approx(1 / 4)             # only OCC == CCO canonically
+    # raw strings: OCC/CCO 2, CO/CCO 1, C1CC/CCC 1, Xx/CC 2
+    assert s["levenshtein"] == pytest.approx((2 + 1 + 1 + 2) / 4)
+    # FTS means over the 2 valid predictions only (invalid ones excluded, not scored 0):
+    assert s["morgan_fts"] == pytest.approx((1 + 2 / 7) / 2)
+    assert s["maccs_fts"] == pytest.approx((1 + 0.4) / 2)
+    assert s["rdk_fts"] == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_molecule_generation_scores_edge_cases():
+    s = M.molecule_generation_scores(["Xx", ""], ["CCO", "CC"])
+    assert s["validity"] == 0 and s["exact"] == 0
+    assert s["rdk_fts"] == s["maccs_fts"] == s["morgan_fts"] == 0.0   # no valid prediction at all
+    assert s["levenshtein"] == pytest.approx((3 + 2) / 2)
+    # surrounding whitespace of generated text is ignored
+    assert M.molecule_generation_scores([" CCO\n"], ["CCO"])["levenshtein"] == 0
+    with pytest.raises(ValueError, match="empty"):
+        M.molecule_generation_scores([], [])
+    with pytest.raises(ValueError, match="2.*3"):
+        M.molecule_generation_scores(["C", "CC"], ["C", "CC", "CCC"])
+
+
+# ------------------------------------------------------------------------------------ ROUGE-L
+def test_rouge_l_hand_computed():
+    # pred 6 tokens, ref 6 tokens, LCS "the cat on the mat" = 5 -> P = R = F = 5/6
+    assert M.rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    # pred "protein kinase activity" (3), ref "serine threonine protein kinase" (4; '/' splits, case folded),
+    # LCS "protein kinase" = 2: P = 2/3, R = 2/4, F = 2PR/(P+R) = 4/7
+    assert M.rouge_l("protein kinase activity", "Serine/threonine protein kinase") == pytest.approx(4 / 7)
+    assert M.rouge_l("Acyl-CoA reductase", "acyl coa reductase") == 1.0
+    assert M.rouge_l("alpha beta", "gamma delta") == 0.0
+    assert M.mean_rouge_l(["the cat sat on the mat", "protein kinase activity"],
+                          ["the cat is on the mat", "Serine/threonine protein kinase"]) \
+        == pytest.approx((5 / 6 + 4 / 7) / 2)
+    with pytest.raises(ValueError, match="1.*2"):
+        M.mean_rouge_l(["a"], ["a", "b"])
+
+
+# ---------------------------------------------------------------------------------------- AUC
+def test_auc_roc_hand_computed():
+    # positives 0.35, 0.8 vs negatives 0.1, 0.4: pairs won 0.35>0.1, 0.8>0.1, 0.8>0.4; lost 0.35<0.4 -> 3/4
+    assert M.auc_roc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert M.auc_roc([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.2]) == 1.0
+    assert M.auc_roc([1, 0], [0.5, 0.5]) == 0.5               # a tie counts half
+    assert M.auc_roc([True, False, False], [0.2, 0.3, 0.1]) == pytest.approx(0.5)  # 1 won, 1 lost of 2 pairs
+
+
+def test_auc_roc_errors():
+    with pytest.raises(ValueError, match="only one class"):
+        M.auc_roc([1, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="only one class"):
+        M.auc_roc([0, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        M.auc_roc([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="3.*2"):
+        M.auc_roc([0, 1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError, match="finite"):
+        M.auc_roc([0, 1], [0.1, float("nan")])
+
+
+# ------------------------------------------------------------------------------- GSM8K / MATH
+@pytest.mark.parametrize("text,answer", [
+    ("so 1,000 + 234 = 1,234.\n#### 1,234", "1234"),
+    ("#### 42\nLater the text mentions 7.", "42"),              # "####" wins over the last number
+    ("Olivia has $23 - $15 = $8 left. The answer is $8.", "8"),
+    ("It costs $1,234.50.", "1234.50"),
+    ("The temperature fell to -7", "-7"),
+    ("She had 5-3 = 2 apples left", "2"),                        # "-3" is a subtraction, not a negative
+    ("no numbers here", None),
+    ("", None),
+])
+def test_extract_gsm8k_answer(text, answer):
+    assert M.extract_gsm8k_answer(text) == answer
+
+
+@pytest.mark.parametrize("text,answer", [
+    (r"Hence $x = \boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),       # nested braces kept
+    (r"\boxed{1} first, then \boxed{a^{2}+\sqrt{b}}", r"a^{2}+\sqrt{b}"),  # the last box
+    (r"so the result is \boxed 5", "5"),
+    ("The answer is 12.", "12"),
+    ("Final Answer: The final answer is $[2,5)$. I hope it is correct.", "[2,5)"),
+    ("the answer is $0.25$", "0.25"),
+    (r"unbalanced \boxed{1", None),
+    ("no final answer", None),
+])
+def test_extract_math_answer(text, answer):
+    assert M.extract_math_answer(text) == answer
+
+
+@pytest.mark.parametrize("raw,norm", [
+    ("2.0", "2"), ("1,000", "1000"), ("0.50", "0.5"), (".5", "0.5"), ("-3.", "-3"),
+    (r"$\dfrac{1}{2}$", r"\frac{1}{2}"), (r"\tfrac52", r"\frac{5}{2}"),
+    (r"\left( 3, 4 \right)", "(3,4)"), (r"1\!000", "1000"), ("(1,2)", "(1,2)"),
+    (r"0.25\text{ cm}", "0.25"), (r"90^\circ", "90"), (None, ""),
+])
+def test_normalize_math_answer(raw, norm):
+    assert M.normalize_math_answer(raw) == norm
+
+
+def test_math_answers_equal():
+    assert M.math_answers_equal("2.0", "2")
+    assert M.math_answers_equal("1,000", "1000")
+    assert M.math_answers_equal(r"\dfrac{1}{2}", "0.5")
+    assert M.math_answers_equal("-2/3", r"-\frac{2}{3}")
+    assert M.math_answers_equal(r"$\left(3, 4\right)$", "(3,4)")
+    assert M.math_answers_equal(M.extract_gsm8k_answer("#### 18.00"), "18")
+    assert not M.math_answers_equal(r"\frac{1}{3}", "0.33")
+    assert not M.math_answers_equal("3", "4")
+    assert not M.math_answers_equal(None, "4")
+    assert not M.math_answers_equal("", "")
+
+
+def test_accuracy():
+    assert M.accuracy([1, 2, 3], [1, 2, 4]) == pytest.approx(2 / 3)
+    assert M.accuracy(["A"], ["A"]) == 1.0
+    with pytest.raises(ValueError, match="empty"):
+        M.accuracy([], [])
+    with pytest.raises(ValueError, match="2.*1"):
+        M.accuracy([1, 2], [1])
+
+
+# ---------------------------------------------------------------------------------- fixtures
+def _rows(name):
+    with open(DATA / name, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_fixtures_schema_and_size():
+    total = 0
+    for name in ("multiple_choice.jsonl", "math_generation.jsonl", "molecule_generation.jsonl",
+                 "protein_understanding.jsonl", "moleculenet.jsonl"):
+        rows = _rows(name)
+        assert 10 <= len(rows) <= 40, name
+        total += (DATA / name).stat().st_size
+    assert total < 200_000
+    assert "## Licenses" in (ROOT / "examples" / "eval" / "SOURCES.md").read_text()
+
+    for r in _rows("multiple_choice.jsonl"):
+        assert isinstance(r["question"], str) and r["question"]
+        assert len(r["choices"]) >= 2 and all(isinstance(c, str) and c for c in r["choices"])
+        assert isinstance(r["answer"], int) and 0 <= r["answer"] < len(r["choices"])
+    for r in _rows("math_generation.jsonl"):
+        assert r["question"] and M.normalize_math_answer(r["answer"])
+    gsm = [r for r in _rows("math_generation.jsonl") if "gsm8k" in r["source"]]
+    assert gsm and all(Fraction(r["answer"]).denominator == 1 for r in gsm)
+    for r in _rows("molecule_generation.jsonl"):
+        assert r["instruction"] and r["input"]
+        assert M.canonical_smiles(r["output"]) == r["output"]   # valid and stored canonical
+    for r in _rows("protein_understanding.jsonl"):
+        assert r["instruction"] and r["output"]
+        assert set(r["input"]) <= set("ACDEFGHIKLMNPQRSTVWYXBZUO")
+    rows = _rows("moleculenet.jsonl")
+    assert {r["label"] for r in rows} == {0, 1}
+    for q in {r["question"] for r in rows}:
+        assert {r["label"] for r in rows if r["question"] == q} == {0, 1}  # AUC defined per question
+    assert all(M.is_valid_smiles(r["smiles"]) and r["question"] for r in rows)
+
+
+def test_fixture_lipinski_labels_match_rdkit():
+    """The computed Lipinski labels agree with an independent rule-of-five count."""
+    from rdkit import Chem
+    from rdkit.Chem import Crippen, Descriptors, Lipinski
+
+    rows = [r for r in _rows("moleculenet.jsonl") if "Lipinski" in r["question"]]
+    assert rows
+    for r in rows:
+        m = Chem.MolFromSmiles(r["smiles"])
+        ok = (Descriptors.MolWt(m) <= 500 and Crippen.MolLogP(m) <= 5 and Lipinski.NumHDonors(m) <= 5
+              and Lipinski.NumHAcceptors(m) <= 10)
+        assert r["label"] == int(ok), r["smiles"]
