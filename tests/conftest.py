@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,80 @@ def sample_datasets(tmp_path_factory, science_tokenizer_dir):
                spans={"sequence": "protein"}, progress=False)
     return {"papers": str(out / "papers_text_document"), "molecules": str(out / "molecules_smiles_document"),
             "proteins": str(out / "proteins_sequence_document"), "dir": str(out)}
+
+
+# ------------------------------------------------------------------ training runs (subprocess torchrun)
+RECIPES = ROOT / "examples" / "recipes"
+
+
+def _cpu_env(extra=None):
+    from scidfm_megatron.testing.distributed import cpu_env
+
+    return cpu_env(extra)
+
+
+def _free_port():
+    from scidfm_megatron.testing.distributed import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Tokenizer + sample-corpus datasets, made by the same script as the README's main job."""
+    out = tmp_path_factory.mktemp("runs")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "prepare_sample_data.sh")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=_cpu_env({"RUNS": str(out), "PY": sys.executable}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def overrides(runs: Path, work: Path, **extra) -> list[str]:
+    """A small, fast tiny-preset run on the sample corpus, writing under ``work``."""
+    base = {
+        "data.tokenizer_model": runs / "tokenizer" / "tokenizer.model",
+        "data.data_root": runs / "data",
+        "train.seq_length": 64, "model.max_seq_length": 64, "train.global_batch_size": 8,
+        "train.micro_batch_size": 2, "train.eval_interval": "null", "train.warmup_iters": 1,
+        "checkpoint.save": work / "ckpt", "logging.metrics_file": work / "metrics.jsonl",
+        "logging.tensorboard_dir": work / "tb", "logging.log_interval": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def cmd(nproc: int, recipe: str, args: list[str], stage: str = "pretrain", nnodes: int = 1, node_rank: int = 0,
+        port: int | None = None):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or _free_port()}",
+            "-m", f"scidfm_megatron.{stage}", "--config", str(RECIPES / recipe), *args]
+
+
+def train(nproc, args, recipe="tiny_stage1.yaml", stage="pretrain", check=True, timeout=600):
+    r = subprocess.run(cmd(nproc, recipe, args, stage), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env=_cpu_env())
+    if check:
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return r
+
+
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(runs, tmp_path_factory):
+    """scidfm-tiny trained 6 steps at TP2 x PP2 x EP2 (8 processes), saved there: the checkpoint
+    conversion and evaluation tests start from it."""
+    work = tmp_path_factory.mktemp("tiny_tp2pp2ep2")
+    train(8, overrides(runs, work, **{"train.train_iters": 6, "train.lr": 1e-3, "model.max_seq_length": 256}) +
+          ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2"])
+    return work / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(trained_tiny, tmp_path_factory):
+    """``trained_tiny`` converted to a Hugging Face folder (fp32)."""
+    from scidfm_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+
+    out = tmp_path_factory.mktemp("hf") / "tiny"
+    convert_mcore_to_hf(trained_tiny, out, dtype="fp32", max_shard_size="8MB", progress=False)
+    return out

@@ -11,49 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import RECIPES, ROOT, cmd, overrides, train
 from scidfm_megatron.testing.distributed import cpu_env, free_port
-
-RECIPES = ROOT / "examples" / "recipes"
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Tokenizer + sample-corpus datasets, made by the same script as the README's main job."""
-    out = tmp_path_factory.mktemp("runs")
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "prepare_sample_data.sh")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env=cpu_env({"RUNS": str(out), "PY": sys.executable}))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
-
-
-def overrides(runs: Path, work: Path, **extra) -> list[str]:
-    """A small, fast tiny-preset run on the sample corpus, writing under ``work``."""
-    base = {
-        "data.tokenizer_model": runs / "tokenizer" / "tokenizer.model",
-        "data.data_root": runs / "data",
-        "train.seq_length": 64, "model.max_seq_length": 64, "train.global_batch_size": 8,
-        "train.micro_batch_size": 2, "train.eval_interval": "null", "train.warmup_iters": 1,
-        "checkpoint.save": work / "ckpt", "logging.metrics_file": work / "metrics.jsonl",
-        "logging.tensorboard_dir": work / "tb", "logging.log_interval": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def cmd(nproc: int, recipe: str, args: list[str], stage: str = "pretrain", nnodes: int = 1, node_rank: int = 0,
-        port: int | None = None):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
-            f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
-            "-m", f"scidfm_megatron.{stage}", "--config", str(RECIPES / recipe), *args]
-
-
-def train(nproc, args, recipe="tiny_stage1.yaml", stage="pretrain", check=True, timeout=600):
-    r = subprocess.run(cmd(nproc, recipe, args, stage), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env=cpu_env())
-    if check:
-        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    return r
 
 
 def losses(work: Path) -> dict[int, float]:

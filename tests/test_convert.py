@@ -1,0 +1,199 @@
+"""Checkpoint conversion (issue 5): logit parity, bitwise round trips, tokenizer, corrupt inputs."""
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, overrides, sample_documents, train
+from scidfm_megatron.testing.distributed import cpu_env
+
+CLI = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
+
+
+def cli(*args):
+    return subprocess.run([*CLI, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=cpu_env(),
+                          timeout=600)
+
+
+def hf_tensors(d):
+    from scidfm_megatron.convert.hf_io import HFCheckpoint
+
+    ck = HFCheckpoint(d)
+    return {n: ck.get(n) for n in sorted(ck.location)}
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(science_tokenizer):
+    doc = next(d for d in sample_documents() if "[START_I_SMILES]" in d)
+    return science_tokenizer.encode(doc, bos=True)[:40]
+
+
+def test_logits_and_greedy_tokens_match_megatron(trained_tiny, hf_tiny, prompt_ids):
+    """Saved at TP2 x PP2 x EP2, converted: transformers (no trust_remote_code) gives megatron's logits
+    (fp32, dropless routing in both) and the same 20 greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from scidfm_megatron.inference import MegatronLM
+
+    meta = json.loads((next(trained_tiny.glob("iter_*")) / "scidfm_meta.json").read_text())
+    assert meta["layout"] == {"world": 8, "tp": 2, "pp": 2, "ep": 2}
+    hf = AutoModelForCausalLM.from_pretrained(hf_tiny, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    lm = MegatronLM(trained_tiny)
+    try:
+        ids = torch.tensor([prompt_ids, prompt_ids[::-1]])
+        want = lm.logits(ids)
+        with torch.no_grad():
+            got = hf(ids).logits
+        assert got.shape == want.shape == (2, len(prompt_ids), lm.vocab_size)
+        assert (got - want).abs().max().item() <= 1e-4
+        assert (want[:, 1:] - want[:, :-1]).abs().max() > 0.1  # logits that depend on the input
+        mine = lm.generate_greedy(prompt_ids[:12], 20)
+    finally:
+        lm.close()
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt_ids[:12]]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, 12:].tolist()
+    assert mine == theirs and len(mine) == 20
+
+
+def test_round_trip_through_two_layouts_is_bitwise(hf_tiny, tmp_path):
+    """HF -> megatron at TP2 x EP2 and at PP2 -> HF: every tensor bit for bit, same config."""
+    want = hf_tensors(hf_tiny)
+    for name, layout in (("tp2ep2", ["--tp", 2, "--ep", 2]), ("pp2", ["--pp", 2])):
+        mc, back = tmp_path / f"mc_{name}", tmp_path / f"hf_{name}"
+        r = cli("--direction", "hf-to-mcore", "--load", hf_tiny, "--save", mc, *layout)
+        assert r.returncode == 0, r.stderr[-3000:]
+        meta = json.loads((mc / "iter_0000000" / "scidfm_meta.json").read_text())
+        assert meta["weights_only"] and meta["layout"]["world"] == 4 // (2 if name == "pp2" else 1)
+        r = cli("--direction", "mcore-to-hf", "--load", mc, "--save", back, "--dtype", "fp32", "--max-shard-size", "5MB")
+        assert r.returncode == 0, r.stderr[-3000:]
+        got = hf_tensors(back)
+        assert list(got) == list(want)
+        for n in want:
+            assert got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]), n
+        a, b = (json.loads((d / "config.json").read_text()) for d in (hf_tiny, back))
+        for k in ("scidfm_megatron",):
+            a.pop(k), b.pop(k)
+        assert a == b
+
+
+def test_converted_checkpoint_trains_from_its_weights(runs, trained_tiny, hf_tiny, tmp_path):
+    """HF -> megatron (EP2) is a starting point for training: on the same first batch, the loss is the
+    trained model's, well below what the original run saw from its random initialisation."""
+    mc = tmp_path / "mc"
+    r = cli("--direction", "hf-to-mcore", "--load", hf_tiny, "--save", mc, "--ep", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    work = tmp_path / "ft"
+    r = train(2, overrides(runs, work, **{"train.train_iters": 2, "checkpoint.init_from": mc,
+                                          "model.max_seq_length": 256}) + ["parallel.ep=2"])
+    assert "initialised weights from" in r.stdout
+    first = json.loads(open(work / "metrics.jsonl").readline())
+    fresh = json.loads(open(trained_tiny.parent / "metrics.jsonl").readline())
+    assert first["iteration"] == fresh["iteration"] == 1
+    assert first["loss"] < fresh["loss"] - 0.3, (first, fresh)
+
+
+def test_bf16_output(trained_tiny, hf_tiny, tmp_path):
+    out = tmp_path / "bf16"
+    r = cli("--direction", "mcore-to-hf", "--load", trained_tiny, "--save", out)  # default dtype: bf16
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16" and cfg["architectures"] == ["MixtralForCausalLM"]
+    assert cfg["head_dim"] == 32 and cfg["num_local_experts"] == 8 and cfg["tie_word_embeddings"] is False
+    got, want = hf_tensors(out), hf_tensors(hf_tiny)
+    assert all(got[n].dtype == torch.bfloat16 and torch.equal(got[n], want[n].to(torch.bfloat16)) for n in want)
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 1
+
+
+def test_converted_tokenizer_matches_and_renders_chat(hf_tiny, science_tokenizer):
+    from transformers import AutoTokenizer
+
+    from scidfm_megatron.tokenizer.core import encode_chat
+
+    tok = AutoTokenizer.from_pretrained(hf_tiny, trust_remote_code=True)
+    docs = sample_documents()
+    assert any("[START_AMINO]" in d for d in docs) and any("[START_I_SMILES]" in d for d in docs)
+    for d in docs:
+        assert tok(d)["input_ids"] == science_tokenizer.encode(d, allow_special=True, bos=True)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "SMILES of ethanol?"},
+            {"role": "assistant", "content": "[START_I_SMILES]CCO[END_I_SMILES]"}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == "<s><|system|>Be brief.\n<|user|>SMILES of ethanol?\n<|assistant|>[START_I_SMILES]CCO[END_I_SMILES]</s>\n"
+    assert tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"] == encode_chat(science_tokenizer, msgs)[0]
+
+
+# ------------------------------------------------------------------------------------ corrupt inputs
+def _mcore_copy(trained_tiny, tmp_path):
+    src = tmp_path / "ckpt"
+    shutil.copytree(trained_tiny, src)
+    return src, next(src.glob("iter_*"))
+
+
+def _hf_copy(hf_tiny, tmp_path):
+    src = tmp_path / "hf"
+    shutil.copytree(hf_tiny, src)
+    return src, sorted(src.glob("model-*.safetensors"))
+
+
+def _fails(args, out, *needles):
+    r = cli(*args, "--save", out)
+    assert r.returncode == 2, (r.stdout + r.stderr)[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr[-2000:])
+    assert not out.exists() and not list(out.parent.glob(out.name + ".tmp*")), "output written after a failure"
+
+
+def test_corrupt_megatron_checkpoint_is_named_and_nothing_written(trained_tiny, tmp_path):
+    out = tmp_path / "out"
+    src, it = _mcore_copy(trained_tiny, tmp_path)
+    shard = sorted(it.glob("*.distcp"))[3]
+    shard.unlink()
+    _fails(["--direction", "mcore-to-hf", "--load", src], out, shard.name, "missing checkpoint shard")
+    src, it = _mcore_copy(trained_tiny, tmp_path / "t")
+    shard = sorted(it.glob("*.distcp"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    _fails(["--direction", "mcore-to-hf", "--load", src], out, shard.name, "truncated")
+    src, it = _mcore_copy(trained_tiny, tmp_path / "m")
+    (it / "scidfm_meta.json").unlink()
+    _fails(["--direction", "mcore-to-hf", "--load", src], out, "no complete megatron checkpoint")
+
+
+def test_corrupt_hf_checkpoint_is_named_and_nothing_written(hf_tiny, tmp_path):
+    out = tmp_path / "out"
+    src, shards = _hf_copy(hf_tiny, tmp_path / "a")
+    shards[1].unlink()
+    _fails(["--direction", "hf-to-mcore", "--load", src], out, shards[1].name, "missing shard")
+
+    src, shards = _hf_copy(hf_tiny, tmp_path / "b")
+    f = shards[-1]
+    f.write_bytes(f.read_bytes()[:-1000])
+    _fails(["--direction", "hf-to-mcore", "--load", src], out, f.name, "truncated")
+
+    # A renamed tensor: rewrite one file's header (same length) and its index entry.
+    src, shards = _hf_copy(hf_tiny, tmp_path / "c")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    victim = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+    f = src / index["weight_map"][victim]
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    renamed = victim.replace("w2", "wX")
+    f.write_bytes(raw[:8] + raw[8:8 + n].replace(victim.encode(), renamed.encode()) + raw[8 + n:])
+    index["weight_map"][renamed] = index["weight_map"].pop(victim)
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    _fails(["--direction", "hf-to-mcore", "--load", src], out, victim)
+
+    # A shape that disagrees with config.json.
+    src, _ = _hf_copy(hf_tiny, tmp_path / "d")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    cfg.pop("scidfm_megatron")
+    (src / "config.json").write_text(json.dumps(cfg))
+    _fails(["--direction", "hf-to-mcore", "--load", src], out, "w1.weight has shape", "config.json implies")
