@@ -48,6 +48,8 @@ setup(
         "scidfm-pretrain=scidfm_megatron.cli.stages:pretrain",
         "scidfm-sft=scidfm_megatron.cli.stages:sft",
         "scidfm-convert=scidfm_megatron.cli.convert:main",
+        "scidfm-evaluate=scidfm_megatron.eval.harness:main",
+        "scidfm-analyze-experts=scidfm_megatron.eval.experts:main",
     ]},
     license="Apache-2.0",
 )

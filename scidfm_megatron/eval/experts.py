@@ -1,0 +1,172 @@
+"""Expert-choice analysis of SciDFM (paper section 3.3) for any checkpoint this project trains or converts.
+
+For layer i with gate weight W_g and router input h_i (l tokens x d): g_i = h_i W_g, summed over the
+text's tokens and softmaxed: e_i = softmax(sum_t g_i[t]) in R^e; E_T = concat(e_1..e_N) in R^(N*e).
+
+Router logits are captured, not re-implemented:
+* megatron checkpoints: :class:`scidfm_megatron.model.routing.RouterRecorder` (a forward hook on
+  megatron's ``TopKRouter`` that recomputes ``h W_g`` from the router's input and weight, per sequence);
+* Hugging Face folders: transformers' own ``output_router_logits=True`` (per-token gate logits per layer).
+
+Then t-SNE to 3-D, a PNG coloured by domain, the silhouette score of the domains (in E_T space, the
+number that says how well they separate; also in the t-SNE space) and per-layer heat maps of expert
+usage per domain.
+
+    scidfm-analyze-experts --model hf/tiny --corpus examples/sample_corpus --out runs/experts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+def domain_texts(corpus: str | Path, per_domain: int = 30, min_chars: int = 20) -> "OrderedDict[str, list[str]]":
+    """Texts of the sample corpus by domain: papers by discipline (their ``domain`` field), molecules,
+    proteins and code (wrapped in the span markers, as in pretraining). First ``per_domain`` of each."""
+    from ..tokenizer.core import wrap_molecule, wrap_protein
+
+    root = Path(corpus)
+    groups: "OrderedDict[str, list[str]]" = OrderedDict()
+
+    def add(domain, text):
+        if len(text) >= min_chars and len(groups.setdefault(domain, [])) < per_domain:
+            groups[domain].append(text)
+
+    for line in open(root / "papers.jsonl", encoding="utf-8"):
+        r = json.loads(line)
+        add(f"paper: {r.get('domain', 'unknown')}", r["text"])
+    for line in open(root / "molecules.jsonl", encoding="utf-8"):
+        add("molecule", wrap_molecule(json.loads(line)["smiles"]))
+    for line in open(root / "proteins.jsonl", encoding="utf-8"):
+        add("protein", wrap_protein(json.loads(line)["sequence"]))
+    for line in open(root / "code.jsonl", encoding="utf-8"):
+        add("code", json.loads(line)["text"])
+    return OrderedDict((k, v) for k, v in groups.items() if len(v) >= 3)
+
+
+@torch.no_grad()
+def gate_logit_sums(model, ids: list[int]) -> torch.Tensor:
+    """[num_layers, num_experts]: per layer, the sum over the text's tokens of the gate logits."""
+    from .models import HFModel
+
+    x = torch.tensor([ids])
+    if isinstance(model, HFModel):
+        out = model.model(x.to(model.device), output_router_logits=True)
+        return torch.stack([g.float().reshape(-1, g.shape[-1]).sum(0).cpu() for g in out.router_logits])
+    from ..model.routing import RouterRecorder
+
+    with RouterRecorder(model.model, keep_logits=True) as rec:
+        model._logits(x)
+    calls = sorted(rec.calls, key=lambda c: c.layer)
+    return torch.stack([c.logits_sum[0] for c in calls])
+
+
+def expert_choice_vector(model, text: str, max_tokens: int = 256) -> np.ndarray:
+    """E_T of one text: per-layer softmax of the summed gate logits, concatenated (N*e values)."""
+    ids = model.encode(text, bos=True)[:max_tokens]
+    return torch.softmax(gate_logit_sums(model, ids).double(), dim=-1).reshape(-1).numpy()
+
+
+def analyze(model, groups: "OrderedDict[str, list[str]]", out_dir: str | Path, *, max_tokens: int = 256,
+            seed: int = 0, progress: bool = True) -> dict:
+    """E_T for every text, t-SNE 3-D plot, silhouette scores and per-layer heat maps under ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+    from sklearn.metrics import silhouette_score
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = [(d, t) for d, ts in groups.items() for t in ts]
+    E = np.stack([expert_choice_vector(model, t, max_tokens) for _, t in tqdm(texts, desc="E_T", disable=not progress)])
+    labels = np.array([d for d, _ in texts])
+    domains = list(groups)
+    n_layers = E.shape[1] // _num_experts(model)
+    n_exp = _num_experts(model)
+    perplexity = float(min(30.0, max(2.0, (len(texts) - 1) / 3)))
+    Y = TSNE(n_components=3, perplexity=perplexity, init="pca", random_state=seed).fit_transform(E)
+    sil = float(silhouette_score(E, labels))
+    sil_tsne = float(silhouette_score(Y, labels))
+
+    fig = plt.figure(figsize=(8, 7))
+    ax = fig.add_subplot(projection="3d")
+    cmap = plt.get_cmap("tab10")
+    for k, d in enumerate(domains):
+        m = labels == d
+        ax.scatter(Y[m, 0], Y[m, 1], Y[m, 2], s=18, color=cmap(k % 10), label=f"{d} ({m.sum()})")
+    ax.set_title(f"Expert choice E_T, t-SNE 3-D (silhouette: E_T {sil:.3f}, t-SNE {sil_tsne:.3f})")
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "expert_choice_tsne.png", dpi=120)
+    plt.close(fig)
+
+    usage = np.stack([E[labels == d].reshape(-1, n_layers, n_exp).mean(0) for d in domains])  # [D, L, e]
+    cols = min(4, n_layers)
+    rows = -(-n_layers // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.35 * len(domains) * rows + 1.5), squeeze=False)
+    for layer in range(rows * cols):
+        ax = axes[layer // cols][layer % cols]
+        if layer >= n_layers:
+            ax.axis("off")
+            continue
+        im = ax.imshow(usage[:, layer, :], aspect="auto", cmap="viridis", vmin=0, vmax=float(usage.max()))
+        ax.set_title(f"layer {layer + 1}", fontsize=9)
+        ax.set_xticks(range(n_exp))
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_yticks(range(len(domains)))
+        ax.set_yticklabels(domains if layer % cols == 0 else [], fontsize=7)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="mean e_i")
+    fig.savefig(out / "expert_usage_heatmaps.png", dpi=120)
+    plt.close(fig)
+
+    summary = dict(n_texts=len(texts), domains={d: int((labels == d).sum()) for d in domains}, num_layers=n_layers,
+                   num_experts=n_exp, silhouette_et=sil, silhouette_tsne=sil_tsne, tsne_perplexity=perplexity,
+                   files=["expert_choice_tsne.png", "expert_usage_heatmaps.png", "expert_choice.npz"])
+    np.savez(out / "expert_choice.npz", E_T=E, tsne=Y, labels=labels)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _num_experts(model) -> int:
+    from .models import HFModel
+
+    if isinstance(model, HFModel):
+        return int(model.model.config.num_local_experts)
+    return int(model.lm.config.num_experts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="scidfm-analyze-experts", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--model", required=True, help="Hugging Face folder or megatron checkpoint")
+    ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "examples" / "sample_corpus"))
+    ap.add_argument("--per-domain", type=int, default=30)
+    ap.add_argument("--max-tokens", type=int, default=256, help="first N tokens of each text")
+    ap.add_argument("--out", required=True, help="output directory (PNGs, summary.json, expert_choice.npz)")
+    ap.add_argument("--tokenizer", default=None)
+    args = ap.parse_args(argv)
+    from .models import load_model
+
+    model = load_model(args.model, tokenizer=args.tokenizer)
+    try:
+        summary = analyze(model, domain_texts(args.corpus, args.per_domain), args.out, max_tokens=args.max_tokens)
+    finally:
+        model.close()
+    print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=1))
+    print(f"[scidfm] plots -> {Path(args.out) / 'expert_choice_tsne.png'}, {Path(args.out) / 'expert_usage_heatmaps.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
