@@ -3,21 +3,37 @@
 # bundled sample corpus, on CPU with 2 processes (EP2, gloo):
 #   science tokenizer -> Megatron datasets (+ packed SFT data) -> mixture report
 #   -> pretraining stage 1 -> stage 2 (epoch-2 mixture, from stage 1) -> SFT (from stage 2)
+#   -> Hugging Face conversion -> zero-shot evaluation + expert-choice analysis -> greedy generation
 # Everything lands in runs/ (delete it to start over; re-running resumes finished stages instantly).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+EXTRAS=${EXTRAS:-test,hf,eval} bash scripts/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCHDYNAMO_DISABLE=1 PYTHONWARNINGS=ignore
 export PYTHON=.venv/bin/python NPROC=${NPROC:-2} EP=${EP:-2}
-echo "== 1/5 tokenizer and datasets from examples/sample_corpus"
+echo "== 1/8 tokenizer and datasets from examples/sample_corpus"
 bash scripts/prepare_sample_data.sh
-echo "== 2/5 mixture (epoch 1)"
+echo "== 2/8 mixture (epoch 1)"
 $PYTHON tools/mixture.py examples/mixtures/sample_corpus.yaml --epoch 1
 for stage in "pretrain tiny_stage1" "pretrain tiny_stage2" "sft tiny_sft"; do
   set -- $stage
-  echo "== $([ $2 = tiny_stage1 ] && echo 3 || ([ $2 = tiny_stage2 ] && echo 4 || echo 5))/5 $2 ($NPROC CPU processes, EP$EP)"
+  echo "== $([ $2 = tiny_stage1 ] && echo 3 || ([ $2 = tiny_stage2 ] && echo 4 || echo 5))/8 $2 ($NPROC CPU processes, EP$EP)"
   STAGE=$1 RECIPE=examples/recipes/$2.yaml bash examples/launch/torchrun_single.sh 2>&1 \
     | grep -E "^\[scidfm\] [^IW]|^iter" || { echo "$2 failed; rerun without the filter to see why"; exit 1; }
 done
+echo "== 6/8 convert the SFT checkpoint to Hugging Face (Mixtral layout, fp32) -> runs/tiny/hf"
+$PYTHON tools/convert_checkpoint.py --direction mcore-to-hf --load runs/tiny/sft/checkpoints --save runs/tiny/hf \
+  --dtype fp32 --force
+echo "== 7/8 zero-shot evaluation (bundled task fixtures) and expert-choice analysis of the converted model"
+$PYTHON tools/evaluate.py --model runs/tiny/hf --limit 12 --max-new-tokens 16 --output runs/tiny/eval.json \
+  --task sciq=examples/eval/data/multiple_choice.jsonl --task gsm8k=examples/eval/data/math_generation.jsonl \
+  --task mol_instructions_molecule=examples/eval/data/molecule_generation.jsonl \
+  --task mol_instructions_protein=examples/eval/data/protein_understanding.jsonl \
+  --task moleculenet=examples/eval/data/moleculenet.jsonl 2>&1 | grep -v -E "Loading weights|it/s]|req/s]"
+$PYTHON tools/analyze_experts.py --model runs/tiny/hf --per-domain 12 --out runs/tiny/experts 2>&1 \
+  | grep -E "silhouette|plots"
+echo "== 8/8 greedy generation from runs/tiny/hf with transformers alone (AutoModelForCausalLM, chat template)"
+$PYTHON tools/hf_generate.py --model runs/tiny/hf --chat --max-new-tokens 16 \
+  --prompt "How many heavy atoms does the molecule [START_I_SMILES]CCO[END_I_SMILES] have?" 2>&1 | grep -v "Loading weights"
 echo
-echo "Done. Checkpoints: runs/tiny/{stage1,stage2,sft}/checkpoints   TensorBoard: tensorboard --logdir runs/tiny"
+echo "Done. Checkpoints: runs/tiny/{stage1,stage2,sft}/checkpoints   Hugging Face: runs/tiny/hf"
+echo "      Evaluation: runs/tiny/eval.json   Experts: runs/tiny/experts/*.png   TensorBoard: tensorboard --logdir runs/tiny"
