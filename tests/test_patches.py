@@ -81,6 +81,19 @@ def test_cpu_device_and_tensor_type_act_only_for_megatron_callers():
     assert "megatron: cpu cpu cpu torch.cuda.FloatTensor" in out.stdout
 
 
+def test_cpu_device_keeps_torch_device_context_working():
+    """Wrapped factories must still obey ``with torch.device(...)`` (transformers builds models on the meta
+    device and then recomputes non-persistent buffers such as RoPE's inv_freq): regression test for a
+    patch that broke it by wrapping the factories before torch cached its set of them."""
+    out = run_py(
+        "import megatron_patches, torch\n"
+        "megatron_patches.apply()\n"
+        "with torch.device('meta'):\n"
+        "    print('meta:', torch.arange(3).device, torch.zeros(2).device, torch.empty(1).device)\n")
+    assert out.returncode == 0, out.stderr
+    assert "meta: meta meta meta" in out.stdout
+
+
 def test_moe_split_sizes_become_numpy_in_both_modules():
     out = run_py(
         "import megatron_patches, torch\n"
