@@ -202,7 +202,9 @@ def run_repeated(mode: str, src: Path, dst: Path, max_shard: str, n: int) -> dic
     """``n`` runs, alternating nothing else in between: median wall time, largest peaks."""
     runs = [run_child(mode, src, dst, max_shard) for _ in range(max(1, n))]
     out = dict(runs[-1])
-    out["wall"] = sorted(r["wall"] for r in runs)[len(runs) // 2]
+    walls = sorted(r["wall"] for r in runs)
+    out["wall"] = walls[len(runs) // 2]
+    out["spread"] = f"{walls[0]:.2f}-{walls[-1]:.2f}"
     for k in ("maxrss", "sampled"):
         out[k] = max(r[k] for r in runs)
     out["baseline"] = min(r["baseline"] for r in runs)
@@ -335,7 +337,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=2)
     ap.add_argument("--max-shard-size", default="100MB")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per converter (median time, largest peak)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per converter (median time, largest peak)")
     ap.add_argument("--also-shard-size", nargs="*", default=["20MB", "400MB"],
                     help="also run ours at these shard sizes (peak memory should not follow the shard size)")
     ap.add_argument("--skip-hf-to-mcore", action="store_true",
@@ -388,7 +390,8 @@ def main(argv=None) -> int:
         ("output files", "n_files", lambda x: f"{x:8d}", False),
         ("largest output shard (MB)", "shard_max", mb, False),
         ("conversion wall time, median (s)", "wall", lambda x: f"{x:8.2f}", True),
-        ("throughput (MB/s)", "mbps", lambda x: f"{x:8.1f}", True),
+        ("  min-max over the runs (s)", "spread", lambda x: f"{x:>9}", False),
+        ("throughput at the median (MB/s)", "mbps", lambda x: f"{x:8.1f}", True),
         ("RSS after imports (MB)", "baseline", mb, False),
         ("peak RSS, VmHWM (MB)", "maxrss", mb, True),
         ("peak RSS, sampled 10 ms (MB)", "sampled", mb, True),
