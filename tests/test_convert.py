@@ -197,3 +197,52 @@ def test_corrupt_hf_checkpoint_is_named_and_nothing_written(hf_tiny, tmp_path):
     cfg.pop("scidfm_megatron")
     (src / "config.json").write_text(json.dumps(cfg))
     _fails(["--direction", "hf-to-mcore", "--load", src], out, "w1.weight has shape", "config.json implies")
+
+
+def test_release_style_config_maps_to_the_18b_preset():
+    """The public release's config.json uses Mixtral's keys (architecture SciDFMForCausalLM)."""
+    from scidfm_megatron.convert.mapping import model_config_from_hf
+    from scidfm_megatron.model.presets import get_preset
+
+    release = {"architectures": ["SciDFMForCausalLM"], "hidden_size": 3200, "intermediate_size": 8640,
+               "num_hidden_layers": 26, "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 100,
+               "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32196, "rope_theta": 10000.0,
+               "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "max_position_embeddings": 8192,
+               "router_aux_loss_coef": 0.02, "hidden_act": "silu"}
+    got = model_config_from_hf(release)
+    want = get_preset("scidfm-18b")
+    fields = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
+              "moe_ffn_hidden_size", "num_experts", "moe_router_topk", "vocab_size", "max_seq_length", "rope_theta",
+              "rms_norm_eps", "untie_embeddings", "moe_aux_loss_coeff")
+    assert {f: getattr(got, f) for f in fields} == {f: getattr(want, f) for f in fields}
+
+
+def test_fused_expert_layout_is_read_as_per_expert(hf_tiny, tmp_path):
+    """transformers' in-memory fused experts (gate_up_proj / down_proj) on disk read as w1 / w3 / w2."""
+    from safetensors.torch import save_file
+
+    from scidfm_megatron.convert.hf_io import HFCheckpoint
+    from scidfm_megatron.convert.hf_to_mcore import HFTensors, check_hf_tensors
+    from scidfm_megatron.convert.mapping import model_config_from_hf
+
+    want = hf_tensors(hf_tiny)
+    cfg = model_config_from_hf(json.loads((hf_tiny / "config.json").read_text()))
+    fused = {}
+    for n, t in want.items():
+        if ".experts." not in n:
+            fused[n.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = t
+    for layer in range(cfg.num_layers):
+        e = lambda i, w: want[f"model.layers.{layer}.block_sparse_moe.experts.{i}.{w}.weight"]  # noqa: E731
+        fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([e(i, "w1"), e(i, "w3")]) for i in range(cfg.num_experts)])
+        fused[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([e(i, "w2") for i in range(cfg.num_experts)])
+    d = tmp_path / "fused"
+    d.mkdir()
+    shutil.copyfile(hf_tiny / "config.json", d / "config.json")
+    save_file(fused, d / "model.safetensors")
+    ck = HFCheckpoint(d)
+    check_hf_tensors(ck, cfg)
+    src = HFTensors(ck, cfg)
+    assert src.names() == set(want)
+    for n in want:
+        assert torch.equal(src.get(n), want[n]), n
