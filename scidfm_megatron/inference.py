@@ -31,6 +31,12 @@ class MegatronLM:
         cfg = from_dict(ModelConfig, self.meta["config"]["model"], "model")
         self.config = dataclasses.replace(cfg, moe_capacity_factor=capacity_factor)
         par = ParallelConfig()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            # One rank with an in-memory store: no TCP port, and no MASTER_PORT/RANK/... left in this
+            # process's environment for child processes (e.g. a torchrun launched later) to inherit.
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         init_distributed(self.config, par)
         self.model = build_model(self.config, par, precision=precision)
         ckpt.load(self.path, [self.model], weights_only=True)

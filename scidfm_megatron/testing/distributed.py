@@ -15,7 +15,9 @@ from ..parallel import free_port  # noqa: F401  (tests import it from here)
 
 
 def cpu_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
+    # A launcher inherits nothing of an earlier in-process rendezvous (MASTER_PORT of a dead store...).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONWARNINGS="ignore",
                PYTHONUNBUFFERED="1")
     root = str(Path(__file__).resolve().parents[2])
