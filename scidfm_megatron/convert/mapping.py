@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -226,9 +226,3 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     cfg.validate()
     return cfg
 
-
-def iter_layer_keys(names) -> Iterator[tuple[int, str]]:
-    for n in names:
-        m = re.match(r"^model\.layers\.(\d+)\.", n)
-        if m:
-            yield int(m.group(1)), n
