@@ -20,7 +20,6 @@ per-expert ``block_sparse_moe.experts.N.w1/w2/w3`` tensors (what transformers wr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys

@@ -22,7 +22,6 @@ import json
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
