@@ -18,9 +18,10 @@ Measured, each in its own subprocess and on the same megatron checkpoint:
 
 Each child imports everything it needs, reports its RSS (the baseline), resets its kernel high-water
 mark (``/proc/self/clear_refs``), converts, and reports ``VmHWM`` (the exact peak RSS of the conversion);
-the parent also samples the child's RSS every 10 ms. Memory is reported above the baseline. The check: ours' peak above baseline < 1.5 x (largest output shard + largest
-single tensor). Also reported (information only): hf-to-mcore's peak RSS per rank (torchrun workers,
-sampled every 10 ms) and its throughput.
+the parent also samples the child's RSS every 10 ms. Memory is reported above the baseline. The check:
+ours' peak above baseline < 1.5 x (largest output shard + largest single tensor). Also reported
+(information only): hf-to-mcore's peak RSS per rank (torchrun workers, sampled every 10 ms) and its
+throughput.
 """
 
 from __future__ import annotations
@@ -159,8 +160,10 @@ class Sampler:
             for p in procs:
                 try:
                     rss = p.memory_info().rss
-                    if p.pid not in self.cmd_by_pid:
-                        self.cmd_by_pid[p.pid] = " ".join(p.cmdline())
+                    # re-read every time: a process first seen between fork() and exec() shows its parent's
+                    cmdline = " ".join(p.cmdline())  # empty once the process is exiting: keep the last
+                    if cmdline:
+                        self.cmd_by_pid[p.pid] = cmdline
                         self.ppid_by_pid[p.pid] = p.ppid()
                 except psutil.Error:
                     continue
@@ -270,7 +273,7 @@ def hf_to_mcore(hf_dir: Path, dst: Path, a) -> dict:
     # pages twice.
     cmd, ppid = sampler.cmd_by_pid, sampler.ppid_by_pid
     agents = {pid for pid, c in cmd.items() if "torch.distributed.run" in c}
-    ranks = {pid for pid in cmd if ppid.get(pid) in agents}
+    ranks = {pid for pid in cmd if ppid.get(pid) in agents and "scidfm_megatron.convert.hf_to_mcore" in cmd[pid]}
     helpers = {pid for pid in cmd if ppid.get(pid) in ranks or ppid.get(ppid.get(pid)) in ranks}
     src_bytes = sum(f.stat().st_size for f in hf_dir.glob("*.safetensors"))
     return dict(wall=wall, bytes=src_bytes, ranks=len(ranks),
@@ -337,7 +340,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=2)
     ap.add_argument("--max-shard-size", default="100MB")
-    ap.add_argument("--repeat", type=int, default=5, help="runs per converter (median time, largest peak)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per converter (median time, largest peak)")
     ap.add_argument("--also-shard-size", nargs="*", default=["20MB", "400MB"],
                     help="also run ours at these shard sizes (peak memory should not follow the shard size)")
     ap.add_argument("--skip-hf-to-mcore", action="store_true",
@@ -405,15 +408,16 @@ def main(argv=None) -> int:
         x, y = ours[key], naive[key]
         rows.append((label, fmt(x), fmt(y), f"{x / y:6.2f}" if ratio and y else ""))
     w0 = max(len(r[0]) for r in rows)
-    print(f"\nmcore-to-hf ({a.repeat} runs each), {ours['bytes'] / MB:.0f} MB fp32 model ({a.layers} layers x {a.experts} experts, hidden "
-          f"{a.hidden}, ffn {a.ffn}), source megatron checkpoint {layout}, --max-shard-size {a.max_shard_size}")
+    print(f"\nmcore-to-hf ({a.repeat} runs each), {ours['bytes'] / MB:.0f} MB fp32 model ({a.layers} layers x "
+          f"{a.experts} experts, hidden {a.hidden}, ffn {a.ffn}), source megatron checkpoint {layout}, "
+          f"--max-shard-size {a.max_shard_size}")
     for r in rows:
         print(f"  {r[0]:<{w0}}  {r[1]:>16}  {r[2]:>18}  {r[3]:>10}")
     print(f"  outputs tensor-identical: {'yes' if identical else 'NO'}")
     for size, r in other:
         up = r["maxrss"] - r["baseline"]
-        print(f"  ours at --max-shard-size {size}: {r['n_files']} files, largest {r['shard_max'] / MB:.1f} MB, peak RSS "
-              f"above imports {up / MB:.1f} MB ({up / (r['shard_max'] + big):.2f} x (shard + tensor)), "
+        print(f"  ours at --max-shard-size {size}: {r['n_files']} files, largest {r['shard_max'] / MB:.1f} MB, "
+              f"peak RSS above imports {up / MB:.1f} MB ({up / (r['shard_max'] + big):.2f} x (shard + tensor)), "
               f"{r['bytes'] / MB / r['wall']:.1f} MB/s")
     print(f"\n  largest tensor: {big_name} {big / MB:.1f} MB; largest output shard {shard / MB:.1f} MB")
     print(f"  bound 1.5 x (shard + tensor) = {bound / MB:.1f} MB; ours above imports = {above / MB:.1f} MB "
