@@ -20,14 +20,14 @@ import argparse
 import ast
 import json
 import re
-import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from _wheeldata import fasta, fetch_wheels, read, write_jsonl  # noqa: E402
 
 WHEELS = {  # wheel file prefix -> pip requirement
     "lm_eval": "lm-eval==0.4.13",
@@ -53,28 +53,7 @@ Q_LIPINSKI = ("Does this molecule satisfy all four of Lipinski's rule-of-five cr
               "500, logP at most 5, at most 5 hydrogen-bond donors, at most 10 hydrogen-bond acceptors)?")
 
 
-# ------------------------------------------------------------------------------------ wheels
-def fetch_wheels(dest: Path) -> dict[str, Path]:
-    out = {}
-    for key, spec in WHEELS.items():
-        version = spec.split("==")[1]
-        pattern = f"{key}-{version}-*.whl"
-        found = sorted(dest.glob(pattern))
-        if not found:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), spec],
-                           check=True)
-            found = sorted(dest.glob(pattern))
-        if not found:
-            raise SystemExit(f"no wheel for {spec} in {dest}")
-        out[key] = found[-1]
-    return out
-
-
-def read(wheel: Path, path: str) -> bytes:
-    with zipfile.ZipFile(wheel) as z:
-        return z.read(path)
-
-
+# ----------------------------------------------------------------------------------- helpers
 def evenly(items: list, k: int) -> list:
     """k items spread evenly over the list (first, ..., near last), in order; all of them if fewer."""
     if len(items) <= k:
@@ -208,19 +187,6 @@ def moleculenet(wheel: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ proteins
-def fasta(text: str) -> list[tuple[str, str]]:
-    out, head, seq = [], None, []
-    for line in text.splitlines():
-        if line.startswith(">"):
-            if head is not None:
-                out.append((head, "".join(seq)))
-            head, seq = line[1:].strip(), []
-        elif line.strip():
-            seq.append(line.strip())
-    if head is not None:
-        out.append((head, "".join(seq)))
-    return out
-
 
 def genbank_cds(text: str) -> list[dict]:
     """CDS features of a GenBank file: qualifiers (multi-line values joined) of each CDS."""
@@ -301,14 +267,6 @@ SCHEMAS = {
 }
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> int:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path.stat().st_size
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -322,7 +280,7 @@ def main(argv=None) -> int:
     if version("rdkit") != RDKIT_VERSION:
         print(f"warning: rdkit {version('rdkit')} is not the pinned {RDKIT_VERSION}; canonical SMILES and "
               "hence the files may differ", file=sys.stderr)
-    w = fetch_wheels(Path(args.wheels or tempfile.mkdtemp(prefix="scidfm-wheels-")))
+    w = fetch_wheels(WHEELS, Path(args.wheels or tempfile.mkdtemp(prefix="scidfm-wheels-")))
     out = Path(args.output)
     (out / "data").mkdir(parents=True, exist_ok=True)
 

