@@ -20,7 +20,6 @@ per-expert ``block_sparse_moe.experts.N.w1/w2/w3`` tensors (what transformers wr
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Optional
 import torch
 
 from . import mapping
+from ..utils import staged_dir
 from .hf_io import HFCheckpoint, HFCheckpointError
 
 
@@ -117,6 +117,7 @@ def _worker(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--tokenizer-model", required=True, help="where the tokenizer will be (recorded in the run config)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
@@ -137,8 +138,7 @@ def _worker(argv=None) -> int:
     out = Path(a.out)
     common = dict(consumed_samples=0, stage="converted", source=str(hf.dir),
                   config=dict(model=to_dict(cfg), parallel=to_dict(par),
-                              data=dict(tokenizer_model=str((out.parent / out.name.split(".tmp-")[0])
-                                                            / "tokenizer" / "tokenizer.model"))))
+                              data=dict(tokenizer_model=a.tokenizer_model)))
     ckpt.save(out, 0, chunks, None, None, common, keep_last=0, with_optimizer=False)
     destroy_distributed()
     return 0
@@ -160,15 +160,12 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, *, tp: int = 1, pp: in
     validate_layout(cfg, ParallelConfig(tp=tp, pp=pp, ep=ep), tp * pp * ep)
     if dtype is None:
         dtype = "bf16" if any(m["dtype"] == "BF16" for m in hf.meta.values()) else "fp32"
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(dst) as tmp:
         if progress:
             print(f"[scidfm] hf->mcore {hf.dir} -> {dst}: {tp * pp * ep} processes (TP{tp} PP{pp} EP{ep}), {dtype}",
                   flush=True)
         run_torchrun("-m", tp * pp * ep, ["scidfm_megatron.convert.hf_to_mcore", "--src", hf.dir, "--out", tmp,
+                                          "--tokenizer-model", dst / "tokenizer" / "tokenizer.model",
                                           "--tp", tp, "--pp", pp, "--ep", ep, "--dtype", dtype])
         tok_dir = tmp / "tokenizer"
         tok_dir.mkdir()
@@ -176,12 +173,6 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, *, tp: int = 1, pp: in
                    "tokenization_scidfm.py"):
             if (hf.dir / fn).exists():
                 shutil.copyfile(hf.dir / fn, tok_dir / fn)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

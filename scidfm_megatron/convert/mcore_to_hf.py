@@ -10,7 +10,6 @@ conversion leaves nothing at ``DST``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -19,6 +18,7 @@ import torch
 
 from . import mapping
 from .hf_io import ShardWriter, plan_shards, write_index
+from ..utils import staged_dir
 from .mcore_io import McoreCheckpoint, McoreCheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -94,11 +94,7 @@ def convert_mcore_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "bf16"
     shards = plan_shards(units, tdtype, parse_size(max_shard_size))
     unit_of = {m.hf[0]: m for m in maps}
 
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(dst) as tmp:
         tok = write_tokenizer(tmp, _tokenizer_model(ckpt, tokenizer), cfg.vocab_size, cfg.max_seq_length)
         total = sum(s.nbytes for s in shards)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"mcore->hf {dst.name}", disable=not progress)
@@ -121,10 +117,4 @@ def convert_mcore_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "bf16"
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                          do_sample=False, max_new_tokens=256).save_pretrained(tmp)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
