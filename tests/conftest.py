@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from scidfm_megatron.testing.distributed import cpu_env, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ROOT / "tests" / "workers"
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -80,24 +82,12 @@ def sample_datasets(tmp_path_factory, science_tokenizer_dir):
 RECIPES = ROOT / "examples" / "recipes"
 
 
-def _cpu_env(extra=None):
-    from scidfm_megatron.testing.distributed import cpu_env
-
-    return cpu_env(extra)
-
-
-def _free_port():
-    from scidfm_megatron.testing.distributed import free_port
-
-    return free_port()
-
-
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """Tokenizer + sample-corpus datasets, made by the same script as the README's main job."""
     out = tmp_path_factory.mktemp("runs")
     r = subprocess.run(["bash", str(ROOT / "scripts" / "prepare_sample_data.sh")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env=_cpu_env({"RUNS": str(out), "PY": sys.executable}))
+                       text=True, timeout=600, env=cpu_env({"RUNS": str(out), "PY": sys.executable}))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -119,13 +109,13 @@ def overrides(runs: Path, work: Path, **extra) -> list[str]:
 def cmd(nproc: int, recipe: str, args: list[str], stage: str = "pretrain", nnodes: int = 1, node_rank: int = 0,
         port: int | None = None):
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
-            f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or _free_port()}",
+            f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
             "-m", f"scidfm_megatron.{stage}", "--config", str(RECIPES / recipe), *args]
 
 
 def train(nproc, args, recipe="tiny_stage1.yaml", stage="pretrain", check=True, timeout=600):
     r = subprocess.run(cmd(nproc, recipe, args, stage), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env=_cpu_env())
+                       env=cpu_env())
     if check:
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return r

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from ..config import ModelConfig, from_dict
 from ..model.state_dict import canonical_name
@@ -152,12 +153,7 @@ def _offsets(shape: tuple[int, ...]):
             yield (i,) + rest
 
 
-def _make_planner_base():
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    return DefaultLoadPlanner
-
-
-class _SlicePlanner(_make_planner_base()):
+class _SlicePlanner(DefaultLoadPlanner):
     """DCP load planner that reads chosen regions of stored tensors into given buffers."""
 
     def __init__(self, wanted: dict[str, tuple[_Slice, torch.Tensor]]):
