@@ -91,8 +91,8 @@ def analyze(model, groups: "OrderedDict[str, list[str]]", out_dir: str | Path, *
     E = np.stack([expert_choice_vector(model, t, max_tokens) for _, t in tqdm(texts, desc="E_T", disable=not progress)])
     labels = np.array([d for d, _ in texts])
     domains = list(groups)
-    n_layers = E.shape[1] // _num_experts(model)
     n_exp = _num_experts(model)
+    n_layers = E.shape[1] // n_exp
     perplexity = float(min(30.0, max(2.0, (len(texts) - 1) / 3)))
     Y = TSNE(n_components=3, perplexity=perplexity, init="pca", random_state=seed).fit_transform(E)
     sil = float(silhouette_score(E, labels))
