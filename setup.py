@@ -45,6 +45,7 @@ setup(
         "scidfm-build-tokenizer=scidfm_megatron.cli.build_tokenizer:main",
         "scidfm-preprocess=scidfm_megatron.cli.preprocess:main",
         "scidfm-mixture=scidfm_megatron.cli.mixture:main",
+        "scidfm-train=scidfm_megatron.cli.stages:train",
         "scidfm-pretrain=scidfm_megatron.cli.stages:pretrain",
         "scidfm-sft=scidfm_megatron.cli.stages:sft",
         "scidfm-convert=scidfm_megatron.cli.convert:main",

@@ -64,12 +64,18 @@ def have_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def have_transformer_engine() -> bool:
+def transformer_engine_import_error():
+    """None when TransformerEngine imports; else the exception it raised (ImportError when it is not
+    installed; anything else, e.g. an undefined symbol, when a build does not match this torch/CUDA)."""
     try:
         import transformer_engine  # noqa: F401
-    except Exception:  # ImportError, or a broken TE build raising at import
-        return False
-    return True
+    except Exception as exc:  # noqa: BLE001 - a broken TE build raises all sorts; the caller reports it
+        return exc
+    return None
+
+
+def have_transformer_engine() -> bool:
+    return transformer_engine_import_error() is None
 
 
 def wanted(patch: Patch, cuda: bool, te: bool) -> bool:

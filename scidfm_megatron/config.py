@@ -52,6 +52,10 @@ class ModelConfig:
     # Pad the vocabulary to a multiple of this, independent of TP, so every layout shares one
     # global embedding shape (Megatron-LM pads to a multiple of 128*TP, which changes with TP).
     make_vocab_size_divisible_by: int = 128
+    # Layer implementations (model/builder.py): "auto" = TransformerEngine's spec when TE imports and CUDA
+    # is present, else "local"; "te" = TE's fused modules (fails with the import error when TE is
+    # missing); "local" = megatron-core's pure-torch modules. The checkpoint keys are the same for all.
+    backend: str = "auto"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -82,6 +86,8 @@ class ModelConfig:
         if self.moe_token_dispatcher not in ("alltoall", "allgather"):
             raise ConfigError(f"model.moe_token_dispatcher must be 'alltoall' or 'allgather', "
                               f"got {self.moe_token_dispatcher!r}")
+        if self.backend not in ("auto", "te", "local"):
+            raise ConfigError(f"model.backend must be 'auto', 'te' or 'local', got {self.backend!r}")
         if self.moe_router_dtype not in (None, "fp32", "fp64"):
             raise ConfigError(f"model.moe_router_dtype must be null, 'fp32' or 'fp64', got {self.moe_router_dtype!r}")
 
@@ -168,6 +174,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-7 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{path}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -78,7 +78,20 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: int) ->
     return Layout(tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, edp=edp, world_size=world_size)
 
 
+def slurm_rendezvous_env() -> None:
+    """Launched by ``srun`` directly (one task per GPU, no torchrun agent: examples/launch/slurm.sbatch),
+    a process has SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID but not torch's RANK / WORLD_SIZE /
+    LOCAL_RANK: derive them. Variables a launcher already set (torchrun) win."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+
+
 def env_world_size() -> int:
+    slurm_rendezvous_env()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

@@ -1,8 +1,13 @@
-"""Console scripts scidfm-pretrain / scidfm-sft (run them under torchrun, or alone for one process)."""
+"""Console scripts scidfm-train (stage from the recipe) and its aliases scidfm-pretrain / scidfm-sft
+(run them under torchrun, or alone for one process)."""
 
 import sys
 
 from ..entry import main
+
+
+def train():
+    sys.exit(main())
 
 
 def pretrain():

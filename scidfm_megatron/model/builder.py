@@ -22,6 +22,63 @@ def have_te() -> bool:
     return megatron_patches.have_transformer_engine() and torch.cuda.is_available()
 
 
+def resolve_backend(backend: Optional[str] = "auto") -> str:
+    """``model.backend`` -> the spec actually built: "te" or "local".
+
+    "auto" takes TE when it imports and CUDA is present. A TE that is installed but fails to import (a
+    build for another torch/CUDA) is not silently skipped: "auto" warns with the error, "te" fails with it.
+    """
+    import logging
+
+    import megatron_patches
+
+    from ..config import ConfigError
+
+    backend = backend or "auto"
+    if backend == "local":
+        return "local"
+    if backend not in ("auto", "te"):
+        raise ConfigError(f"model.backend must be 'auto', 'te' or 'local', got {backend!r}")
+    err = megatron_patches.transformer_engine_import_error()
+    cuda = torch.cuda.is_available()
+    if backend == "te":
+        if err is not None:
+            raise ConfigError(f"model.backend is 'te' but TransformerEngine does not import: "
+                              f"{type(err).__name__}: {err}. Install a TE build for this torch and CUDA "
+                              f"(pip install transformer-engine[pytorch]), or set model.backend=local")
+        if not cuda:
+            raise ConfigError("model.backend is 'te' but CUDA is not available: TransformerEngine's modules run "
+                              "on NVIDIA GPUs only; set model.backend=local (or auto) on this machine")
+        return "te"
+    if cuda and err is not None and not isinstance(err, ModuleNotFoundError):
+        logging.getLogger("scidfm.model").warning(
+            "TransformerEngine is installed but does not import (%s: %s): using the unfused local spec. "
+            "Set model.backend=te to make this an error.", type(err).__name__, err)
+    return "te" if (cuda and err is None) else "local"
+
+
+def describe_implementations(chunks) -> dict:
+    """Which classes implement attention, the experts, the router and the norms in this model: the run logs
+    it, so a job that silently lost its fused kernels shows it on the first screen."""
+    from megatron.core.transformer.attention import Attention
+    from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP, TEGroupedMLP
+
+    found: dict[str, set] = {"attention": set(), "experts": set(), "norm": set(), "linear": set()}
+    models = chunks if isinstance(chunks, (list, tuple)) else [chunks]
+    for model in models:
+        for m in (model.module if hasattr(model, "module") else model).modules():
+            name = type(m).__name__
+            if isinstance(m, Attention):
+                found["attention"].add(type(m.core_attention).__name__)
+            elif isinstance(m, (GroupedMLP, SequentialMLP, TEGroupedMLP)):
+                found["experts"].add(name)
+            elif "Norm" in name:
+                found["norm"].add(f"{name} ({type(m).__module__.split('.')[0]})")
+            elif "Linear" in name and "Parallel" in name:
+                found["linear"].add(name)
+    return {k: ", ".join(sorted(v)) or "-" for k, v in found.items()}
+
+
 def default_precision() -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
@@ -42,7 +99,7 @@ def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     cuda = torch.cuda.is_available()
-    te = have_te()
+    te = resolve_backend(model.backend) == "te"
     recompute_kw = {}
     if recompute == "full":
         recompute_kw = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -112,7 +169,7 @@ def layer_spec(model: ModelConfig, *, backend: Optional[str] = None):
     """The transformer layer ModuleSpec: "te" (TransformerEngine) or "local" (pure torch)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    backend = backend or ("te" if have_te() else "local")
+    backend = resolve_backend(backend or model.backend)
     if backend == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=model.num_experts, moe_grouped_gemm=True)
@@ -132,7 +189,7 @@ def block_spec(model: ModelConfig, config, *, backend: Optional[str] = None, vp_
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
 
-    backend = backend or ("te" if have_te() else "local")
+    backend = resolve_backend(backend or model.backend)
     spec = layer_spec(model, backend=backend)
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm

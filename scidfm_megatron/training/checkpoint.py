@@ -219,6 +219,12 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only:
     for i, c in enumerate(chunks):
         m = c.module if hasattr(c, "module") else c
         m.load_state_dict(loaded[f"model{i}" if len(chunks) > 1 else "model"], strict=True)
+    if weights_only and optimizer is not None:
+        # A mixed-precision optimizer (bf16) keeps fp32 master copies of the parameters, made when it was
+        # built: from the random initialisation. Weights loaded into the model afterwards must be copied
+        # into those masters too, or the first optimizer step writes the random weights back (plain,
+        # distributed and chained expert optimizers alike; a no-op for fp32 without masters).
+        optimizer.reload_model_params()
     if not weights_only:
         optimizer.load_state_dict(loaded["optimizer"])
         if scheduler is not None and loaded.get("scheduler") is not None:

@@ -72,6 +72,9 @@ class CheckpointConfig:
     save_interval: Optional[int] = None
     keep_last: int = 2
     init_from: Optional[str] = None  # start from these weights with a fresh optimizer and schedule
+    # Continue exactly from this checkpoint (an iter_XXXXXXX directory, or a save directory: its newest
+    # complete one) instead of the newest in checkpoint.save; later saves still go to checkpoint.save.
+    resume_from: Optional[str] = None
     save_on_exit: bool = True
 
 
@@ -122,3 +125,74 @@ def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] =
     if cfg.train.global_batch_size % cfg.train.micro_batch_size:
         raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
     return cfg
+
+
+def sft_sequences(prefix: str) -> int:
+    """Packed sequences in an SFT dataset, from its .idx header (no torch)."""
+    from ..data.indexed import read_index_counts
+
+    try:
+        return read_index_counts(f"{prefix}_tokens")[0]
+    except FileNotFoundError:
+        raise ConfigError(f"data.sft_prefix: {prefix}_tokens.idx does not exist (make it with scidfm-preprocess "
+                          f"--sft-seq-length ...)") from None
+
+
+def train_iters_of(cfg: RunConfig) -> int:
+    """The run's length: train.train_iters, or (SFT) data.sft_epochs passes over the packed data."""
+    import math
+
+    t = cfg.train
+    if t.train_iters:
+        return t.train_iters
+    if t.stage != "sft":
+        raise ConfigError("train.train_iters is required for pretraining")
+    return math.ceil(cfg.data.sft_epochs * sft_sequences(cfg.data.sft_prefix)) // t.global_batch_size
+
+
+def validate_run(cfg: RunConfig, world_size: int):
+    """Everything about a run that can be checked without building anything, on every rank, in about a
+    second: layout against the world size, batch divisibility, schedule, files, backend. Returns the
+    :class:`~scidfm_megatron.parallel.Layout`. Raises ConfigError / ParallelConfigError naming the key."""
+    import os
+
+    from ..parallel import validate_layout
+
+    t, d, c = cfg.train, cfg.data, cfg.checkpoint
+    layout = validate_layout(cfg.model, cfg.parallel, world_size)
+    if t.global_batch_size % (t.micro_batch_size * layout.dp):
+        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                          f"micro_batch_size x DP = {t.micro_batch_size} x {layout.dp} on {world_size} processes")
+    if t.seq_length > cfg.model.max_seq_length:
+        raise ConfigError(f"train.seq_length ({t.seq_length}) exceeds model.max_seq_length ({cfg.model.max_seq_length})")
+    if not d.tokenizer_model:
+        raise ConfigError("data.tokenizer_model is required (build it with scidfm-build-tokenizer)")
+    if not os.path.exists(d.tokenizer_model):
+        raise ConfigError(f"data.tokenizer_model: {d.tokenizer_model} does not exist")
+    if t.stage == "sft":
+        if not d.sft_prefix:
+            raise ConfigError("data.sft_prefix is required for train.stage: sft")
+    else:
+        if not d.mixture:
+            raise ConfigError("data.mixture is required for train.stage: pretrain")
+        if not os.path.exists(d.mixture):
+            raise ConfigError(f"data.mixture: {d.mixture} does not exist")
+    iters = train_iters_of(cfg)
+    if iters < 1:
+        raise ConfigError(f"the run has no iteration: {t.stage} data gives {iters} global batches of "
+                          f"{t.global_batch_size}; lower train.global_batch_size or raise data.sft_epochs")
+    decay = t.lr_decay_iters or iters
+    if t.warmup_iters >= decay:
+        raise ConfigError(f"train.warmup_iters ({t.warmup_iters}) must be smaller than the decay length "
+                          f"({decay} = train.lr_decay_iters or train.train_iters)")
+    for key in ("init_from", "resume_from"):
+        v = getattr(c, key)
+        if v and not os.path.exists(v):
+            raise ConfigError(f"checkpoint.{key}: {v} does not exist")
+    if c.init_from and c.resume_from:
+        raise ConfigError("checkpoint.init_from and checkpoint.resume_from exclude each other: init_from loads "
+                          "weights only (new optimizer and schedule), resume_from continues a run exactly")
+    from ..model.builder import resolve_backend
+
+    resolve_backend(cfg.model.backend)  # 'te' without TransformerEngine fails here, with the import error
+    return layout
