@@ -19,7 +19,7 @@ import torch
 
 class MegatronLM:
     def __init__(self, checkpoint: str | Path, *, capacity_factor: Optional[float] = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", device=None):
         from .config import ModelConfig, ParallelConfig, from_dict
         from .convert.mcore_io import resolve_checkpoint_dir
         from .model.builder import build_model
@@ -38,7 +38,11 @@ class MegatronLM:
             # process's environment for child processes (e.g. a torchrun launched later) to inherit.
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         init_distributed(self.config, par)
+        # build_model places the model on the training device (cuda when present); ``device`` moves it.
         self.model = build_model(self.config, par, precision=precision)
+        if device is not None:
+            self.model.to(device)
+        self.device = next(self.model.parameters()).device
         ckpt.load(self.path, [self.model], weights_only=True)
         self.model.eval()
         tok = (self.meta.get("config", {}).get("data") or {}).get("tokenizer_model")
@@ -52,10 +56,10 @@ class MegatronLM:
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """[batch, seq] token ids -> [batch, seq, vocab] fp32 logits (padding rows of the vocabulary dropped).
         Causal: right padding does not change the logits of the real positions."""
-        ids = ids.long()
-        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        ids = ids.long().to(self.device)
+        pos = torch.arange(ids.shape[1], device=self.device).unsqueeze(0).expand_as(ids)
         out = self.model(ids, pos, None)
-        return out[..., : self.config.vocab_size].float()
+        return out[..., : self.config.vocab_size].float().cpu()
 
     @torch.no_grad()
     def generate_greedy(self, ids: list[int], max_new_tokens: int, eos_id: Optional[int] = None) -> list[int]:

@@ -36,7 +36,8 @@ def main():
     from scidfm_megatron.model.builder import build_model_chunks
     from scidfm_megatron.model.presets import get_preset
     from scidfm_megatron.parallel import destroy_distributed, init_distributed
-    from scidfm_megatron.training.step import build_optimizer, train_step, wrap_ddp
+    from scidfm_megatron.training.engine import build_optimizer, wrap_ddp
+    from scidfm_megatron.training.step import train_step
 
     cfg = get_preset(args.preset)
     par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep)
@@ -54,26 +55,24 @@ def main():
     g = torch.Generator().manual_seed(args.seed + ps.get_data_parallel_rank())
     seq, mbs = args.seq_len, args.micro_batch_size
 
+    from scidfm_megatron.device import to_device
+
     def micro_batch():
         start = torch.randint(0, vocab, (mbs, 1), generator=g)
         stride = torch.randint(1, 8, (mbs, 1), generator=g)
         t = (start + stride * torch.arange(seq + 1)) % vocab
-        return dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(mbs, seq),
-                    position_ids=torch.arange(seq).expand(mbs, seq))
-
-    def batches():
-        while True:
-            yield micro_batch()
+        return to_device(dict(tokens=t[:, :-1].contiguous(), labels=t[:, 1:].contiguous(),
+                              loss_mask=torch.ones(mbs, seq), position_ids=torch.arange(seq).expand(mbs, seq)))
 
     if rank0:
         pc = count_parameters(cfg)
         print(f"[train_synthetic] {cfg.name}: {pc.total / 1e6:.2f}M parameters ({pc.active / 1e6:.2f}M active), "
               f"layout {layout}; random-guess loss ln({vocab}) = {math.log(vocab):.3f}", flush=True)
     flops = training_flops_per_token(cfg, seq)
-    losses, it = [], batches()
+    losses = []
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
-        r = train_step(chunks, optimizer, it, num_microbatches=per_rank // mbs, seq_length=seq,
+        r = train_step(chunks, optimizer, [micro_batch() for _ in range(per_rank // mbs)], seq_length=seq,
                        micro_batch_size=mbs)
         dt = time.perf_counter() - t0
         losses.append(r.loss)

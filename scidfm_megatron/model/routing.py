@@ -4,6 +4,9 @@
 tokens per expert *after* capacity dropping (megatron's returned ``routing_map``) and, on request, the
 per-expert sum over tokens of the gate logits ``h W_g`` (what SciDFM's expert-choice analysis needs).
 The logits are recomputed in the hook from the router's input and weight, outside autograd.
+
+With activation recomputation of the MoE layer the router runs again in the backward pass and is
+recorded again: counts double, shares and dropped fractions (ratios) do not change.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch
 class RouterCall:
     layer: int  # 1-based global layer number, as megatron numbers layers
     num_tokens: int
-    tokens_per_expert: torch.Tensor  # [num_experts], after dropping
+    # [num_experts] int64, after dropping, on the router's device: the hook never synchronises with the
+    # GPU; the trainer sums the step's calls there and copies one tensor to the host per step.
+    tokens_per_expert: torch.Tensor
     # [batch, num_experts]: per sequence, the sum over its tokens of the gate logits h W_g (the
     # paper's expert-choice statistic before its softmax). Only with keep_logits=True.
     logits_sum: Optional[torch.Tensor] = None
@@ -57,7 +62,7 @@ class RouterRecorder:
         self.calls.append(RouterCall(
             layer=int(getattr(module, "layer_number", 0) or 0),
             num_tokens=int(routing_map.shape[0]),
-            tokens_per_expert=routing_map.sum(0).detach().cpu(),
+            tokens_per_expert=routing_map.detach().sum(0),
             logits_sum=logits_sum))
 
     def __enter__(self):

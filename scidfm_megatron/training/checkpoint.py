@@ -72,6 +72,17 @@ def find_resume(root: str | Path, cleanup: bool = True) -> Optional[Path]:
     return done[-1][1] if done else None
 
 
+def resolve(path: str | Path, key: str) -> Path:
+    """A checkpoint directory, or a save directory (its newest complete checkpoint); fails naming ``key``."""
+    from ..config import ConfigError
+
+    src = Path(path)
+    found = src if (src / "metadata.json").exists() else find_resume(src, cleanup=False)
+    if found is None:
+        raise ConfigError(f"{key} {src}: no complete checkpoint there")
+    return found
+
+
 def rng_state() -> dict:
     from megatron.core import tensor_parallel
 

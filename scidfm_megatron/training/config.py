@@ -6,6 +6,7 @@
     data:       tokenizer + mixture (pretraining) or packed SFT prefix
     checkpoint: where to save, how often, what to start from
     logging:    console / tensorboard
+    engine:     performance switches (overlap of grad reduce / param gather, fp32 reduction, buckets)
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Performance switches (training/engine.py); null = automatic (on where it helps: CUDA, DP > 1)."""
+
+    overlap_grad_reduce: Optional[bool] = None
+    overlap_param_gather: Optional[bool] = None  # needs train.use_distributed_optimizer
+    grad_reduce_in_fp32: bool = True
+    bucket_size: Optional[int] = None  # elements per gradient bucket; null = megatron's default
+    check_for_nan_in_grad: bool = False
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = 1
     tensorboard_dir: Optional[str] = None
@@ -95,6 +107,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -116,9 +129,10 @@ def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] =
     sections = {k: v for k, v in raw.items() if k != "model"}
     unknown = sorted(set(sections) - {f.name for f in dataclasses.fields(RunConfig)})
     if unknown:
-        raise ConfigError(f"unknown section(s) {unknown}; sections are model, parallel, train, data, checkpoint, logging")
+        raise ConfigError(f"unknown section(s) {unknown}; sections are model, parallel, train, data, checkpoint, "
+                          f"logging, engine")
     kinds = {"parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
-             "logging": LoggingConfig}
+             "logging": LoggingConfig, "engine": EngineConfig}
     parts = {k: from_dict(cls, sections.get(k) or {}, k) for k, cls in kinds.items()}
     cfg = RunConfig(model=model, **parts)
     cfg.train.validate()
@@ -192,6 +206,8 @@ def validate_run(cfg: RunConfig, world_size: int):
     if c.init_from and c.resume_from:
         raise ConfigError("checkpoint.init_from and checkpoint.resume_from exclude each other: init_from loads "
                           "weights only (new optimizer and schedule), resume_from continues a run exactly")
+    if cfg.engine.overlap_param_gather and not t.use_distributed_optimizer:
+        raise ConfigError("engine.overlap_param_gather needs train.use_distributed_optimizer: true")
     from ..model.builder import resolve_backend
 
     resolve_backend(cfg.model.backend)  # 'te' without TransformerEngine fails here, with the import error

@@ -43,12 +43,16 @@ def _collate(items: list[dict]) -> dict:
 
 
 def micro_batches(dataset, consumed_samples: int, global_batch: int, micro_batch: int, dp_rank: int,
-                  dp_size: int) -> list[dict]:
-    """This DP rank's micro-batches of the global batch that starts at ``consumed_samples``."""
+                  dp_size: int, device=None) -> list[dict]:
+    """This DP rank's micro-batches of the global batch that starts at ``consumed_samples``, on ``device``
+    (default: the training device; from pinned memory without blocking on a GPU)."""
+    from ..device import to_device
+
     per_rank = global_batch // dp_size
     start = consumed_samples + dp_rank * per_rank
     if start + per_rank > len(dataset):
         raise IndexError(f"dataset has {len(dataset)} samples; the run needs sample {start + per_rank - 1}")
     idx = list(range(start, start + per_rank))
-    return [_collate([dataset[i] for i in idx[k:k + micro_batch]]) for k in range(0, per_rank, micro_batch)]
+    return [to_device(_collate([dataset[i] for i in idx[k:k + micro_batch]]), device)
+            for k in range(0, per_rank, micro_batch)]
 

@@ -33,28 +33,63 @@ def memory_gb() -> float:
 
 
 class ExpertLoad:
-    """Per-layer tokens per expert over a step, summed over all ranks (routers see disjoint tokens)."""
+    """Per-layer tokens per expert over a step, summed over all ranks (routers see disjoint tokens).
+
+    The router calls' counts stay on the device; :meth:`reduce` sums them there, all-reduces one
+    [layers, experts + 1] tensor and copies it to the host once: one synchronisation per step, not one
+    per router call."""
 
     def __init__(self, num_layers: int, num_experts: int, topk: int):
         self.shape = (num_layers, num_experts)
         self.topk = topk
 
     def reduce(self, calls) -> tuple[torch.Tensor, torch.Tensor]:
-        load = torch.zeros(self.shape, dtype=torch.float64)
-        offered = torch.zeros(self.shape[0], dtype=torch.float64)
+        from ..device import comm_device
+
+        dev = comm_device()
+        stats = torch.zeros(self.shape[0], self.shape[1] + 1, dtype=torch.int64, device=dev)
+        offered = [0] * self.shape[0]
         for c in calls:
             if 1 <= c.layer <= self.shape[0]:
-                load[c.layer - 1] += c.tokens_per_expert.double()
+                stats[c.layer - 1, :-1] += c.tokens_per_expert.to(dev)
                 offered[c.layer - 1] += c.num_tokens * self.topk
+        stats[:, -1] += torch.tensor(offered, dtype=torch.int64).to(dev)
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(load)
-            torch.distributed.all_reduce(offered)
-        return load, offered
+            torch.distributed.all_reduce(stats)
+        stats = stats.cpu().double()
+        return stats[:, :-1], stats[:, -1]
+
+
+def truncate_metrics(path: str, iteration: int, note: dict) -> int:
+    """A run resumed at ``iteration``: drop the rows a killed run wrote past it (they are replaced by the
+    resumed run's), then mark the resume. Atomic (temporary file + rename). Returns the rows dropped."""
+    import json
+
+    from ..utils import atomic_write
+
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut by the kill
+                dropped += 1
+                continue
+            if isinstance(row, dict) and int(row.get("iteration", 0)) > iteration:
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+    kept.append(json.dumps(dict(note, iteration=iteration, phase="resume", dropped_rows=dropped)) + "\n")
+    atomic_write(path, "".join(kept))
+    return dropped
 
 
 class Reporter:
     def __init__(self, rank0: bool, tensorboard_dir: Optional[str], metrics_file: Optional[str], flops_per_token: float,
-                 peak_tflops: Optional[float], world_size: int):
+                 peak_tflops: Optional[float], world_size: int, resumed_at: Optional[int] = None,
+                 resumed_from: Optional[str] = None):
         self.rank0 = rank0
         self.flops_per_token = flops_per_token
         self.peak = peak_tflops
@@ -64,10 +99,13 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(tensorboard_dir, exist_ok=True)
-            self.writer = SummaryWriter(tensorboard_dir)
+            # On resume, TensorBoard drops the killed run's events from the resumed iteration on.
+            self.writer = SummaryWriter(tensorboard_dir, purge_step=None if resumed_at is None else resumed_at + 1)
         self.metrics = None
         if rank0 and metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            if resumed_at is not None:
+                truncate_metrics(metrics_file, resumed_at, {"checkpoint": resumed_from})
             self.metrics = open(metrics_file, "a", buffering=1)
         self._t = time.perf_counter()
 

@@ -46,60 +46,88 @@ class Trainer:
             print(f"[scidfm] received {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
 
     def setup(self):
-        from megatron.core import parallel_state as ps
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        from ..model.accounting import training_flops_per_token
-        from ..model.builder import build_model_chunks
+        """Build the run from its parts: process groups, tokenizer, engine (model + DDP + optimizer), data,
+        schedule, then restore a checkpoint, then the reporter (which needs to know about a resume)."""
         from ..parallel import init_distributed
-        from ..tokenizer import ScienceTokenizer
-        from .metrics import ExpertLoad, Reporter, detect_peak_tflops
-        from .step import build_optimizer, wrap_ddp
+        from .config import validate_run
 
-        cfg, m, t = self.cfg, self.cfg.model, self.cfg.train
-        self.layout = init_distributed(m, cfg.parallel, seed=t.seed)
+        cfg = self.cfg
+        validate_run(cfg, _world_size())
+        self.layout = init_distributed(cfg.model, cfg.parallel, seed=cfg.train.seed)
         self.rank0 = torch.distributed.get_rank() == 0
         logging.basicConfig(level=logging.INFO if self.rank0 else logging.WARNING,
                             format="[scidfm] %(levelname)s %(name)s: %(message)s", force=True)
-        if t.global_batch_size % (t.micro_batch_size * self.layout.dp):
-            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                              f"micro_batch_size x DP = {t.micro_batch_size} x {self.layout.dp}")
-        if not cfg.data.tokenizer_model:
-            raise ConfigError("data.tokenizer_model is required (build it with scidfm-build-tokenizer)")
-        self.tokenizer = ScienceTokenizer(cfg.data.tokenizer_model)
-        if self.tokenizer.vocab_size != m.vocab_size:
-            raise ConfigError(f"model.vocab_size is {m.vocab_size} but {cfg.data.tokenizer_model} has "
-                              f"{self.tokenizer.vocab_size} tokens: set model.vocab_size={self.tokenizer.vocab_size}")
-        precision = None if t.precision == "auto" else t.precision
-        self.chunks = build_model_chunks(m, cfg.parallel, precision=precision, recompute=t.recompute,
-                                         calculate_per_token_loss=t.stage == "sft")
-        self.config = self.chunks[0].config
-        self.chunks = wrap_ddp(self.chunks, self.config, use_distributed_optimizer=t.use_distributed_optimizer)
-        self.optimizer = build_optimizer(
-            self.chunks, self.config, lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
-            use_distributed_optimizer=t.use_distributed_optimizer)
+        self.tokenizer = self._tokenizer()
+        self.engine = self._engine()
+        self.chunks, self.optimizer = self.engine.chunks, self.engine.optimizer
         self.train_ds, self.valid_ds = self._datasets()
-        self.train_iters = t.train_iters or len(self.train_ds) // t.global_batch_size
-        if self.train_iters * t.global_batch_size > len(self.train_ds):
-            raise ConfigError(f"train.train_iters x global_batch_size = {self.train_iters * t.global_batch_size} "
+        self.train_iters = self._train_iters()
+        self.scheduler = self._scheduler()
+        self.iteration, self.consumed = 0, 0
+        self.last_checkpoint: Optional[Path] = None
+        resumed = self._restore()
+        self.reporter = self._reporter(resumed)
+        self.expert_load = self._expert_load()
+
+    def _tokenizer(self):
+        from ..tokenizer import ScienceTokenizer
+
+        cfg = self.cfg
+        tok = ScienceTokenizer(cfg.data.tokenizer_model)
+        if tok.vocab_size != cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but {cfg.data.tokenizer_model} has "
+                              f"{tok.vocab_size} tokens: set model.vocab_size={tok.vocab_size}")
+        return tok
+
+    def _engine(self):
+        from .engine import build_engine
+
+        engine = build_engine(self.cfg, self.layout)
+        if self.rank0:
+            print(f"[scidfm] {self.cfg.model.name} ({'bf16' if engine.config.bf16 else 'fp32'}, backend "
+                  f"{resolved_backend(self.cfg)}): {engine.describe()}", flush=True)
+        return engine
+
+    def _train_iters(self) -> int:
+        t = self.cfg.train
+        iters = t.train_iters or len(self.train_ds) // t.global_batch_size
+        if iters * t.global_batch_size > len(self.train_ds):
+            raise ConfigError(f"train.train_iters x global_batch_size = {iters * t.global_batch_size} "
                               f"samples, but the training data has {len(self.train_ds)}")
+        return iters
+
+    def _scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        t = self.cfg.train
         decay = t.lr_decay_iters or self.train_iters
         if t.warmup_iters >= decay:
             raise ConfigError(f"train.warmup_iters ({t.warmup_iters}) must be smaller than the decay length "
                               f"({decay} = train.lr_decay_iters or train.train_iters)")
-        self.scheduler = OptimizerParamScheduler(
+        return OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if t.warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
             lr_warmup_steps=t.warmup_iters, lr_decay_steps=decay, lr_decay_style=t.lr_decay_style,
             start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
+
+    def _reporter(self, resumed: bool):
+        from ..model.accounting import training_flops_per_token
+        from .metrics import Reporter, detect_peak_tflops
+
+        cfg = self.cfg
         peak = cfg.logging.peak_tflops or detect_peak_tflops()
-        self.reporter = Reporter(self.rank0, cfg.logging.tensorboard_dir, cfg.logging.metrics_file,
-                                 training_flops_per_token(m, t.seq_length), peak, self.layout.world_size)
-        self.expert_load = ExpertLoad(m.num_layers, m.num_experts, m.moe_router_topk) if cfg.logging.expert_load else None
+        return Reporter(self.rank0, cfg.logging.tensorboard_dir, cfg.logging.metrics_file,
+                        training_flops_per_token(cfg.model, cfg.train.seq_length), peak, self.layout.world_size,
+                        resumed_at=self.iteration if resumed else None,
+                        resumed_from=str(self.last_checkpoint) if resumed else None)
+
+    def _expert_load(self):
+        from megatron.core import parallel_state as ps
+
+        from .metrics import ExpertLoad
+
+        m = self.cfg.model
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), self.layout.dp
-        self.iteration, self.consumed = 0, 0
-        self.last_checkpoint: Optional[Path] = None
-        self._restore()
+        return ExpertLoad(m.num_layers, m.num_experts, m.moe_router_topk) if self.cfg.logging.expert_load else None
 
     def _datasets(self):
         cfg, t = self.cfg, self.cfg.train
@@ -126,35 +154,46 @@ class Trainer:
             cache_dir=cfg.data.cache_dir)
         return train, valid
 
-    def _restore(self):
+    def _restore(self) -> bool:
+        """Load a checkpoint if the run has one. Order: the newest complete checkpoint in checkpoint.save
+        (a restarted run continues where it stopped), else checkpoint.resume_from (a full resume from a
+        chosen checkpoint), else checkpoint.init_from (weights only). Returns True for a full resume."""
         c = self.cfg.checkpoint
-        choice = [None, False]
+        choice = [None, False, None]
         if self.rank0:
             resume = ckpt.find_resume(c.save) if c.save else None
             if resume is not None:
                 # A weights-only checkpoint (converted from Hugging Face) in checkpoint.save starts the
                 # run from its weights, like checkpoint.init_from.
-                choice = [str(resume), ckpt.is_weights_only(resume)]
+                choice = [str(resume), ckpt.is_weights_only(resume), "save"]
+                if c.resume_from:
+                    log.warning("checkpoint.save %s already holds %s: continuing from it; checkpoint.resume_from "
+                                "(%s) applies only to a save directory without checkpoints", c.save, resume.name,
+                                c.resume_from)
+            elif c.resume_from:
+                found = ckpt.resolve(c.resume_from, "checkpoint.resume_from")
+                if ckpt.is_weights_only(found):
+                    raise ConfigError(f"checkpoint.resume_from {found} holds weights only (no optimizer state): "
+                                      f"start from it with checkpoint.init_from={found}")
+                choice = [str(found), False, "resume_from"]
             elif c.init_from:
-                src = Path(c.init_from)
-                found = src if (src / "metadata.json").exists() else ckpt.find_resume(src, cleanup=False)
-                if found is None:
-                    raise ConfigError(f"checkpoint.init_from {src}: no complete checkpoint there")
-                choice = [str(found), True]
+                choice = [str(ckpt.resolve(c.init_from, "checkpoint.init_from")), True, "init_from"]
         torch.distributed.broadcast_object_list(choice, src=0)
-        path, weights_only = choice
+        path, weights_only, _ = choice
         if path is None:
-            return
+            return False
         common = ckpt.load(path, self.chunks, self.optimizer, self.scheduler, weights_only=weights_only)
         if weights_only:
             if self.rank0:
-                print(f"[scidfm] initialised weights from {path} (fresh optimizer and LR schedule)", flush=True)
-            return
+                print(f"[scidfm] initialised weights from {path} (fresh optimizer and LR schedule; the "
+                      f"optimizer's master weights reloaded from them)", flush=True)
+            return False
         self.iteration, self.consumed = int(common["iteration"]), int(common["consumed_samples"])
         self.last_checkpoint = Path(path)
         if self.rank0:
             print(f"[scidfm] resumed from {path}: iteration {self.iteration}, {self.consumed} samples consumed",
                   flush=True)
+        return True
 
     # ------------------------------------------------------------------ loop
     def _moe_aux(self, num_microbatches: int) -> Optional[float]:
@@ -186,8 +225,8 @@ class Trainer:
             for k in range(t.eval_iters):
                 mbs = micro_batches(self.valid_ds, k * t.global_batch_size, t.global_batch_size, t.micro_batch_size,
                                     self.dp_rank, self.dp)
-                r = train_step(self.chunks, self.optimizer, iter(mbs), num_microbatches=len(mbs),
-                               seq_length=t.seq_length, micro_batch_size=t.micro_batch_size, forward_only=True)
+                r = train_step(self.chunks, self.optimizer, mbs, seq_length=t.seq_length,
+                               micro_batch_size=t.micro_batch_size, forward_only=True)
                 total, count = total + r.loss * r.tokens, count + r.tokens
         for c in self.chunks:
             c.train()
@@ -197,7 +236,9 @@ class Trainer:
         return total / count if count else None
 
     def _stop_everywhere(self) -> bool:
-        flag = torch.tensor([1 if self._stop_signal is not None else 0], dtype=torch.int32)
+        from ..device import comm_device
+
+        flag = torch.tensor([1 if self._stop_signal is not None else 0], dtype=torch.int32, device=comm_device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -210,6 +251,7 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         start = self.iteration
         saved_at = self.iteration if self.last_checkpoint else None
+        recorder = RouterRecorder(self.chunks) if self.expert_load else contextlib.nullcontext()
         if self.rank0:
             print(f"[scidfm] {t.stage}: {cfg.model.name} on {self.layout}; iterations {start + 1}..{self.train_iters}, "
                   f"global batch {t.global_batch_size} x {t.seq_length} tokens", flush=True)
@@ -218,10 +260,9 @@ class Trainer:
                 self.reporter.start_step()
                 mbs = micro_batches(self.train_ds, self.consumed, t.global_batch_size, t.micro_batch_size,
                                     self.dp_rank, self.dp)
-                recorder = RouterRecorder(self.chunks) if self.expert_load else contextlib.nullcontext()
                 with recorder as rec:
-                    r = train_step(self.chunks, self.optimizer, iter(mbs), num_microbatches=len(mbs),
-                                   seq_length=t.seq_length, micro_batch_size=t.micro_batch_size)
+                    r = train_step(self.chunks, self.optimizer, mbs, seq_length=t.seq_length,
+                                   micro_batch_size=t.micro_batch_size)
                 self.iteration += 1
                 self.consumed += t.global_batch_size
                 self.scheduler.step(increment=1)
@@ -231,7 +272,10 @@ class Trainer:
                         f"iteration {self.iteration}: loss {r.loss}, grad norm {r.grad_norm} is not finite; "
                         f"last good checkpoint: {self.last_checkpoint or 'none saved yet'}. Lower train.lr or "
                         f"resume from that checkpoint with different data order (train.seed).")
-                load, offered = self.expert_load.reduce(rec.calls) if self.expert_load else (None, None)
+                load, offered = (None, None)
+                if self.expert_load:
+                    load, offered = self.expert_load.reduce(rec.calls)
+                    rec.clear()
                 row = self.reporter.step(self.iteration, r.loss, self.optimizer.param_groups[0]["lr"], r.grad_norm, aux,
                                          t.global_batch_size * t.seq_length, load, offered,
                                          print_line=self.iteration % cfg.logging.log_interval == 0)
@@ -265,6 +309,18 @@ class Trainer:
                   (" (stopped by signal)" if self._stop_signal else "") + "; " + "; ".join(w for w in where if w),
                   flush=True)
         return self.history
+
+
+def _world_size() -> int:
+    from ..parallel import env_world_size
+
+    return env_world_size()
+
+
+def resolved_backend(cfg: RunConfig) -> str:
+    from ..model.builder import resolve_backend
+
+    return resolve_backend(cfg.model.backend)
 
 
 def run(cfg: RunConfig) -> list[dict]:

@@ -39,7 +39,8 @@ def main():
     from scidfm_megatron.model.routing import RouterRecorder, expert_capacity
     from scidfm_megatron.model.state_dict import gather_global_state_dict, load_global_state_dict
     from scidfm_megatron.parallel import init_distributed
-    from scidfm_megatron.training.step import build_optimizer, train_step, wrap_ddp
+    from scidfm_megatron.training.engine import build_optimizer, wrap_ddp
+    from scidfm_megatron.training.step import train_step
 
     capacity = 1.0 if args.mode == "capacity" else None
     model_cfg = get_preset("scidfm-debug", moe_capacity_factor=capacity)
@@ -78,7 +79,7 @@ def main():
     if args.mode == "parity":
         tokens = torch.load(args.batch)
         mb = microbatches(tokens)
-        step = train_step(chunks, optimizer, iter(mb), num_microbatches=len(mb), seq_length=mb[0]["tokens"].shape[1],
+        step = train_step(chunks, optimizer, mb, seq_length=mb[0]["tokens"].shape[1],
                           micro_batch_size=mbs, step_optimizer=False)
         if not args.dist_opt:  # the distributed optimizer keeps only its own shard of reduced grads
             result["grads"] = gather_global_state_dict(chunks, tensor_of=lambda prm: prm.main_grad)
@@ -98,7 +99,7 @@ def main():
         with RouterRecorder(chunks) as rec:
             for _ in range(args.steps):
                 mb = microbatches(synthetic())
-                s = train_step(chunks, optimizer, iter(mb), num_microbatches=len(mb), seq_length=seq,
+                s = train_step(chunks, optimizer, mb, seq_length=seq,
                                micro_batch_size=mbs)
                 losses.append(s.loss)
             calls = [(c.layer, c.num_tokens, c.tokens_per_expert.tolist(),
@@ -107,7 +108,7 @@ def main():
             rec.clear()
             config.moe_expert_capacity_factor = None  # the same model, dropless
             mb = microbatches(synthetic())
-            train_step(chunks, optimizer, iter(mb), num_microbatches=len(mb), seq_length=seq,
+            train_step(chunks, optimizer, mb, seq_length=seq,
                        micro_batch_size=mbs, forward_only=True)
             dropless = [(c.layer, c.num_tokens, c.tokens_per_expert.tolist(),
                          expert_capacity(c.num_tokens, model_cfg.moe_router_topk, model_cfg.num_experts, capacity))

@@ -1,0 +1,127 @@
+"""The engine: this rank's model chunks, wrapped for data parallelism, and their optimizer. The one place
+that decides how a model is parallelised and which performance switches are on (torchtitan's
+``parallelize``; OLMo-core's ``build()``): ``build_engine(run_config)``.
+
+Switches (``engine:`` in a recipe; ``null`` = automatic):
+
+* ``overlap_grad_reduce``: reduce gradient buckets while the backward pass goes on (auto: on with CUDA
+  and DP > 1; gloo on CPU gains nothing from it);
+* ``overlap_param_gather``: with the distributed optimizer, all-gather updated parameters during the next
+  forward pass (auto: with ``overlap_grad_reduce`` and the distributed optimizer);
+* ``grad_reduce_in_fp32``: fp32 gradient buffers and reductions in bf16 training (default on, as
+  Megatron-LM's recipes for MoE);
+* ``bucket_size``: gradient bucket size in elements (null: megatron's default);
+* ``check_for_nan_in_grad``: megatron's NaN check of the reduced gradients (costs a sync per step).
+
+Everything numerical is megatron-core's: ``DistributedDataParallel`` (contiguous grad buffers, bucketed
+reduce), ``finalize_model_grads`` (DP/TP/PP/EP reductions, the MoE aux-loss scaling) and
+``get_megatron_optimizer`` (AdamW; plain, distributed, and chained with a separate expert optimizer
+when EP > 1; fp32 master weights in bf16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Engine:
+    chunks: list  # DDP-wrapped model chunks of this rank (several with the interleaved pipeline)
+    optimizer: object  # megatron-core MegatronOptimizer (or ChainedOptimizer)
+    config: object  # the TransformerConfig the chunks were built with
+    switches: dict  # the resolved performance switches, for the log
+
+    def describe(self) -> str:
+        from ..model.builder import describe_implementations
+
+        impl = describe_implementations(self.chunks)
+        on = ", ".join(f"{k}={v}" for k, v in self.switches.items())
+        return (f"attention {impl['attention']}; experts {impl['experts']}; norms {impl['norm']}; "
+                f"linear {impl['linear']}; {on}")
+
+
+def resolve_switches(engine_cfg, *, use_distributed_optimizer: bool, dp: int) -> dict:
+    cuda = torch.cuda.is_available()
+    overlap = engine_cfg.overlap_grad_reduce
+    if overlap is None:
+        overlap = cuda and dp > 1
+    gather = engine_cfg.overlap_param_gather
+    if gather is None:
+        gather = overlap and use_distributed_optimizer
+    if gather and not use_distributed_optimizer:
+        from ..config import ConfigError
+
+        raise ConfigError("engine.overlap_param_gather needs train.use_distributed_optimizer: true")
+    return dict(overlap_grad_reduce=bool(overlap), overlap_param_gather=bool(gather),
+                grad_reduce_in_fp32=engine_cfg.grad_reduce_in_fp32, bucket_size=engine_cfg.bucket_size,
+                check_for_nan_in_grad=engine_cfg.check_for_nan_in_grad,
+                use_distributed_optimizer=use_distributed_optimizer)
+
+
+def wrap_ddp(chunks: list, config, *, use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
+             overlap_param_gather: bool = False, grad_reduce_in_fp32: bool = True, bucket_size: Optional[int] = None,
+             check_for_nan_in_grad: bool = False):
+    """Wrap each model chunk in megatron-core's DDP (contiguous grad buffers, bucketed reduce)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=check_for_nan_in_grad,
+        bucket_size=bucket_size,
+    )
+    # Only the first chunk gets buckets when interleaving: megatron-LM's choice (the others reduce at the
+    # end), which keeps the reduce of the last-finished chunk from waiting on bucket boundaries.
+    wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c,
+                                       disable_bucketing=(i > 0)) for i, c in enumerate(chunks)]
+    for w in wrapped:
+        w.broadcast_params()
+    return wrapped
+
+
+def build_optimizer(chunks: list, config, *, lr: float, min_lr: float = 0.0, weight_decay: float = 0.1,
+                    adam_beta1: float = 0.9, adam_beta2: float = 0.95, adam_eps: float = 1e-8,
+                    clip_grad: float = 1.0, use_distributed_optimizer: bool = False,
+                    overlap_param_gather: bool = False):
+    """megatron-core's optimizer (AdamW: decoupled weight decay) over DDP-wrapped chunks; wires
+    ``finalize_model_grads`` (DP/TP/PP/EP grad reductions) and the overlap hooks into the TransformerConfig."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=adam_beta1,
+        adam_beta2=adam_beta2, adam_eps=adam_eps, clip_grad=clip_grad, bf16=config.bf16, fp16=False,
+        params_dtype=config.params_dtype, use_distributed_optimizer=use_distributed_optimizer)
+    optimizer = get_megatron_optimizer(opt_config, chunks)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    overlap = chunks[0].ddp_config.overlap_grad_reduce
+    # With overlap, the schedule starts each chunk's grad reduce when its backward is done (Megatron-LM).
+    config.grad_sync_func = ([c.start_grad_sync for c in chunks] if len(chunks) > 1 else chunks[0].start_grad_sync) \
+        if overlap else None
+    config.param_sync_func = ([c.start_param_sync for c in chunks] if len(chunks) > 1 else chunks[0].start_param_sync) \
+        if overlap_param_gather else None
+    return optimizer
+
+
+def build_engine(cfg, layout) -> Engine:
+    """Model chunks -> DDP -> optimizer, as the run config says. ``layout`` from ``init_distributed``."""
+    from ..model.builder import build_model_chunks
+
+    m, t = cfg.model, cfg.train
+    switches = resolve_switches(cfg.engine, use_distributed_optimizer=t.use_distributed_optimizer, dp=layout.dp)
+    precision = None if t.precision == "auto" else t.precision
+    chunks = build_model_chunks(m, cfg.parallel, precision=precision, recompute=t.recompute,
+                                calculate_per_token_loss=t.stage == "sft")
+    config = chunks[0].config
+    chunks = wrap_ddp(chunks, config, **{k: v for k, v in switches.items()})
+    optimizer = build_optimizer(
+        chunks, config, lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
+        use_distributed_optimizer=t.use_distributed_optimizer, overlap_param_gather=switches["overlap_param_gather"])
+    return Engine(chunks=chunks, optimizer=optimizer, config=config, switches=switches)
