@@ -15,7 +15,6 @@ the ~40 s of building a model first.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional
 

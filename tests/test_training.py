@@ -44,7 +44,10 @@ def wait_for(pred, timeout=300, proc=None):
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("layout", [["parallel.ep=2"], ["parallel.ep=1", "parallel.pp=2"]], ids=["ep2-dp2", "pp2"])
+@pytest.mark.parametrize("layout", [["parallel.ep=2"], ["parallel.ep=1", "parallel.pp=2"],
+                                    ["parallel.ep=2", "train.precision=bf16"],
+                                    ["parallel.ep=1", "parallel.pp=2", "parallel.vpp=2"]],
+                         ids=["ep2-dp2", "pp2", "ep2-dp2-bf16", "pp2-vpp2"])
 def test_sigkill_then_resume_is_bitwise_identical(runs, tmp_path, layout):
     n = 3
     ref = tmp_path / "ref"
@@ -62,6 +65,12 @@ def test_sigkill_then_resume_is_bitwise_identical(runs, tmp_path, layout):
     assert "resumed from" in r.stdout and "iteration 3" in r.stdout
     got, want = losses(run), losses(ref)
     assert [got[i] for i in range(n + 1, 2 * n + 1)] == [want[i] for i in range(n + 1, 2 * n + 1)]  # bitwise
+    # The metrics file tells one story: rows the killed run wrote past the checkpoint are replaced, and
+    # the resume is marked.
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows if r["phase"] == "train"] == list(range(1, 2 * n + 1))
+    assert [(r["iteration"], r["checkpoint"]) for r in rows if r["phase"] == "resume"] == \
+        [(n, str(run / "ckpt" / f"iter_{n:07d}"))]
 
 
 def test_checkpoint_resumes_in_another_layout(runs, tmp_path):
@@ -70,11 +79,11 @@ def test_checkpoint_resumes_in_another_layout(runs, tmp_path):
     a = tmp_path / "a"
     common = {"train.train_iters": 4, "checkpoint.save_interval": 3, "model.moe_capacity_factor": "null"}
     train(4, overrides(runs, a, **common) + ["parallel.tp=2", "parallel.ep=2"])
-    b = tmp_path / "b"
-    (b / "ckpt").mkdir(parents=True)
-    shutil.copytree(a / "ckpt" / "iter_0000003", b / "ckpt" / "iter_0000003")
-    r = train(4, overrides(runs, b, **common) + ["parallel.tp=1", "parallel.pp=2", "parallel.ep=2"])
-    assert "resumed from" in r.stdout and "RNG states start fresh" in r.stdout + r.stderr
+    b = tmp_path / "b"  # a new run continuing from a chosen checkpoint of another run (checkpoint.resume_from)
+    r = train(4, overrides(runs, b, **common, **{"checkpoint.resume_from": a / "ckpt" / "iter_0000003"})
+              + ["parallel.tp=1", "parallel.pp=2", "parallel.ep=2"])
+    assert f"resumed from {a / 'ckpt' / 'iter_0000003'}: iteration 3" in r.stdout
+    assert "RNG states start fresh" in r.stdout + r.stderr
     assert abs(losses(b)[4] - losses(a)[4]) <= 1e-5, (losses(a), losses(b))
     c = tmp_path / "c"
     (c / "ckpt").mkdir(parents=True)
@@ -179,7 +188,7 @@ def test_two_node_launch_on_loopback(runs, tmp_path):
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    assert "on 2 processes" in outs[0] and len(losses(work)) == 3
+    assert "on 2 processes; iterations 1..3" in outs[0] and len(losses(work)) == 3  # the trainer's own line
 
 
 def test_nan_stops_with_step_and_last_checkpoint(runs, tmp_path):

@@ -1,30 +1,56 @@
 #!/usr/bin/env bash
 # Multi-node torchrun: run this once on every node (same command), rendezvous from environment variables.
 #   NNODES=16 NODE_RANK=<0..15> MASTER_ADDR=<node 0 host> MASTER_PORT=29500 GPUS_PER_NODE=8 \
-#   RECIPE=examples/recipes/scidfm18b_stage1.yaml TP=2 PP=2 EP=8 bash examples/launch/torchrun_multinode.sh
-# World size = NNODES x GPUS_PER_NODE must be a multiple of TP*PP and of ETP*EP*PP (checked before start).
+#   RECIPE=examples/recipes/scidfm18b_stage1.yaml bash examples/launch/torchrun_multinode.sh [a.b=value ...]
+#
+# The recipe is the source of truth: its parallel: section (TP2 x PP2 x EP8 for scidfm18b_stage1.yaml)
+# is used as is. TP, PP, EP, ETP, VPP override parallel.tp/pp/ep/etp/vpp only when set (so do
+# parallel.*=... arguments, which come last and win). The stage (pretrain/sft) comes from the recipe
+# (python -m scidfm_megatron.train); STAGE=pretrain|sft, if set, uses that alias module instead, which
+# also checks that the recipe is of that stage.
+#
+# Before starting torchrun, the whole configuration is validated for NNODES x GPUS_PER_NODE processes
+# (scidfm_megatron.train --check, ~1.5 s, no process group): it prints the layout that will run, e.g.
+#   [scidfm] RECIPE: pretrain of scidfm-18b on TP2 x PP2 x DP32 (experts: ETP2 x EP8 x EDP4) on 128 processes ...
+# or the configuration error, and then this script exits 2 without launching anything.
 #
 # SIGTERM / SIGINT to this script are forwarded to the training processes only: they finish the current
 # step, save a checkpoint and exit 0, and so does this script. (Signalling the torchrun agent itself makes
-# it exit non-zero whatever its workers did.) SLURM: --signal=B:TERM@300 targets this script.
+# it exit non-zero whatever its workers did.) SLURM: slurm.sbatch starts the trainers with srun directly.
+# PYTHON selects the interpreter (default: python).
 set -uo pipefail
 RECIPE=${RECIPE:?set RECIPE}
-STAGE=${STAGE:-pretrain}
 NNODES=${NNODES:?set NNODES}; NODE_RANK=${NODE_RANK:?set NODE_RANK}
 MASTER_ADDR=${MASTER_ADDR:?set MASTER_ADDR}; MASTER_PORT=${MASTER_PORT:-29500}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-TP=${TP:-1}; PP=${PP:-1}; EP=${EP:-1}
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+module=scidfm_megatron.train
+case "${STAGE:-}" in
+  "") ;;
+  pretrain|sft) module=scidfm_megatron.$STAGE ;;
+  *) echo "torchrun_multinode.sh: STAGE=$STAGE: expected pretrain or sft (or leave it unset: the recipe says)" >&2
+     exit 2 ;;
+esac
+# Layout overrides: only those whose variable is set.
+layout=()
+for kv in tp:TP pp:PP ep:EP etp:ETP vpp:VPP; do
+  var=${kv#*:}
+  if [ -n "${!var:-}" ]; then layout+=("parallel.${kv%%:*}=${!var}"); fi
+done
+args=(--config "$RECIPE" ${layout[@]+"${layout[@]}"} "$@")
+if [ ${#layout[@]} -gt 0 ]; then echo "[launch] layout overrides from the environment: ${layout[*]}"; fi
+
+"$PYTHON" -m "$module" --check --world-size $((NNODES * GPUS_PER_NODE)) "${args[@]}" || exit $?
+
 "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
-  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  -m scidfm_megatron.$STAGE --config "$RECIPE" parallel.tp=$TP parallel.pp=$PP parallel.ep=$EP "$@" &
+  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m "$module" "${args[@]}" &
 agent=$!
 forward() { pkill -"$1" -P "$agent" 2>/dev/null || true; }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
-rc=0
-while kill -0 "$agent" 2>/dev/null; do
-  wait "$agent"; rc=$?   # returns early when a trapped signal arrives; loop until torchrun really exits
-done
-exit $rc
+# wait returns early (status > 128) when a trapped signal arrives: keep waiting until torchrun really exits,
+# then take its status (bash keeps the status of an exited child, so the last wait returns it).
+while kill -0 "$agent" 2>/dev/null; do wait "$agent"; done
+wait "$agent"; exit $?

@@ -115,11 +115,11 @@ def _sharded_state(chunks, optimizer, scheduler, with_optimizer: bool, common: d
             if hasattr(c, "module") else c.sharded_state_dict()
     state = dict(model_sd)
     if with_optimizer:
-        flat = {}
-        for v in model_sd.values():
-            flat.update(v)
+        # The chunks' dicts stay nested (model0, model1, ...): with the interleaved pipeline their local keys
+        # collide (every chunk has its own "decoder.layers.0..."), and megatron maps optimizer state to
+        # parameters by walking the nested values, not by key.
         state["optimizer"] = optimizer.sharded_state_dict(
-            flat, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         state["rng_state"] = ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0)

@@ -43,6 +43,10 @@ class TrainConfig:
     eval_interval: Optional[int] = None
     eval_iters: int = 2
     exit_after_iters: Optional[int] = None  # stop (with a checkpoint) after this many iterations of this run
+    # Bitwise-reproducible steps on GPU: torch's deterministic algorithms (CUDA's atomics-based scatter/index
+    # adds differ run to run otherwise), a fixed cuBLAS workspace and megatron's deterministic_mode.
+    # Slower; CPU runs are deterministic without it.
+    deterministic: bool = False
 
     def validate(self):
         if self.stage not in ("pretrain", "sft"):

@@ -117,7 +117,7 @@ def build_engine(cfg, layout) -> Engine:
     switches = resolve_switches(cfg.engine, use_distributed_optimizer=t.use_distributed_optimizer, dp=layout.dp)
     precision = None if t.precision == "auto" else t.precision
     chunks = build_model_chunks(m, cfg.parallel, precision=precision, recompute=t.recompute,
-                                calculate_per_token_loss=t.stage == "sft")
+                                calculate_per_token_loss=t.stage == "sft", deterministic_mode=t.deterministic)
     config = chunks[0].config
     chunks = wrap_ddp(chunks, config, **{k: v for k, v in switches.items()})
     optimizer = build_optimizer(

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import signal
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -53,6 +52,11 @@ class Trainer:
 
         cfg = self.cfg
         validate_run(cfg, _world_size())
+        if cfg.train.deterministic:
+            import os
+
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.layout = init_distributed(cfg.model, cfg.parallel, seed=cfg.train.seed)
         self.rank0 = torch.distributed.get_rank() == 0
         logging.basicConfig(level=logging.INFO if self.rank0 else logging.WARNING,

@@ -22,6 +22,7 @@ p.add_argument("--ep", type=int, default=1)
 p.add_argument("--etp", type=int, default=None)
 p.add_argument("--vpp", type=int, default=None)
 p.add_argument("--dist-opt", action="store_true")
+p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
 p.add_argument("--weights", help="global state dict (.pt); saved there first if missing (1 process)")
 p.add_argument("--batch", help="global batch (.pt) with tokens [B, S+1]")
 p.add_argument("--micro-batch-size", type=int, default=2)
@@ -47,14 +48,15 @@ def main():
     par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
     layout = init_distributed(model_cfg, par, seed=1234)
     rank = torch.distributed.get_rank()
-    chunks = build_model_chunks(model_cfg, par, precision="fp32")
+    chunks = build_model_chunks(model_cfg, par, precision=args.precision)
     config = chunks[0].config
 
     if args.mode == "parity":
         if os.path.exists(args.weights):
             load_global_state_dict(chunks, torch.load(args.weights))
         else:
-            assert layout.world_size == 1, "reference weights are written by the single-process run"
+            assert layout.world_size == 1 and args.precision == "fp32", \
+                "reference weights are written by the single-process fp32 run"
             torch.save(gather_global_state_dict(chunks), args.weights)
     chunks = wrap_ddp(chunks, config, use_distributed_optimizer=args.dist_opt)
     optimizer = build_optimizer(chunks, config, lr=1e-3, weight_decay=0.1, clip_grad=1.0,
