@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import RECIPES, ROOT, cmd, overrides, train
 from scidfm_megatron.testing.distributed import cpu_env, free_port
@@ -232,3 +233,18 @@ def test_distributed_optimizer_checkpoint_resumes(runs, tmp_path):
     r = train(2, args)
     assert "resumed from" in r.stdout and "iteration 2" in r.stdout
     assert losses(run)[3] == losses(ref)[3]
+    # The GPU defaults overlap the grad reduce and the param gather (DP2: the same sums, bitwise). With
+    # overlapped param gather a rank's parameters are partly a step old until the next forward, so every
+    # save must gather them first: the weights a weights-only reader (stage 2, HF conversion) gets from
+    # the final save are the step-4 weights of the run without overlap.
+    ov = tmp_path / "overlap"
+    train(2, overrides(runs, ov, **common, **{"engine.overlap_grad_reduce": "true",
+                                              "engine.overlap_param_gather": "true"}) + ["parallel.ep=2"])
+    assert losses(ov) == losses(ref)
+    from scidfm_megatron.convert.mcore_io import McoreCheckpoint
+
+    a, b = McoreCheckpoint(ref / "ckpt" / "iter_0000004"), McoreCheckpoint(ov / "ckpt" / "iter_0000004")
+    names = sorted(a.slices)
+    wa, wb = a.read(names), b.read(names)
+    off = [n for n in names if not torch.allclose(wa[n], wb[n], rtol=0, atol=1e-6)]
+    assert not off, f"{len(off)} tensors of the overlapped save are not the step-4 weights, e.g. {off[:3]}"

@@ -21,6 +21,7 @@ when EP > 1; fp32 master weights in bf16).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,6 +34,23 @@ class Engine:
     optimizer: object  # megatron-core MegatronOptimizer (or ChainedOptimizer)
     config: object  # the TransformerConfig the chunks were built with
     switches: dict  # the resolved performance switches, for the log
+
+    @contextlib.contextmanager
+    def synced_params(self):
+        """Parameters up to date for the block (checkpoint save, evaluation). With ``overlap_param_gather``
+        the distributed optimizer's updated shards are all-gathered lazily, by forward pre-hooks during
+        the next forward pass: until then a rank's parameters are partly last step's. This gathers them
+        now and turns the hooks off for the block (Megatron-LM does the same around saves)."""
+        if not self.switches.get("overlap_param_gather"):
+            yield
+            return
+        for c in self.chunks:
+            c.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for c in self.chunks:
+                c.enable_forward_pre_hook()
 
     def describe(self) -> str:
         from ..model.builder import describe_implementations

@@ -212,8 +212,9 @@ class Trainer:
 
     def save(self):
         common = dict(consumed_samples=self.consumed, stage=self.cfg.train.stage, config=self.cfg.to_dict())
-        self.last_checkpoint = ckpt.save(self.cfg.checkpoint.save, self.iteration, self.chunks, self.optimizer,
-                                         self.scheduler, common, keep_last=self.cfg.checkpoint.keep_last)
+        with self.engine.synced_params():
+            self.last_checkpoint = ckpt.save(self.cfg.checkpoint.save, self.iteration, self.chunks, self.optimizer,
+                                             self.scheduler, common, keep_last=self.cfg.checkpoint.keep_last)
         if self.rank0:
             print(f"[scidfm] saved checkpoint {self.last_checkpoint}", flush=True)
 
@@ -225,7 +226,7 @@ class Trainer:
         for c in self.chunks:
             c.eval()
         total, count = 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), self.engine.synced_params():
             for k in range(t.eval_iters):
                 mbs = micro_batches(self.valid_ds, k * t.global_batch_size, t.global_batch_size, t.micro_batch_size,
                                     self.dp_rank, self.dp)

@@ -23,6 +23,7 @@ p.add_argument("--etp", type=int, default=None)
 p.add_argument("--vpp", type=int, default=None)
 p.add_argument("--dist-opt", action="store_true")
 p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+p.add_argument("--overlap", action="store_true", help="engine switches: overlap grad reduce (+ param gather)")
 p.add_argument("--weights", help="global state dict (.pt); saved there first if missing (1 process)")
 p.add_argument("--batch", help="global batch (.pt) with tokens [B, S+1]")
 p.add_argument("--micro-batch-size", type=int, default=2)
@@ -58,9 +59,11 @@ def main():
             assert layout.world_size == 1 and args.precision == "fp32", \
                 "reference weights are written by the single-process fp32 run"
             torch.save(gather_global_state_dict(chunks), args.weights)
-    chunks = wrap_ddp(chunks, config, use_distributed_optimizer=args.dist_opt)
+    gather = args.overlap and args.dist_opt
+    chunks = wrap_ddp(chunks, config, use_distributed_optimizer=args.dist_opt, overlap_grad_reduce=args.overlap,
+                      overlap_param_gather=gather, bucket_size=2000 if args.overlap else None)
     optimizer = build_optimizer(chunks, config, lr=1e-3, weight_decay=0.1, clip_grad=1.0,
-                                use_distributed_optimizer=args.dist_opt)
+                                use_distributed_optimizer=args.dist_opt, overlap_param_gather=gather)
 
     mbs, dp, dp_rank = args.micro_batch_size, layout.dp, ps.get_data_parallel_rank()
 
@@ -86,6 +89,9 @@ def main():
         if not args.dist_opt:  # the distributed optimizer keeps only its own shard of reduced grads
             result["grads"] = gather_global_state_dict(chunks, tensor_of=lambda prm: prm.main_grad)
         ok, grad_norm, _ = optimizer.step()
+        if gather:  # overlapped param gather happens in the next forward: finish it before reading weights
+            for c in chunks:
+                c.start_param_sync(force_sync=True)
         result.update(loss=step.loss, tokens=step.tokens, grad_norm=float(grad_norm), ok=bool(ok),
                       weights=gather_global_state_dict(chunks))
     else:
