@@ -195,6 +195,12 @@ def validate_run(cfg: RunConfig, world_size: int):
             raise ConfigError("data.mixture is required for train.stage: pretrain")
         if not os.path.exists(d.mixture):
             raise ConfigError(f"data.mixture: {d.mixture} does not exist")
+    from ..tokenizer import ScienceTokenizer
+
+    vocab = ScienceTokenizer(d.tokenizer_model).vocab_size
+    if vocab != cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but {d.tokenizer_model} has {vocab} tokens: "
+                          f"set model.vocab_size={vocab}")
     iters = train_iters_of(cfg)
     if iters < 1:
         raise ConfigError(f"the run has no iteration: {t.stage} data gives {iters} global batches of "

@@ -1,0 +1,41 @@
+"""Smoke test of tools/bench_train.py --overhead: one 2-process launch, both sides train, the table and
+the JSON come out. No timing is asserted (CI machines are shared; the benchmark itself judges)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools" / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_overhead_mode_runs_both_loops(runs, tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    _bench().main(["--overhead", "--rounds", "2", "--steps", "1", "--warmup-steps", "1", "--breakdown",
+                   "--runs", str(runs), "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "trainer (wall)" in text and "bare (wall)" in text and ("PASS (wall)" in text or "FAIL (wall)" in text)
+    [res] = json.loads(out.read_text())
+    assert res["iteration"] == 2 * 1 + 2 * 2 * 1  # warmup of each side, then 2 rounds x 1 step x 2 sides
+    for side in ("trainer", "bare"):
+        assert len(res["per_step_s"][side]) == 2 and min(res["per_step_s"][side]) > 0
+        assert len(res["cpu_per_step_s"][side]) == 2 and min(res["cpu_per_step_s"][side]) > 0
+        assert math.isfinite(res[f"{side}_loss"]) and 0 < res[f"{side}_loss"] < 12  # ln(32.5k) = 10.4 at init
+    for what in ("wall", "cpu"):
+        lo, hi = res[what]["ci95"]
+        assert lo <= res[what]["ratio"] <= hi
+    assert {"train_step", "Trainer._moe_aux", "micro_batches"} <= set(res["breakdown"]["parts"])
+
+
+def test_median_ci_order_statistics():
+    ci = _bench().median_ci
+    assert ci(list(range(1, 21))) == (6, 15)  # n = 20: 6th and 15th (95.9%)
+    assert ci(list(range(1, 31))) == (10, 21)
+    assert ci([3.0]) == (3.0, 3.0)
