@@ -19,7 +19,25 @@ import sys
 from typing import Optional
 
 
+# megatron-core warns at import, once per module and rank, that TransformerEngine / apex are missing (four
+# to six lines per process). The run logs the implementations it actually uses in one line instead
+# ("[scidfm] ... attention DotProductAttention; experts SequentialMLP; ..."), so these go.
+QUIET_WARNINGS = (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
+                  r"full scope is deprecated", r"`torch.distributed.all_gather_into_tensor` is deprecated")
+
+
+def quiet_megatron() -> None:
+    import logging
+    import warnings
+
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    # megatron's INFO lines (its DDP config, every bucket's parameter list) drown the training log
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
 def main(stage: Optional[str] = None, argv=None) -> int:
+    quiet_megatron()
     prog = f"scidfm-{stage}" if stage else "scidfm-train"
     ap = argparse.ArgumentParser(
         prog=prog, description="SciDFM training on megatron-core: stage 1/2 pretraining or SFT, as the recipe "

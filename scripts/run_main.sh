@@ -9,15 +9,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-test,hf,eval} bash scripts/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCHDYNAMO_DISABLE=1 PYTHONWARNINGS=ignore
-export PYTHON=.venv/bin/python NPROC=${NPROC:-2} EP=${EP:-2}
+export PYTHON=.venv/bin/python NPROC=${NPROC:-2}   # the tiny recipes run EP2 (their parallel: section)
 echo "== 1/8 tokenizer and datasets from examples/sample_corpus"
 bash scripts/prepare_sample_data.sh
 echo "== 2/8 mixture (epoch 1)"
 $PYTHON tools/mixture.py examples/mixtures/sample_corpus.yaml --epoch 1
 for stage in "pretrain tiny_stage1" "pretrain tiny_stage2" "sft tiny_sft"; do
   set -- $stage
-  echo "== $([ $2 = tiny_stage1 ] && echo 3 || ([ $2 = tiny_stage2 ] && echo 4 || echo 5))/8 $2 ($NPROC CPU processes, EP$EP)"
-  STAGE=$1 RECIPE=examples/recipes/$2.yaml bash examples/launch/torchrun_single.sh 2>&1 \
+  echo "== $([ $2 = tiny_stage1 ] && echo 3 || ([ $2 = tiny_stage2 ] && echo 4 || echo 5))/8 $2 ($NPROC CPU processes, the recipe's layout)"
+  RECIPE=examples/recipes/$2.yaml bash examples/launch/torchrun_single.sh 2>&1 \
     | grep -E "^\[scidfm\] [^IW]|^iter" || { echo "$2 failed; rerun without the filter to see why"; exit 1; }
 done
 echo "== 6/8 convert the SFT checkpoint to Hugging Face (Mixtral layout, fp32) -> runs/tiny/hf"
