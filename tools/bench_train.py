@@ -411,7 +411,7 @@ def bench_overhead(args, runs: Path) -> list[dict]:
             res[what] = dict(ratio=ratio, ci95=[lo, hi], ratio_of_medians=statistics.median(tr) / statistics.median(ba),
                              passed=ok)
             note = "" if hi <= 1 + args.max_overhead or lo > 1 + args.max_overhead else \
-                f"; noisy: the interval spans the limit (more --rounds)"
+                "; noisy: the interval spans the limit (more --rounds)"
             print(f"{'PASS' if ok else 'FAIL'} ({what}): trainer/bare {ratio:.3f}, overhead {ratio - 1:+.1%} "
                   f"(median of {len(res[rkey])} per-round ratios, 95% CI {lo:.3f}..{hi:.3f}; ratio of medians "
                   f"{res[what]['ratio_of_medians']:.3f}; limit {args.max_overhead:.0%}{note})")

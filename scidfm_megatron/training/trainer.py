@@ -200,6 +200,12 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ loop
+    def close(self) -> None:
+        """Close the metrics file and TensorBoard (``train()`` may be called again before this, e.g. to
+        continue for more iterations in the same process, as tools/bench_train.py does)."""
+        if getattr(self, "reporter", None) is not None:
+            self.reporter.close()
+
     def _moe_aux(self, num_microbatches: int) -> Optional[float]:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, track_moe_metrics
 
@@ -306,7 +312,6 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            self.reporter.close()
         if self.rank0:
             where = [f"checkpoints: {cfg.checkpoint.save}" if cfg.checkpoint.save else None,
                      f"tensorboard: {cfg.logging.tensorboard_dir}" if cfg.logging.tensorboard_dir else None]
@@ -336,4 +341,5 @@ def run(cfg: RunConfig) -> list[dict]:
         trainer.setup()
         return trainer.train()
     finally:
+        trainer.close()
         destroy_distributed()
