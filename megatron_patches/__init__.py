@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 
-from . import (cpu_device, cpu_rng, cpu_streams, cpu_tensor_type, distopt_torch_adam_load, gloo_uneven_all_gather,
-               moe_cpu_split_sizes, te_general_gemm_missing)
+from . import (cpu_device, cpu_rng, cpu_streams, cpu_tensor_type, distopt_torch_adam_load, distopt_torch_adam_step,
+               gloo_uneven_all_gather, moe_cpu_split_sizes, te_general_gemm_missing)
 from ._base import Patch, Target
 
 SUPPORTED_MEGATRON_CORE = ("0.16.1",)
@@ -26,6 +26,7 @@ SUPPORTED_MEGATRON_CORE = ("0.16.1",)
 PATCHES: tuple[Patch, ...] = (
     te_general_gemm_missing.PATCH,
     distopt_torch_adam_load.PATCH,
+    distopt_torch_adam_step.PATCH,
     cpu_device.PATCH,
     cpu_rng.PATCH,
     cpu_streams.PATCH,

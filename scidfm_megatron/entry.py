@@ -74,7 +74,7 @@ def main(stage: Optional[str] = None, argv=None) -> int:
             return 0
         from .training.trainer import run
 
-        run(cfg)
+        run(cfg, validated=True)
     except (ConfigError, ParallelConfigError) as exc:
         print(f"{prog}: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -116,7 +116,8 @@ SYMPTOMS = {
 
 
 # Patches whose failure needs a checkpoint round trip are checked where that happens.
-CHECKED_ELSEWHERE = {"distopt_torch_adam_load": "tests/test_training.py::test_distributed_optimizer_checkpoint_resumes"}
+CHECKED_ELSEWHERE = {"distopt_torch_adam_load": "tests/test_training.py::test_distributed_optimizer_checkpoint_resumes",
+                     "distopt_torch_adam_step": "tests/test_training.py::test_distributed_optimizer_checkpoint_resumes"}
 
 
 def test_every_patch_has_a_symptom_check():

@@ -44,14 +44,16 @@ class Trainer:
         if self.rank0:
             print(f"[scidfm] received {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
 
-    def setup(self):
+    def setup(self, validated: bool = False):
         """Build the run from its parts: process groups, tokenizer, engine (model + DDP + optimizer), data,
-        schedule, then restore a checkpoint, then the reporter (which needs to know about a resume)."""
+        schedule, then restore a checkpoint, then the reporter (which needs to know about a resume).
+        ``validated``: the caller already ran ``validate_run`` on this config (the entry point does)."""
         from ..parallel import init_distributed
         from .config import validate_run
 
         cfg = self.cfg
-        validate_run(cfg, _world_size())
+        if not validated:
+            validate_run(cfg, _world_size())
         if cfg.train.deterministic:
             import os
 
@@ -333,12 +335,12 @@ def resolved_backend(cfg: RunConfig) -> str:
     return resolve_backend(cfg.model.backend)
 
 
-def run(cfg: RunConfig) -> list[dict]:
+def run(cfg: RunConfig, validated: bool = False) -> list[dict]:
     from ..parallel import destroy_distributed
 
     trainer = Trainer(cfg)
     try:
-        trainer.setup()
+        trainer.setup(validated=validated)
         return trainer.train()
     finally:
         trainer.close()
