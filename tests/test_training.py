@@ -259,14 +259,14 @@ def saved_adam_steps(path) -> set:
     common = dist_checkpointing.load_common_state_dict(str(path))
     found = set()
 
-    def walk(x):
+    def walk(x, key=""):
         if isinstance(x, dict):
-            if "step" in x and isinstance(x.get("params"), list):
-                found.add(int(x["step"]))
-            for v in x.values():
-                walk(v)
+            for k, v in x.items():
+                walk(v, k)
         elif isinstance(x, (list, tuple)):
             for v in x:
+                if key == "param_groups" and isinstance(v, dict) and "step" in v:
+                    found.add(int(v["step"]))
                 walk(v)
     walk(common)
     return found
