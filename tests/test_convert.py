@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, overrides, sample_documents, train
+from conftest import ROOT, sample_documents
 from scidfm_megatron.testing.distributed import cpu_env
 
 CLI = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
@@ -83,20 +83,9 @@ def test_round_trip_through_two_layouts_is_bitwise(hf_tiny, tmp_path):
         assert a == b
 
 
-def test_converted_checkpoint_trains_from_its_weights(runs, trained_tiny, hf_tiny, tmp_path):
-    """HF -> megatron (EP2) is a starting point for training: on the same first batch, the loss is the
-    trained model's, well below what the original run saw from its random initialisation."""
-    mc = tmp_path / "mc"
-    r = cli("--direction", "hf-to-mcore", "--load", hf_tiny, "--save", mc, "--ep", 2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    work = tmp_path / "ft"
-    r = train(2, overrides(runs, work, **{"train.train_iters": 2, "checkpoint.init_from": mc,
-                                          "model.max_seq_length": 256}) + ["parallel.ep=2"])
-    assert "initialised weights from" in r.stdout
-    first = json.loads(open(work / "metrics.jsonl").readline())
-    fresh = json.loads(open(trained_tiny.parent / "metrics.jsonl").readline())
-    assert first["iteration"] == fresh["iteration"] == 1
-    assert first["loss"] < fresh["loss"] - 0.3, (first, fresh)
+# HF -> megatron (EP2) as a starting point for training is tests/test_bf16.py::
+# test_hf_import_keeps_its_weights_in_bf16 (the precision real runs use: several steps from the imported
+# weights at LR ~0 stay at the trained loss).
 
 
 def test_bf16_output(trained_tiny, hf_tiny, tmp_path):
