@@ -56,7 +56,7 @@ PROFILES = {
     "gpu": dict(budget=450.0, s1_iters=12, s1_save=4, s2_iters=4, sft_iters=3, sft_gbs=8,
                 bench=["--gpu-slice", "--seq-length", "4096", "--global-batch", "8", "--micro-batch", "1",
                        "--iters", "6", "--warmup", "2"]),
-    "dry-run": dict(budget=600.0, s1_iters=6, s1_save=3, s2_iters=4, sft_iters=3, sft_gbs=4,
+    "dry-run": dict(budget=600.0, s1_iters=8, s1_save=4, s2_iters=4, sft_iters=3, sft_gbs=4,
                     bench=["--seq-length", "64", "--global-batch", "8", "--micro-batch", "2", "--iters", "3",
                            "--warmup", "1"]),
 }
