@@ -15,6 +15,7 @@ List them with ``python -m megatron_patches``. Disable one (to reproduce the fai
 
 from __future__ import annotations
 
+import functools
 import os
 
 from . import (cpu_device, cpu_rng, cpu_streams, cpu_tensor_type, distopt_torch_adam_load, distopt_torch_adam_step,
@@ -65,9 +66,11 @@ def have_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@functools.lru_cache(maxsize=None)
 def transformer_engine_import_error():
     """None when TransformerEngine imports; else the exception it raised (ImportError when it is not
-    installed; anything else, e.g. an undefined symbol, when a build does not match this torch/CUDA)."""
+    installed; anything else, e.g. an undefined symbol, when a build does not match this torch/CUDA).
+    Tried once per process: a failed import is not cached by Python and would be searched for again."""
     try:
         import transformer_engine  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - a broken TE build raises all sorts; the caller reports it

@@ -7,6 +7,7 @@ otherwise (pure torch: CPU, or GPUs without TE), with this project's sequence-pa
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -17,16 +18,16 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def have_te() -> bool:
-    import megatron_patches
-
-    return megatron_patches.have_transformer_engine() and torch.cuda.is_available()
+    return resolve_backend("auto") == "te"
 
 
+@functools.lru_cache(maxsize=None)
 def resolve_backend(backend: Optional[str] = "auto") -> str:
     """``model.backend`` -> the spec actually built: "te" or "local".
 
     "auto" takes TE when it imports and CUDA is present. A TE that is installed but fails to import (a
-    build for another torch/CUDA) is not silently skipped: "auto" warns with the error, "te" fails with it.
+    build for another torch/CUDA) is not silently skipped: "auto" warns with the error (once per process:
+    the answer is cached, as the builder asks for every config and every model chunk), "te" fails with it.
     """
     import logging
 

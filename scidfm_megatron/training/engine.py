@@ -66,13 +66,9 @@ def resolve_switches(engine_cfg, *, use_distributed_optimizer: bool, dp: int) ->
     overlap = engine_cfg.overlap_grad_reduce
     if overlap is None:
         overlap = cuda and dp > 1
-    gather = engine_cfg.overlap_param_gather
+    gather = engine_cfg.overlap_param_gather  # explicit true without the distributed optimizer: validate_run
     if gather is None:
         gather = overlap and use_distributed_optimizer
-    if gather and not use_distributed_optimizer:
-        from ..config import ConfigError
-
-        raise ConfigError("engine.overlap_param_gather needs train.use_distributed_optimizer: true")
     return dict(overlap_grad_reduce=bool(overlap), overlap_param_gather=bool(gather),
                 grad_reduce_in_fp32=engine_cfg.grad_reduce_in_fp32, bucket_size=engine_cfg.bucket_size,
                 check_for_nan_in_grad=engine_cfg.check_for_nan_in_grad,
@@ -102,12 +98,17 @@ def wrap_ddp(chunks: list, config, *, use_distributed_optimizer: bool = False, o
     return wrapped
 
 
+def _per_chunk(chunks: list, method: str):
+    """A DDP method for megatron's schedule: one callable, or one per chunk with the interleaved pipeline."""
+    return [getattr(c, method) for c in chunks] if len(chunks) > 1 else getattr(chunks[0], method)
+
+
 def build_optimizer(chunks: list, config, *, lr: float, min_lr: float = 0.0, weight_decay: float = 0.1,
                     adam_beta1: float = 0.9, adam_beta2: float = 0.95, adam_eps: float = 1e-8,
-                    clip_grad: float = 1.0, use_distributed_optimizer: bool = False,
-                    overlap_param_gather: bool = False):
+                    clip_grad: float = 1.0, use_distributed_optimizer: bool = False):
     """megatron-core's optimizer (AdamW: decoupled weight decay) over DDP-wrapped chunks; wires
-    ``finalize_model_grads`` (DP/TP/PP/EP grad reductions) and the overlap hooks into the TransformerConfig."""
+    ``finalize_model_grads`` (DP/TP/PP/EP grad reductions) and, as the chunks' DDP config says, the
+    overlap hooks into the TransformerConfig."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -117,13 +118,12 @@ def build_optimizer(chunks: list, config, *, lr: float, min_lr: float = 0.0, wei
         params_dtype=config.params_dtype, use_distributed_optimizer=use_distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, chunks)
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
-    overlap = chunks[0].ddp_config.overlap_grad_reduce
-    # With overlap, the schedule starts each chunk's grad reduce when its backward is done (Megatron-LM).
-    config.grad_sync_func = ([c.start_grad_sync for c in chunks] if len(chunks) > 1 else chunks[0].start_grad_sync) \
-        if overlap else None
-    config.param_sync_func = ([c.start_param_sync for c in chunks] if len(chunks) > 1 else chunks[0].start_param_sync) \
-        if overlap_param_gather else None
+    config.no_sync_func = _per_chunk(chunks, "no_sync")
+    ddp = chunks[0].ddp_config
+    # With overlap, the schedule starts each chunk's grad reduce when its backward is done, and its param
+    # gather before its forward (Megatron-LM).
+    config.grad_sync_func = _per_chunk(chunks, "start_grad_sync") if ddp.overlap_grad_reduce else None
+    config.param_sync_func = _per_chunk(chunks, "start_param_sync") if ddp.overlap_param_gather else None
     return optimizer
 
 
@@ -137,9 +137,9 @@ def build_engine(cfg, layout) -> Engine:
     chunks = build_model_chunks(m, cfg.parallel, precision=precision, recompute=t.recompute,
                                 calculate_per_token_loss=t.stage == "sft", deterministic_mode=t.deterministic)
     config = chunks[0].config
-    chunks = wrap_ddp(chunks, config, **{k: v for k, v in switches.items()})
+    chunks = wrap_ddp(chunks, config, **switches)
     optimizer = build_optimizer(
         chunks, config, lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
-        use_distributed_optimizer=t.use_distributed_optimizer, overlap_param_gather=switches["overlap_param_gather"])
+        use_distributed_optimizer=t.use_distributed_optimizer)
     return Engine(chunks=chunks, optimizer=optimizer, config=config, switches=switches)

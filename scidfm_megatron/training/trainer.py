@@ -51,9 +51,11 @@ class Trainer:
         from ..parallel import init_distributed
         from .config import validate_run
 
+        from ..parallel import env_world_size
+
         cfg = self.cfg
-        if not validated:
-            validate_run(cfg, _world_size())
+        if not validated:  # the vocabulary, schedule, batch and layout checks live there, once
+            validate_run(cfg, env_world_size())
         if cfg.train.deterministic:
             import os
 
@@ -61,6 +63,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.layout = init_distributed(cfg.model, cfg.parallel, seed=cfg.train.seed)
         self.rank0 = torch.distributed.get_rank() == 0
+        from megatron.core import parallel_state as ps
+
+        self.dp_rank, self.dp = ps.get_data_parallel_rank(), self.layout.dp
         logging.basicConfig(level=logging.INFO if self.rank0 else logging.WARNING,
                             format="[scidfm] %(levelname)s %(name)s: %(message)s", force=True)
         self.tokenizer = self._tokenizer()
@@ -78,25 +83,24 @@ class Trainer:
     def _tokenizer(self):
         from ..tokenizer import ScienceTokenizer
 
-        cfg = self.cfg
-        tok = ScienceTokenizer(cfg.data.tokenizer_model)
-        if tok.vocab_size != cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but {cfg.data.tokenizer_model} has "
-                              f"{tok.vocab_size} tokens: set model.vocab_size={tok.vocab_size}")
-        return tok
+        return ScienceTokenizer(self.cfg.data.tokenizer_model)  # its size matches the model: validate_run
 
     def _engine(self):
         from .engine import build_engine
 
+        from ..model.builder import resolve_backend
+
         engine = build_engine(self.cfg, self.layout)
         if self.rank0:
             print(f"[scidfm] {self.cfg.model.name} ({'bf16' if engine.config.bf16 else 'fp32'}, backend "
-                  f"{resolved_backend(self.cfg)}): {engine.describe()}", flush=True)
+                  f"{resolve_backend(self.cfg.model.backend)}): {engine.describe()}", flush=True)
         return engine
 
     def _train_iters(self) -> int:
+        from .config import train_iters_of
+
         t = self.cfg.train
-        iters = t.train_iters or len(self.train_ds) // t.global_batch_size
+        iters = train_iters_of(self.cfg)
         if iters * t.global_batch_size > len(self.train_ds):
             raise ConfigError(f"train.train_iters x global_batch_size = {iters * t.global_batch_size} "
                               f"samples, but the training data has {len(self.train_ds)}")
@@ -106,10 +110,7 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         t = self.cfg.train
-        decay = t.lr_decay_iters or self.train_iters
-        if t.warmup_iters >= decay:
-            raise ConfigError(f"train.warmup_iters ({t.warmup_iters}) must be smaller than the decay length "
-                              f"({decay} = train.lr_decay_iters or train.train_iters)")
+        decay = t.lr_decay_iters or self.train_iters  # warmup < decay: validate_run
         return OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if t.warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
             lr_warmup_steps=t.warmup_iters, lr_decay_steps=decay, lr_decay_style=t.lr_decay_style,
@@ -127,12 +128,9 @@ class Trainer:
                         resumed_from=str(self.last_checkpoint) if resumed else None)
 
     def _expert_load(self):
-        from megatron.core import parallel_state as ps
-
         from .metrics import ExpertLoad
 
         m = self.cfg.model
-        self.dp_rank, self.dp = ps.get_data_parallel_rank(), self.layout.dp
         return ExpertLoad(m.num_layers, m.num_experts, m.moe_router_topk) if self.cfg.logging.expert_load else None
 
     def _datasets(self):
@@ -165,13 +163,13 @@ class Trainer:
         (a restarted run continues where it stopped), else checkpoint.resume_from (a full resume from a
         chosen checkpoint), else checkpoint.init_from (weights only). Returns True for a full resume."""
         c = self.cfg.checkpoint
-        choice = [None, False, None]
+        choice = [None, False]
         if self.rank0:
             resume = ckpt.find_resume(c.save) if c.save else None
             if resume is not None:
                 # A weights-only checkpoint (converted from Hugging Face) in checkpoint.save starts the
                 # run from its weights, like checkpoint.init_from.
-                choice = [str(resume), ckpt.is_weights_only(resume), "save"]
+                choice = [str(resume), ckpt.is_weights_only(resume)]
                 if c.resume_from:
                     log.warning("checkpoint.save %s already holds %s: continuing from it; checkpoint.resume_from "
                                 "(%s) applies only to a save directory without checkpoints", c.save, resume.name,
@@ -181,11 +179,11 @@ class Trainer:
                 if ckpt.is_weights_only(found):
                     raise ConfigError(f"checkpoint.resume_from {found} holds weights only (no optimizer state): "
                                       f"start from it with checkpoint.init_from={found}")
-                choice = [str(found), False, "resume_from"]
+                choice = [str(found), False]
             elif c.init_from:
-                choice = [str(ckpt.resolve(c.init_from, "checkpoint.init_from")), True, "init_from"]
+                choice = [str(ckpt.resolve(c.init_from, "checkpoint.init_from")), True]
         torch.distributed.broadcast_object_list(choice, src=0)
-        path, weights_only, _ = choice
+        path, weights_only = choice
         if path is None:
             return False
         common = ckpt.load(path, self.chunks, self.optimizer, self.scheduler, weights_only=weights_only)
@@ -321,18 +319,6 @@ class Trainer:
                   (" (stopped by signal)" if self._stop_signal else "") + "; " + "; ".join(w for w in where if w),
                   flush=True)
         return self.history
-
-
-def _world_size() -> int:
-    from ..parallel import env_world_size
-
-    return env_world_size()
-
-
-def resolved_backend(cfg: RunConfig) -> str:
-    from ..model.builder import resolve_backend
-
-    return resolve_backend(cfg.model.backend)
 
 
 def run(cfg: RunConfig, validated: bool = False) -> list[dict]:

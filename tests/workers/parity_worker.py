@@ -63,7 +63,7 @@ def main():
     chunks = wrap_ddp(chunks, config, use_distributed_optimizer=args.dist_opt, overlap_grad_reduce=args.overlap,
                       overlap_param_gather=gather, bucket_size=2000 if args.overlap else None)
     optimizer = build_optimizer(chunks, config, lr=1e-3, weight_decay=0.1, clip_grad=1.0,
-                                use_distributed_optimizer=args.dist_opt, overlap_param_gather=gather)
+                                use_distributed_optimizer=args.dist_opt)
 
     mbs, dp, dp_rank = args.micro_batch_size, layout.dp, ps.get_data_parallel_rank()
 
