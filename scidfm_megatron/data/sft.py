@@ -1,12 +1,18 @@
 """Instruction-tuning data: packed conversations with assistant-only loss masks, stored indexed.
 
-On disk (written by ``scidfm-preprocess --sft-seq-length S``): two aligned Megatron datasets,
-``<prefix>_tokens`` (token ids) and ``<prefix>_lossmask`` (uint8, 1 on assistant targets), one entry
-per training sequence of at most S+1 tokens (inputs are tokens[:-1], labels tokens[1:]). Packing is
-greedy in input order and never splits a conversation: one that does not fit in the current sequence
-starts the next; a conversation longer than S+1 tokens is truncated (counted in the summary). Packed
-conversations attend to earlier ones in the same sequence (no block-diagonal mask on the local
-attention path), the common SFT trade-off; ``--no-pack`` gives one conversation per sequence.
+On disk (written by ``scidfm-preprocess --sft-seq-length S``): three aligned Megatron datasets,
+``<prefix>_tokens`` (token ids), ``<prefix>_lossmask`` (uint8, 1 on assistant targets) and
+``<prefix>_convlens`` (int32, the length of each conversation packed in the sequence), one entry per
+training sequence of at most S+1 tokens (inputs are tokens[:-1], labels tokens[1:]). Packing is greedy in
+input order and never splits a conversation: one that does not fit in the current sequence starts the
+next; a conversation longer than S+1 tokens is truncated (counted in the summary); ``--no-pack`` gives one
+conversation per sequence.
+
+Packed conversations are isolated, as Megatron-LM (THD ``cu_seqlens``), torchtitan (block-causal masks)
+and OLMo-core (intra-document masking) do: ``SFTDataset`` gives every input position its conversation's
+index (``document_ids``, -1 on padding) and a position that restarts at 0 in each conversation; the model
+turns them into a block-diagonal causal mask and per-conversation rotary positions, and keeps padding out
+of MoE routing (:mod:`scidfm_megatron.model.packing`).
 
 ``SFTDataset`` reads them through megatron-core's mmap ``IndexedDataset``, so 9M samples are never held
 in memory, and pads each sequence to S with ``[PAD]`` (loss mask 0).
@@ -28,6 +34,7 @@ class SFTPacker:
         self.pack = pack
         self.tokens = IndexedWriter(f"{prefix}_tokens", dtype)
         self.mask = IndexedWriter(f"{prefix}_lossmask", np.uint8)
+        self.lens = IndexedWriter(f"{prefix}_convlens", np.int32)
         self._buf_ids: list[np.ndarray] = []
         self._buf_mask: list[np.ndarray] = []
         self._buf_len = 0
@@ -38,6 +45,7 @@ class SFTPacker:
             ids, mask = np.concatenate(self._buf_ids), np.concatenate(self._buf_mask)
             self.tokens.add_document(ids)
             self.mask.add_document(mask)
+            self.lens.add_document(np.asarray([len(x) for x in self._buf_ids], dtype=np.int32))
             self._buf_ids, self._buf_mask, self._buf_len = [], [], 0
 
     def add_documents(self, flat: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -> None:
@@ -61,26 +69,60 @@ class SFTPacker:
         self._flush()
         self.tokens.finalize()
         self.mask.finalize()
+        self.lens.finalize()
 
     def abort(self):
         self.tokens.abort()
         self.mask.abort()
+        self.lens.abort()
 
     def stats(self) -> dict:
         return dict(conversations=self.conversations, sequences=self.tokens.documents, truncated=self.truncated,
                     assistant_tokens=self.assistant_tokens, seq_length=self.seq_length, packed=self.pack)
 
 
-class SFTDataset:
-    """Map-style dataset of padded SFT sequences: dict(tokens, labels, loss_mask, position_ids)."""
+def document_layout(conv_lengths, seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(document_ids, position_ids) of the ``seq_length`` input positions of a sequence whose packed
+    conversations have ``conv_lengths`` tokens (inputs are tokens[:-1]): each conversation's index and a
+    position restarting at 0 in each; padding gets id -1 and positions from 0."""
+    doc = np.full(seq_length, -1, dtype=np.int64)
+    pos = np.empty(seq_length, dtype=np.int64)
+    start = 0
+    for k, n in enumerate(conv_lengths):
+        end = min(start + int(n), seq_length)
+        doc[start:end] = k
+        pos[start:end] = np.arange(end - start)
+        start = end
+        if start >= seq_length:
+            break
+    pos[start:] = np.arange(seq_length - start)
+    return doc, pos
 
-    def __init__(self, prefix: str, seq_length: int, pad_id: int):
+
+class SFTDataset:
+    """Map-style dataset of padded SFT sequences: dict(tokens, labels, loss_mask, position_ids,
+    document_ids). ``isolate=False`` gives the old behaviour (one causal sequence, positions 0..S-1, no
+    document ids): only for comparisons."""
+
+    def __init__(self, prefix: str, seq_length: int, pad_id: int, isolate: bool = True):
+        import os
+
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.tokens = IndexedDataset(f"{prefix}_tokens")
         self.mask = IndexedDataset(f"{prefix}_lossmask")
         if len(self.tokens) != len(self.mask):
             raise ValueError(f"{prefix}: tokens ({len(self.tokens)}) and lossmask ({len(self.mask)}) differ in length")
+        self.lens = None
+        if isolate:
+            if not os.path.exists(f"{prefix}_convlens.idx"):
+                raise ValueError(f"{prefix}_convlens.idx is missing: these SFT sequences were written before "
+                                 f"conversation boundaries were stored; re-run scidfm-preprocess --sft-seq-length "
+                                 f"on the instruction data")
+            self.lens = IndexedDataset(f"{prefix}_convlens")
+            if len(self.lens) != len(self.tokens):
+                raise ValueError(f"{prefix}: tokens ({len(self.tokens)}) and convlens ({len(self.lens)}) differ "
+                                 f"in length; re-run scidfm-preprocess")
         self.seq_length, self.pad_id = seq_length, pad_id
 
     def __len__(self) -> int:
@@ -95,6 +137,11 @@ class SFTDataset:
         if pad:
             ids = np.concatenate([ids, np.full(pad, self.pad_id, dtype=np.int64)])
             mask = np.concatenate([mask, np.zeros(pad, dtype=np.float32)])
-        return dict(tokens=torch.from_numpy(ids[:-1].copy()), labels=torch.from_numpy(ids[1:].copy()),
-                    loss_mask=torch.from_numpy(mask[1:].copy()),
-                    position_ids=torch.arange(self.seq_length, dtype=torch.long))
+        out = dict(tokens=torch.from_numpy(ids[:-1].copy()), labels=torch.from_numpy(ids[1:].copy()),
+                   loss_mask=torch.from_numpy(mask[1:].copy()))
+        if self.lens is None:
+            out["position_ids"] = torch.arange(self.seq_length, dtype=torch.long)
+            return out
+        doc, pos = document_layout(np.asarray(self.lens[i]), self.seq_length)
+        out["position_ids"], out["document_ids"] = torch.from_numpy(pos), torch.from_numpy(doc)
+        return out

@@ -177,18 +177,23 @@ def layer_spec(model: ModelConfig, *, backend: Optional[str] = None):
     """The transformer layer ModuleSpec: "te" (TransformerEngine) or "local" (pure torch)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    from .packing import router_class
+
     backend = resolve_backend(backend or model.backend)
     if backend == "te":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=model.num_experts, moe_grouped_gemm=True)
-    if backend != "local":
-        raise ValueError(f"backend must be 'te' or 'local', got {backend!r}")
-    from .norm import RMSNorm
+    elif backend == "local":
+        from .norm import RMSNorm
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(
-        num_experts=model.num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
-    spec.submodules.input_layernorm = RMSNorm
-    spec.submodules.pre_mlp_layernorm = RMSNorm
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(
+            num_experts=model.num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+    else:
+        raise ValueError(f"backend must be 'te' or 'local', got {backend!r}")
+    # Padding out of MoE dispatch, capacity and aux statistics (model/packing.py).
+    spec.submodules.mlp.submodules.router = router_class()
     return spec
 
 
@@ -212,14 +217,15 @@ def build_model(model: ModelConfig, par: ParallelConfig, *, precision: Optional[
                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None, **config_kw):
     """Build this rank's GPTModel shard. Requires :func:`scidfm_megatron.parallel.init_distributed`."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
+
+    from .packing import SciDFMGPTModel
 
     config = config or to_transformer_config(model, par, precision=precision, **config_kw)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    gpt = GPTModel(
+    gpt = SciDFMGPTModel(
         config=config,
         transformer_layer_spec=block_spec(model, config, backend=backend, vp_stage=vp_stage),
         vocab_size=model.padded_vocab_size,

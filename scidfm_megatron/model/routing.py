@@ -21,7 +21,8 @@ import torch
 @dataclass
 class RouterCall:
     layer: int  # 1-based global layer number, as megatron numbers layers
-    num_tokens: int
+    # tokens routed by this call: an int, or a 0-d device tensor (real tokens) when padding was masked
+    num_tokens: object
     # [num_experts] int64, after dropping, on the router's device: the hook never synchronises with the
     # GPU; the trainer sums the step's calls there and copies one tensor to the host per step.
     tokens_per_expert: torch.Tensor
@@ -61,7 +62,8 @@ class RouterRecorder:
                 logits_sum = torch.einsum("sbh,eh->be", h, module.weight.float()).cpu()
         self.calls.append(RouterCall(
             layer=int(getattr(module, "layer_number", 0) or 0),
-            num_tokens=int(routing_map.shape[0]),
+            num_tokens=(int(routing_map.shape[0]) if len(inputs) < 2 or inputs[1] is None
+                        else (~inputs[1]).sum()),  # padding (True) is not routed
             tokens_per_expert=routing_map.detach().sum(0),
             logits_sum=logits_sum))
 

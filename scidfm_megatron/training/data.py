@@ -34,7 +34,10 @@ class EpochShuffled:
 
 def _collate(items: list[dict]) -> dict:
     out = {}
-    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+    keys = ["tokens", "labels", "loss_mask", "position_ids"]
+    if "document_ids" in items[0]:  # packed SFT: conversation boundaries (model/packing.py)
+        keys.append("document_ids")
+    for key in keys:
         out[key] = torch.stack([torch.as_tensor(it[key]) for it in items])
     out["tokens"] = out["tokens"].long()
     out["labels"] = out["labels"].long()

@@ -48,12 +48,11 @@ class ExpertLoad:
 
         dev = comm_device()
         stats = torch.zeros(self.shape[0], self.shape[1] + 1, dtype=torch.int64, device=dev)
-        offered = [0] * self.shape[0]
         for c in calls:
             if 1 <= c.layer <= self.shape[0]:
                 stats[c.layer - 1, :-1] += c.tokens_per_expert.to(dev)
-                offered[c.layer - 1] += c.num_tokens * self.topk
-        stats[:, -1] += torch.tensor(offered, dtype=torch.int64).to(dev)
+                stats[c.layer - 1, -1] += (c.num_tokens * self.topk if isinstance(c.num_tokens, int)
+                                           else c.num_tokens.to(dev) * self.topk)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)
         stats = stats.cpu().double()

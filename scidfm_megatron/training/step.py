@@ -4,7 +4,9 @@ Shared by the trainer, the parity tests and the benchmarks, so they all exercise
 (The model, DDP and optimizer are built in :mod:`.engine`.)
 
 Batches are dicts of ``tokens``, ``labels``, ``loss_mask`` (float) and ``position_ids``, shaped
-[micro_batch, seq], already on the training device (:func:`scidfm_megatron.device.to_device`). The loss is
+[micro_batch, seq], already on the training device (:func:`scidfm_megatron.device.to_device`); packed SFT
+batches add ``document_ids`` (-1 on padding), from which every model chunk builds its block-diagonal
+attention mask and MoE padding mask (:mod:`scidfm_megatron.model.packing`). The loss is
 the mean over loss-masked tokens: ``loss_func`` returns the masked sum and the token count, and megatron's
 schedule divides (per micro-batch, or over the whole global batch with ``calculate_per_token_loss``).
 """
@@ -35,7 +37,14 @@ def forward_step(data_iterator, model):
     if batch is None:  # a pipeline stage given no data: activations come from the previous stage
         output = model(None, None, None)
         return output, partial(loss_func, None)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    doc = batch.get("document_ids")
+    if doc is None:
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    else:
+        from ..model.packing import document_attention_mask
+
+        output = model(batch["tokens"], batch["position_ids"], document_attention_mask(doc),
+                       labels=batch["labels"], padding_mask=doc < 0)
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -70,6 +79,24 @@ def reduce_loss(loss_dicts: list[dict]) -> tuple[Optional[float], int]:
     return (total / count if count else None), int(count)
 
 
+def _loss_per_real_token(batches: list[dict]) -> Optional[torch.Tensor]:
+    """N_loss / N_real over the global batch, for padded (packed SFT) batches: the factor that makes the
+    MoE aux loss 0.02 per routed real token under the per-token loss (model/packing.py). None otherwise."""
+    if not batches or "document_ids" not in batches[0]:
+        return None
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    stat = torch.stack([torch.stack([b["loss_mask"].sum().double(), (b["document_ids"] >= 0).sum().double()])
+                        for b in batches]).sum(0)
+    if dist.is_initialized():
+        from ..device import comm_device
+
+        stat = stat.to(comm_device())
+        dist.all_reduce(stat, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return (stat[0] / stat[1].clamp(min=1)).float().to(batches[0]["loss_mask"].device)
+
+
 def train_step(chunks: list, optimizer, batches: Sequence[dict], *, seq_length: int, micro_batch_size: int,
                forward_only: bool = False, step_optimizer: bool = True) -> StepResult:
     """Forward/backward over ``batches`` (this rank's micro-batches of the global batch; gradient
@@ -84,12 +111,15 @@ def train_step(chunks: list, optimizer, batches: Sequence[dict], *, seq_length: 
         for c in chunks:
             c.zero_grad_buffer()
         optimizer.zero_grad()
+    from ..model.packing import aux_token_scale
+
     batches = list(batches)
     iterators = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterators, model=chunks,
-        num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
-        forward_only=forward_only)
+    with aux_token_scale(_loss_per_real_token(batches)):
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterators, model=chunks,
+            num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
+            forward_only=forward_only)
     loss, tokens = reduce_loss(losses)
     grad_norm, ok = None, True
     if not forward_only and step_optimizer:

@@ -1,0 +1,163 @@
+"""Packed sequences and padding on megatron-core: isolation per document, and padding kept out of MoE.
+
+A packed SFT sequence holds several conversations and, at its end, padding. Three things make every
+conversation see exactly what it would see alone, on every pipeline stage and for every sample of a
+micro-batch (the batch carries ``document_ids`` [b, s], -1 on padding; see :mod:`scidfm_megatron.data.sft`):
+
+* **Attention** is block-diagonal causal: :func:`document_attention_mask` turns the document ids into
+  megatron's boolean mask (True = masked out), built on the device by every model chunk from its own copy
+  of the batch, so the boundaries reach the middle pipeline stages and every sample of the micro-batch.
+* **Rotary positions** restart at 0 in every conversation. megatron-core's ``GPTModel`` takes
+  ``position_ids`` but its RoPE ignores them (it rotates by the index in the sequence); :class:`SciDFMGPTModel`
+  gathers the rotary table at the given positions ([s, b, 1, d]: the rows are the same numbers the
+  unpacked run uses, so the rotation is bitwise that of the conversation alone).
+* **Padding out of MoE**: :class:`PaddingAwareRouter` takes megatron's ``padding_mask`` (True = pad). Pad
+  tokens are routed nowhere (their MoE output is zero), take no expert capacity (the capacity is computed
+  from the real tokens, as if the padding were not there) and do not enter the aux / z losses or the
+  expert-load statistics. megatron-core 0.16.1 already keeps padding out of the aux and z losses but
+  still dispatches pad tokens and counts them in the capacity.
+
+Aux-loss normalisation with the per-token SFT loss (``calculate_per_token_loss``): megatron multiplies each
+micro-batch's aux loss by its token count and divides every gradient by the global number of *loss*
+tokens (assistant tokens), so the effective coefficient would be 0.02 x (real tokens / assistant tokens).
+:func:`aux_token_scale` holds N_loss / N_real for the step (set by ``training.step.train_step``); the router
+multiplies by it, so the aux term is the paper's 0.02 x the Switch loss averaged over routed real tokens,
+whatever the share of assistant tokens. Without the per-token loss the scale is 1 (megatron's mean).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+_AUX_TOKEN_SCALE: list[Optional[torch.Tensor]] = [None]
+
+
+@contextlib.contextmanager
+def aux_token_scale(scale: Optional[torch.Tensor]):
+    """Within the block, routers multiply the per-token aux loss by ``scale`` (0-d tensor; None = 1)."""
+    _AUX_TOKEN_SCALE[0] = scale
+    try:
+        yield
+    finally:
+        _AUX_TOKEN_SCALE[0] = None
+
+
+def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] document ids -> megatron's attention mask [b, 1, s, s], True where attention is *not*
+    allowed: a token sees earlier tokens of its own document only (block-diagonal causal). Padding
+    (id -1) forms its own block, which no real token sees."""
+    s = document_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).triu_(1)
+    other = document_ids[:, :, None] != document_ids[:, None, :]
+    return (other | causal).unsqueeze(1)
+
+
+def _gpt_model_class():
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+
+    class SciDFMGPTModel(GPTModel):
+        """megatron's GPTModel with per-sample rotary positions for packed sequences (used when a
+        document ``attention_mask`` is given), and the MoE padding mask carried to the pipeline stages
+        that have no embedding (megatron scatters it for sequence parallelism only on the first stage)."""
+
+        _positions_for_rope = False
+
+        def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+            self._positions_for_rope = attention_mask is not None and position_ids is not None
+            try:
+                return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+            finally:
+                self._positions_for_rope = False
+
+        def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+            out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+            rotary, padding_mask = out[1], out[5]
+            if self._positions_for_rope and rotary is not None:
+                if isinstance(rotary, tuple):
+                    raise NotImplementedError("packed sequences with separate q/k rotary embeddings")
+                # [s, 1, 1, d] table rows at each sample's positions -> [s, b, 1, d]
+                # (positions lie in [0, s): each restarts inside the sequence, never beyond it)
+                rotary = rotary[position_ids.t()].squeeze(2)
+            if padding_mask is not None and not self.pre_process and self.config.sequence_parallel:
+                padding_mask = tensor_parallel.scatter_to_sequence_parallel_region(
+                    padding_mask.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+            return (out[0], rotary, *out[2:5], padding_mask, *out[6:])
+
+    return SciDFMGPTModel
+
+
+def _router_class():
+    from megatron.core.transformer.moe.moe_utils import (apply_router_token_dropping,
+                                                         compute_routing_scores_for_aux_loss,
+                                                         topk_routing_with_score_function)
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    class PaddingAwareRouter(TopKRouter):
+        """megatron's top-k router with padding kept out of dispatch, capacity and aux statistics."""
+
+        def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+            if padding_mask is None:
+                return super().routing(logits)
+            if self.routing_type == "sinkhorn" or self.router_replay is not None:
+                raise NotImplementedError("padding-aware routing supports top-k routing with aux loss")
+            seq_length, bsz = logits.shape[:2]
+            logits = logits.view(-1, self.config.num_moe_experts)
+            pad = padding_mask.reshape(-1)
+            logits = self.apply_z_loss(logits, padding_mask=pad)
+            probs, routing_map = topk_routing_with_score_function(
+                logits, self.topk, use_pre_softmax=self.config.moe_router_pre_softmax,
+                num_groups=self.config.moe_router_num_groups, group_topk=self.config.moe_router_group_topk,
+                scaling_factor=self.config.moe_router_topk_scaling_factor, score_function=self.score_function,
+                expert_bias=self.expert_bias, fused=self.config.moe_router_fusion)
+            real = ~pad
+            routing_map = routing_map & real.unsqueeze(-1)
+            probs = probs * real.unsqueeze(-1).to(probs.dtype)
+            if self.config.moe_expert_capacity_factor is not None:
+                # Capacity from the real tokens only: drop among them exactly as without the padding.
+                idx = real.nonzero().squeeze(-1)
+                p, m = apply_router_token_dropping(
+                    probs.index_select(0, idx), routing_map.index_select(0, idx), router_topk=self.topk,
+                    capacity_factor=self.config.moe_expert_capacity_factor,
+                    drop_policy=self.config.moe_token_drop_policy,
+                    pad_to_capacity=self.config.moe_pad_expert_input_to_capacity)
+                probs = torch.zeros_like(probs).index_copy(0, idx, p)
+                routing_map = torch.zeros_like(routing_map).index_copy(0, idx, m)
+            if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+                map_aux, scores_aux = compute_routing_scores_for_aux_loss(
+                    logits, self.topk, self.score_function, fused=self.config.moe_router_fusion,
+                    padding_mask=pad)
+                probs = self._apply_aux_loss(probs, scores_aux, map_aux, with_padding_mask=True)
+                probs = self._apply_seq_aux_loss(probs, scores_aux, map_aux, seq_length, bsz,
+                                                 with_padding_mask=True)
+                probs = self._apply_global_aux_loss(probs, scores_aux, map_aux, with_padding_mask=True)
+            self._apply_expert_bias(routing_map, padding_mask=pad)
+            return probs, routing_map
+
+        def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss, aux_loss_name,
+                                               reduce_group, reduce_group_has_dp=False, valid_token_count=None):
+            scale = _AUX_TOKEN_SCALE[0]
+            if self.calculate_per_token_loss and scale is not None:
+                if valid_token_count is None:
+                    valid_token_count = activation.shape[0]
+                valid_token_count = valid_token_count * scale
+            return super().attach_and_log_load_balancing_loss(
+                activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+                reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
+
+    return PaddingAwareRouter
+
+
+_CLASSES: dict = {}
+
+
+def SciDFMGPTModel(*args, **kwargs):  # noqa: N802 - a class factory, imported lazily (megatron is heavy)
+    cls = _CLASSES.get("gpt") or _CLASSES.setdefault("gpt", _gpt_model_class())
+    return cls(*args, **kwargs)
+
+
+def router_class():
+    return _CLASSES.get("router") or _CLASSES.setdefault("router", _router_class())
