@@ -55,10 +55,19 @@ def gpt_dataset_config(blend, tokenizer, *, seq_length: int, seed: int = 1234, s
         mid_level_dataset_surplus=0.005)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The dataset seed of mixture epoch ``epoch``: the run's seed for epoch 1, a different one for each
+    later epoch. megatron's GPTDataset orders documents and samples by its ``random_seed`` alone, so with
+    one seed for both stages every source that is not re-sampled would give epoch 2 the same windows in
+    the same order as epoch 1. A function of (seed, epoch) only, so a resumed run sees the same order."""
+    return seed if epoch <= 1 else (seed + 1_000_003 * (epoch - 1)) % 2**32
+
+
 def build_pretrain_datasets(mixture: Mixture, epoch: int, tokenizer, *, seq_length: int,
                             samples: tuple[int, int, int], seed: int = 1234, split: str = "98,1,1",
                             cache_dir: Optional[str] = None, is_built_on_rank=None):
-    """(train, valid, test) blended GPT datasets with ``samples`` sequences each (0 -> None)."""
+    """(train, valid, test) blended GPT datasets with ``samples`` sequences each (0 -> None), shuffled with
+    :func:`epoch_seed` of (``seed``, ``epoch``)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
@@ -71,7 +80,8 @@ def build_pretrain_datasets(mixture: Mixture, epoch: int, tokenizer, *, seq_leng
         # megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() unguarded when it
         # writes its cache; a single process without a process group gains nothing from the cache.
         cache_dir = None
-    config = gpt_dataset_config(mixture.blend(epoch), tokenizer, seq_length=seq_length, seed=seed, split=split,
+    config = gpt_dataset_config(mixture.blend(epoch), tokenizer, seq_length=seq_length, seed=epoch_seed(seed, epoch),
+                                split=split,
                                 cache_dir=cache_dir)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, list(samples), is_built_on_rank or (lambda: True), config)
     return builder.build()

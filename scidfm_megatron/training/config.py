@@ -190,6 +190,20 @@ def validate_run(cfg: RunConfig, world_size: int):
     if t.stage == "sft":
         if not d.sft_prefix:
             raise ConfigError("data.sft_prefix is required for train.stage: sft")
+        for part in ("tokens", "lossmask", "convlens"):
+            if not os.path.exists(f"{d.sft_prefix}_{part}.idx"):
+                raise ConfigError(f"data.sft_prefix: {d.sft_prefix}_{part}.idx does not exist; write the SFT data "
+                                  f"with scidfm-preprocess --sft-seq-length (conversation boundaries, "
+                                  f"<prefix>_convlens, are stored since packing became isolated)")
+        from ..model.builder import resolve_backend
+
+        if resolve_backend(cfg.model.backend) == "te":
+            # TE's attention takes the causal mask type and ignores an explicit mask: packed conversations
+            # would see each other. megatron's THD path (cu_seqlens) is not wired here yet.
+            if cfg.model.backend == "te":
+                raise ConfigError("model.backend: te cannot isolate packed SFT conversations yet (TE's causal "
+                                  "attention ignores the document mask); use model.backend: local for SFT")
+            cfg.model.backend = "local"
     else:
         if not d.mixture:
             raise ConfigError("data.mixture is required for train.stage: pretrain")
