@@ -22,7 +22,7 @@ EXTRAS = {
     # GPU fast path: fused kernels and grouped-GEMM experts. Needs CUDA; never required.
     "gpu": ["transformer-engine[pytorch]==2.20.2"],
     "hf": ["transformers==5.23.0", "safetensors==0.8.0"],
-    "eval": ["rdkit==2026.9.1", "rouge-score==0.1.2", "scikit-learn==1.9.1", "rapidfuzz==3.14.6",
+    "eval": ["rdkit==2026.9.1", "rouge-score==0.1.2", "scikit-learn==1.9.1", "rapidfuzz==3.14.6", "selfies==2.2.0",
              "matplotlib==3.11.2", "lm-eval==0.4.13",
              "accelerate==1.15.0"],  # lm-eval's hf model imports accelerate without declaring it
     "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],

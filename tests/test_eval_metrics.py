@@ -107,13 +107,16 @@ def test_fingerprint_tanimoto_known_values_and_invalid():
         M.fingerprint_tanimoto("CCO", "CCO", "ecfp")
 
 
-def test_molecule_generation_scores_hand_computed():
+REF = Path(__file__).resolve().parent / "data" / "eval_reference"
+
+
+def test_molt5_convention_hand_computed():
     preds = ["OCC", "CO", "C1CC", "Xx"]
     refs = ["CCO", "CCO", "CCC", "CC"]
-    s = M.molecule_generation_scores(preds, refs)
-    assert set(s) == {"exact", "levenshtein", "rdk_fts", "maccs_fts", "morgan_fts", "validity"}
+    s = M.molecule_generation_scores(preds, refs, convention="molt5")
+    assert set(s) == {"exact", "levenshtein", "rdk_fts", "maccs_fts", "morgan_fts", "validity", "n"}
     assert s["validity"] == pytest.approx(2 / 4)          # OCC, CO parse; C1CC (unclosed ring), Xx do not
-    assert s["exact"] == pytest.approx(1 / 4)             # only OCC == CCO canonically
+    assert s["exact"] == pytest.approx(1 / 4)             # only OCC == CCO (same InChI)
     # raw strings: OCC/CCO 2, CO/CCO 1, C1CC/CCC 1, Xx/CC 2
     assert s["levenshtein"] == pytest.approx((2 + 1 + 1 + 2) / 4)
     # FTS means over the 2 valid predictions only (invalid ones excluded, not scored 0):
@@ -122,17 +125,67 @@ def test_molecule_generation_scores_hand_computed():
     assert s["rdk_fts"] == pytest.approx((1 + 1 / 3) / 2)
 
 
+def test_mol_instructions_convention_hand_computed():
+    # the same pairs under Mol-Instructions' pipeline: the two invalid predictions are dropped, so every
+    # metric is over OCC/CCO and CO/CCO; Levenshtein on canonical strings: CCO/CCO 0, CO/CCO 1
+    s = M.molecule_generation_scores(["OCC", "CO", "C1CC", "Xx"], ["CCO", "CCO", "CCC", "CC"])
+    assert (s["n"], s["n_scored"], s["validity"], s["exact"]) == (4, 2, 0.5, 0.5)
+    assert s["levenshtein"] == pytest.approx(0.5)
+    assert s["morgan_fts"] == pytest.approx((1 + 2 / 7) / 2) and s["maccs_fts"] == pytest.approx(0.7)
+    # stereo and isotopes are removed before scoring: D- vs L-alanine and 13C-ethanol vs ethanol are exact
+    s = M.molecule_generation_scores(["C[C@H](N)C(=O)O", "[13CH3]CO"], ["C[C@@H](N)C(=O)O", "CCO"])
+    assert s["exact"] == 1.0 and s["levenshtein"] == 0.0 and s["morgan_fts"] == 1.0
+    assert M.molecule_generation_scores(["C[C@H](N)C(=O)O"], ["C[C@@H](N)C(=O)O"], convention="molt5")["exact"] == 0
+
+
 def test_molecule_generation_scores_edge_cases():
     s = M.molecule_generation_scores(["Xx", ""], ["CCO", "CC"])
-    assert s["validity"] == 0 and s["exact"] == 0
+    assert s["validity"] == 0 and s["exact"] == 0 and s["n_scored"] == 0 and s["levenshtein"] is None
     assert s["rdk_fts"] == s["maccs_fts"] == s["morgan_fts"] == 0.0   # no valid prediction at all
+    s = M.molecule_generation_scores(["Xx", ""], ["CCO", "CC"], convention="molt5")
     assert s["levenshtein"] == pytest.approx((3 + 2) / 2)
     # surrounding whitespace of generated text is ignored
     assert M.molecule_generation_scores([" CCO\n"], ["CCO"])["levenshtein"] == 0
+    assert M.molecule_generation_scores([" CCO\n"], ["CCO"], convention="molt5")["levenshtein"] == 0
     with pytest.raises(ValueError, match="empty"):
         M.molecule_generation_scores([], [])
     with pytest.raises(ValueError, match="2.*3"):
         M.molecule_generation_scores(["C", "CC"], ["C", "CC", "CCC"])
+    with pytest.raises(ValueError, match="unknown molecule scoring convention 'x'"):
+        M.molecule_generation_scores(["C"], ["C"], convention="x")
+
+
+def _close(got: dict, want: dict):
+    for k in ("exact", "levenshtein", "rdk_fts", "maccs_fts", "morgan_fts", "validity"):
+        assert abs(got[k] - want[k]) <= 1e-6, (k, got[k], want[k])
+
+
+def test_molecule_scores_equal_mol_instructions_own_code():
+    """Expected numbers: zjunlp/Mol-Instructions' evaluate.py -> mol_translation_selfies.py /
+    fingerprint_metrics.py, run unmodified outside the project (commit and versions in the file)."""
+    ref = json.loads((REF / "mol_instructions_molgen.json").read_text())
+    assert ref["source"]["commit"] == "d08a15f88e0c1b5e6d1e08330f570983885ddee1"
+    sm = ref["smiles_predictions"]
+    pairs, want = sm["pairs"], sm["expected"]
+    notes = " ".join(p["note"] for p in pairs)
+    for case in ("stereo", "isotope", "tautomers", "salt", "invalid", "empty"):
+        assert case in notes
+    got = M.molecule_generation_scores([p["pred"] for p in pairs], [p["ref"] for p in pairs])
+    _close(got, want)
+    assert (got["n"], got["n_scored"]) == (want["rows_read"], want["rows_scored"])
+    # the same molecules written as SELFIES (what Mol-Instructions' own models emit) score the same
+    _close(M.mol_instructions_scores([p["pred_selfies"] for p in pairs], [p["ref_selfies"] for p in pairs],
+                                     representation="selfies"), want)
+    # SELFIES quirks of evaluate.py: text after the last "]" cut, undecodable / empty generations dropped,
+    # prose that decodes to an empty molecule kept (scored 0)
+    sf = ref["selfies_predictions"]
+    got = M.mol_instructions_scores([p["pred_selfies"] for p in sf["pairs"]], [p["ref_selfies"] for p in sf["pairs"]],
+                                    representation="selfies")
+    _close(got, sf["expected"])
+    assert got["n_scored"] == sf["expected"]["rows_scored"]
+    # the MolT5 convention equals MolT5's scripts on the raw strings
+    _close(M.molecule_generation_scores([p["pred"] for p in pairs], [p["ref"] for p in pairs], convention="molt5"),
+           ref["molt5_convention"]["expected"])
 
 
 # ------------------------------------------------------------------------------------ ROUGE-L
@@ -149,6 +202,20 @@ def test_rouge_l_hand_computed():
         == pytest.approx((5 / 6 + 4 / 7) / 2)
     with pytest.raises(ValueError, match="1.*2"):
         M.mean_rouge_l(["a"], ["a", "b"])
+
+
+def test_protein_rouge_l_equals_mol_instructions_eval():
+    """Mol-Instructions protein/eval.py (HF evaluate "rouge", seed 0) run outside the project: the
+    bootstrap median and the per-pair F-measures equal ours."""
+    ref = json.loads((REF / "mol_instructions_protein_rouge.json").read_text())
+    preds = [p["response"] for p in ref["pairs"]]
+    refs = [p["target"] for p in ref["pairs"]]
+    got = M.mol_instructions_rouge_l(preds, refs, seed=ref["expected"]["seed"])
+    assert abs(got["rouge_l"] - ref["expected"]["aggregated"]["rougeL"]) <= 1e-12
+    per = ref["expected"]["per_pair_rougeL"]
+    assert [M.rouge_l(p, r) for p, r in zip(preds, refs)] == pytest.approx(per, abs=1e-12)
+    assert got["rouge_l_mean"] == pytest.approx(sum(per) / len(per))
+    assert abs(got["rouge_l"] - got["rouge_l_mean"]) > 1e-3  # the bootstrap median is not the mean
 
 
 # ---------------------------------------------------------------------------------------- AUC

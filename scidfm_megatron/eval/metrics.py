@@ -6,29 +6,42 @@ rouge-score (ROUGE-L), scikit-learn (AUC-ROC).
 
 Conventions, and where they come from
 -------------------------------------
-Molecule generation (Mol-Instructions, whose evaluation scripts are those of MolT5,
-``evaluation/molecule/mol_translation_selfies.py`` and ``fingerprint_metrics.py``):
+Molecule generation: two conventions (:func:`molecule_generation_scores`, ``convention=``).
 
-* **exact**: fraction of pairs whose RDKit canonical (isomeric) SMILES are equal. Mol-Instructions compares
-  InChI strings instead; the two agree except for rare tautomer / InChI-normalisation cases.
-* **levenshtein**: mean edit distance between the raw SMILES strings (not canonicalised), for every pair,
-  valid or not, as Mol-Instructions does.
-* **validity**: fraction of predictions RDKit can parse (an empty string counts as invalid).
-* **rdk_fts / maccs_fts / morgan_fts**: Tanimoto similarities averaged over the pairs whose prediction (and
-  reference) parse; invalid predictions are left out of these means, not scored 0, exactly as in
-  Mol-Instructions. With no valid pair at all the means are 0.0.
-* Fingerprints: ``Chem.RDKFingerprint(mol)`` (path-based, RDKit defaults: paths up to 7 bonds, 2048 bits);
-  ``MACCSkeys.GenMACCSKeys(mol)`` (167 bits); Morgan radius 2 as the *unhashed count* fingerprint that
-  Mol-Instructions' ``AllChem.GetMorganFingerprint(mol, 2)`` returns, here produced by the equivalent
-  ``rdFingerprintGenerator.GetMorganGenerator(radius=2).GetSparseCountFingerprint(mol)`` (same
-  identifiers, same similarity; the old function is deprecated). Tanimoto on count vectors is
-  ``sum(min(a_i, b_i)) / (sum(a_i) + sum(b_i) - sum(min(a_i, b_i)))``; for bit vectors it is
-  ``|A & B| / |A | B|`` over the on-bits.
+``"mol_instructions"`` (default; :func:`mol_instructions_scores`) is zjunlp/Mol-Instructions' pipeline, whose
+numbers the SciDFM paper's Table 8 reports: ``evaluation/molecule/evaluate.py`` (``task='mol_gen'``), then
+``mol_translation_selfies.py`` and ``fingerprint_metrics.py`` (tested equal to 1e-6 against that code, run
+unmodified at commit d08a15f, on tests/data/eval_reference/mol_instructions_molgen.json):
 
-Protein understanding (Mol-Instructions ``evaluation/protein/eval.py`` uses HF ``evaluate``'s "rouge", i.e.
-rouge-score without stemming): :func:`rouge_l` is the F-measure of rouge-score's ``rougeL`` with its default
-tokenizer (lower-cases, splits on non-alphanumerics), and :func:`mean_rouge_l` is the plain mean over pairs
-(``evaluate`` reports a bootstrap estimate of the same mean).
+* a prediction is *dropped* (from every metric but validity) when it is empty, or does not parse
+  (SMILES: RDKit; SELFIES: ``selfies.decoder`` after cutting the text after the last ``]``, as
+  evaluate.py does); a pair whose reference does not parse is dropped too;
+* both sides become RDKit canonical **non-isomeric** SMILES (``isomericSmiles=False``: stereo and isotope
+  labels removed), and every metric reads those strings;
+* **exact**: InChI of the two canonical molecules equal, over the scored pairs;
+* **levenshtein**: mean edit distance between the canonical strings, over the scored pairs;
+* **rdk_fts / maccs_fts / morgan_fts**: mean Tanimoto over the scored pairs;
+* **validity**: scored pairs / all pairs (evaluate.py's ``all_data``; the scripts' own "validity" is
+  printed on the already-filtered file and is 1.0 by construction);
+* ``n`` and ``n_scored`` are returned too. With nothing scored, exact and the FTS are 0.0 and
+  levenshtein is None (undefined).
+
+``"molt5"`` (:func:`molt5_scores`): MolT5's own two scripts (blender-nlp/MolT5, copied unchanged into
+Mol-Instructions) on the raw strings, no canonicalisation or filtering: exact = InChI equal over all pairs
+(isomeric, as parsed), levenshtein on the raw strings over all pairs, validity = 1 - (pairs whose InChI
+step fails) / all, FTS over the pairs whose prediction parses (RDKit parses an empty string as an empty
+molecule, so MolT5 counts it valid with similarity 0). Numbers from it are not comparable with Table 8.
+
+Fingerprints (both conventions): ``Chem.RDKFingerprint(mol)``; ``MACCSkeys.GenMACCSKeys(mol)``; Morgan
+radius 2 as the *unhashed count* fingerprint that ``AllChem.GetMorganFingerprint(mol, 2)`` returns, here
+from the equivalent ``rdFingerprintGenerator.GetMorganGenerator(radius=2).GetSparseCountFingerprint``.
+Tanimoto on count vectors is ``sum(min) / (sum(a) + sum(b) - sum(min))``; on bit vectors ``|A&B| / |A|B|``.
+
+Protein understanding: :func:`mol_instructions_rouge_l` is Mol-Instructions' ``evaluation/protein/eval.py``
+exactly: Hugging Face ``evaluate``'s "rouge" (package rouge-score 0.1.2, variant ``rougeL``: sentence-level
+LCS F-measure, no stemming, default tokenizer that lower-cases and splits on non-alphanumerics; not
+``rougeLsum``), aggregated by rouge-score's ``BootstrapAggregator`` median, seeded. :func:`rouge_l` is one
+pair's F-measure and :func:`mean_rouge_l` the plain mean.
 
 MoleculeNet: AUC-ROC of the model's score for the positive answer (:func:`auc_roc`).
 
@@ -50,7 +63,8 @@ from typing import Sequence
 
 __all__ = [
     "canonical_smiles", "is_valid_smiles", "fingerprint_tanimoto", "levenshtein", "molecule_generation_scores",
-    "rouge_l", "mean_rouge_l", "auc_roc", "extract_gsm8k_answer", "extract_math_answer",
+    "mol_instructions_scores", "molt5_scores", "MOLECULE_CONVENTIONS",
+    "rouge_l", "mean_rouge_l", "mol_instructions_rouge_l", "auc_roc", "extract_gsm8k_answer", "extract_math_answer",
     "normalize_math_answer", "math_answers_equal", "accuracy", "FINGERPRINT_KINDS",
 ]
 
@@ -157,48 +171,139 @@ def levenshtein(a: str, b: str) -> int:
     return int(Levenshtein.distance(a, b))
 
 
-def molecule_generation_scores(preds: list[str], refs: list[str]) -> dict:
-    """Mol-Instructions molecule-generation metrics for predicted vs reference SMILES.
+MOLECULE_CONVENTIONS = ("mol_instructions", "molt5")
 
-    Returns ``{"exact", "levenshtein", "rdk_fts", "maccs_fts", "morgan_fts", "validity"}`` (floats):
-    exact and validity are fractions over all pairs; levenshtein is the mean raw-string edit distance over
-    all pairs (surrounding whitespace stripped); the three FTS values are means over the pairs whose
-    prediction and reference both parse (0.0 if there are none). A reference that does not parse is a
-    data error but is handled like Mol-Instructions does: that pair counts as not exact and is left out of
-    the FTS means. Raises ValueError on empty or mismatched lists.
-    """
+# Strings pandas.read_table reads as missing (its default na_values): Mol-Instructions' evaluate.py reads
+# the generations with it and drops rows holding one, so such a generation is dropped here too.
+_PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                        "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+
+
+def _mol_quiet(smiles: str):
+    """``Chem.MolFromSmiles`` with RDKit's log silenced (None when it does not parse)."""
     from rdkit import Chem
 
-    n = _check_pairs(preds, refs, "molecule_generation_scores")
-    exact = valid = 0
-    lev_total = 0
-    sims = {k: [] for k in FINGERPRINT_KINDS}
+    with _rdkit_quiet():
+        try:
+            return Chem.MolFromSmiles(smiles)
+        except Exception:  # noqa: BLE001 - RDKit can raise on pathological input; it does not parse
+            return None
+
+
+def _inchi(mol) -> str:
+    from rdkit import Chem
+
+    with _rdkit_quiet():
+        return Chem.MolToInchi(mol)
+
+
+def _decode_selfies(text: str):
+    """evaluate.py's ``sf_encode``: the text up to its last ``]`` decoded with ``selfies``; None if that fails."""
+    import selfies as sf
+
+    text = text.rsplit("]", 1)[0] + "]"
+    try:
+        return sf.decoder(text)
+    except Exception:  # noqa: BLE001 - evaluate.py drops any decoding failure
+        return None
+
+
+def _mi_canonical(text, representation: str):
+    """Mol-Instructions' canonical non-isomeric SMILES of one side, or None when the pair is dropped."""
+    from rdkit import Chem
+
+    if not isinstance(text, str) or text.strip() in _PANDAS_NA:
+        return None
+    smiles = _decode_selfies(text) if representation == "selfies" else text.strip()
+    if smiles is None:
+        return None
+    mol = _mol_quiet(smiles)
+    return None if mol is None else Chem.MolToSmiles(mol, isomericSmiles=False, canonical=True)
+
+
+def mol_instructions_scores(preds: list[str], refs: list[str], representation: str = "smiles") -> dict:
+    """Molecule-generation metrics exactly as zjunlp/Mol-Instructions computes them (module docstring).
+
+    ``representation``: what ``preds`` and ``refs`` are written in: ``"smiles"`` (this project's models
+    write SMILES; surrounding whitespace ignored) or ``"selfies"`` (Mol-Instructions' own data and models).
+    Returns ``{"exact", "levenshtein", "rdk_fts", "maccs_fts", "morgan_fts", "validity", "n", "n_scored"}``.
+    """
+    if representation not in ("smiles", "selfies"):
+        raise ValueError(f"representation must be 'smiles' or 'selfies', got {representation!r}")
+    n = _check_pairs(preds, refs, "mol_instructions_scores")
+    scored = []
     for p, r in zip(preds, refs):
-        p = p.strip() if isinstance(p, str) else ""
-        r = r.strip() if isinstance(r, str) else ""
-        lev_total += levenshtein(p, r)
-        mp, mr = _mol(p), _mol(r)
-        if mp is None:
+        cp = _mi_canonical(p, representation)
+        if cp is None:
             continue
-        valid += 1
-        if mr is None:
-            continue
-        if Chem.MolToSmiles(mp) == Chem.MolToSmiles(mr):
-            exact += 1
-        for k in FINGERPRINT_KINDS:
-            sims[k].append(_tanimoto_mols(mp, mr, k))
+        cr = _mi_canonical(r, representation)
+        if cr is not None:
+            scored.append((cp, cr))
+    exact, levs, sims = 0, [], {k: [] for k in FINGERPRINT_KINDS}
+    for cp, cr in scored:  # mol_translation_selfies.py then fingerprint_metrics.py, on the canonical strings
+        mp, mr = _mol_quiet(cp), _mol_quiet(cr)
+        try:
+            exact += int(_inchi(mp) == _inchi(mr))
+        except Exception:  # noqa: BLE001 - the script counts the pair as not exact
+            pass
+        levs.append(levenshtein(cp, cr))
+        if mp is not None and mr is not None:
+            for k in FINGERPRINT_KINDS:
+                sims[k].append(_tanimoto_mols(mr, mp, k))
+    m = len(scored)
 
     def mean(xs):
         return float(sum(xs) / len(xs)) if xs else 0.0
 
     return {
-        "exact": exact / n,
-        "levenshtein": lev_total / n,
+        "exact": exact / m if m else 0.0,
+        "levenshtein": float(sum(levs) / m) if m else None,
         "rdk_fts": mean(sims["rdk"]),
         "maccs_fts": mean(sims["maccs"]),
         "morgan_fts": mean(sims["morgan"]),
-        "validity": valid / n,
+        "validity": m / n,
+        "n": n,
+        "n_scored": m,
     }
+
+
+def molt5_scores(preds: list[str], refs: list[str]) -> dict:
+    """MolT5's scripts on raw SMILES strings, every pair counted (module docstring, ``"molt5"``)."""
+    n = _check_pairs(preds, refs, "molt5_scores")
+    exact = bad = 0
+    lev_total = 0
+    sims = {k: [] for k in FINGERPRINT_KINDS}
+    for p, r in zip(preds, refs):
+        p = p.strip() if isinstance(p, str) else ""
+        r = r.strip() if isinstance(r, str) else ""
+        mp, mr = _mol_quiet(p), _mol_quiet(r)
+        try:
+            exact += int(_inchi(mp) == _inchi(mr))
+        except Exception:  # noqa: BLE001 - MolT5: a failure here is a "bad molecule"
+            bad += 1
+        lev_total += levenshtein(p, r)
+        if mp is not None and mr is not None:
+            for k in FINGERPRINT_KINDS:
+                sims[k].append(_tanimoto_mols(mr, mp, k))
+
+    def mean(xs):
+        return float(sum(xs) / len(xs)) if xs else 0.0
+
+    return {"exact": exact / n, "levenshtein": lev_total / n, "rdk_fts": mean(sims["rdk"]),
+            "maccs_fts": mean(sims["maccs"]), "morgan_fts": mean(sims["morgan"]), "validity": 1 - bad / n, "n": n}
+
+
+def molecule_generation_scores(preds: list[str], refs: list[str], convention: str = "mol_instructions",
+                               representation: str = "smiles") -> dict:
+    """Molecule-generation metrics under ``convention`` (``"mol_instructions"``, the default and what the
+    paper's Table 8 uses, or ``"molt5"``). ValueError on empty or mismatched lists or an unknown name."""
+    if convention == "mol_instructions":
+        return mol_instructions_scores(preds, refs, representation)
+    if convention == "molt5":
+        if representation != "smiles":
+            raise ValueError("the molt5 convention scores SMILES strings only")
+        return molt5_scores(preds, refs)
+    raise ValueError(f"unknown molecule scoring convention {convention!r}; choose one of {MOLECULE_CONVENTIONS}")
 
 
 # ------------------------------------------------------------------------------------- ROUGE-L
@@ -228,6 +333,37 @@ def mean_rouge_l(preds: list[str], refs: list[str]) -> float:
     """Mean ROUGE-L F-measure over pairs (ValueError on empty or mismatched lists)."""
     n = _check_pairs(preds, refs, "mean_rouge_l")
     return sum(rouge_l(p, r) for p, r in zip(preds, refs)) / n
+
+
+def mol_instructions_rouge_l(preds: list[str], refs: list[str], seed: int = 0) -> dict:
+    """ROUGE-L of Mol-Instructions' ``evaluation/protein/eval.py``, which calls Hugging Face ``evaluate``'s
+    "rouge" metric with its defaults: rouge-score's ``RougeScorer(["rouge1", "rouge2", "rougeL",
+    "rougeLsum"], use_stemmer=False)`` (default tokenizer), per-pair F-measures aggregated by rouge-score's
+    ``BootstrapAggregator`` (1000 resamples of the pairs; the reported value is the *median* of the
+    resample means, ``.mid.fmeasure``), numpy seeded with ``seed`` as ``evaluate.load("rouge",
+    seed=seed)`` does (the caller's numpy random state is restored afterwards).
+
+    Returns ``{"rouge_l": that value (Table 9's ROUGE-L), "rouge_l_mean": the plain mean of the per-pair
+    F-measures}``. Equal to ``evaluate`` on tests/data/eval_reference/mol_instructions_protein_rouge.json.
+    """
+    import numpy as np
+    from rouge_score import rouge_scorer, scoring
+
+    n = _check_pairs(preds, refs, "mol_instructions_rouge_l")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=False)
+    agg = scoring.BootstrapAggregator()
+    per = []
+    for p, r in zip(preds, refs):
+        sc = scorer.score(r if isinstance(r, str) else "", p if isinstance(p, str) else "")
+        agg.add_scores(sc)
+        per.append(sc["rougeL"].fmeasure)
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        result = agg.aggregate()  # resamples rouge1, rouge2, rougeL, rougeLsum in that order, as evaluate does
+    finally:
+        np.random.set_state(state)
+    return {"rouge_l": float(result["rougeL"].mid.fmeasure), "rouge_l_mean": float(sum(per) / n)}
 
 
 # ------------------------------------------------------------------------------------------ AUC
@@ -409,3 +545,110 @@ def accuracy(preds: list, golds: list) -> float:
     """Fraction of positions where ``preds[i] == golds[i]`` (ValueError on empty or mismatched lists)."""
     n = _check_pairs(preds, golds, "accuracy", ("preds", "golds"))
     return sum(1 for p, g in zip(preds, golds) if p == g) / n
+
+
+# ------------------------------------------------------------------ GSM8K / MATH as lm-eval scores them
+def _lm_eval_task_yaml(rel: str) -> dict:
+    """A task YAML shipped inside the installed lm-eval (lm_eval/tasks/<rel>), parsed."""
+    import lm_eval
+    import yaml
+    from pathlib import Path
+
+    path = Path(lm_eval.__file__).parent / "tasks" / rel
+    return yaml.safe_load(path.read_text())
+
+
+_GSM8K = None
+
+
+def gsm8k_config() -> dict:
+    """lm-eval's own GSM8K task (``lm_eval/tasks/gsm8k/gsm8k.yaml`` of the installed lm-eval 0.4.13):
+    ``until`` (its stop sequences), ``filters`` ({name: lm-eval FilterEnsemble}) and ``metric`` (the
+    ``exact_match`` options: ignore_case, regexes_to_ignore, ...)."""
+    global _GSM8K
+    if _GSM8K is None:
+        from lm_eval.filters import build_filter_ensemble
+
+        cfg = _lm_eval_task_yaml("gsm8k/gsm8k.yaml")
+        filters = {f["name"]: build_filter_ensemble(f["name"], [(c["function"], {k: v for k, v in c.items()
+                                                                                 if k != "function"} or None)
+                                                                for c in f["filter"]])
+                   for f in cfg["filter_list"]}
+        metric = {k: v for k, v in cfg["metric_list"][0].items() if k not in ("metric", "aggregation",
+                                                                               "higher_is_better")}
+        _GSM8K = dict(until=list(cfg["generation_kwargs"]["until"]), filters=filters, metric=metric)
+    return _GSM8K
+
+
+def gsm8k_scores(completions: list[str], golds: list[str]) -> tuple[dict, list[dict]]:
+    """GSM8K accuracy exactly as lm-eval's ``gsm8k`` task computes it: each completion goes through its
+    two filters (``strict-match``: the number after ``#### ``; ``flexible-extract``: the last number-like
+    match), then lm-eval's ``exact_match`` against the gold answer (a full GSM8K solution ending
+    ``#### N`` or just ``N``) with the task's options (case-insensitive; ``,``, ``$``, everything up to
+    ``#### `` and a final ``.`` removed from both sides). lm-eval's own filter and metric functions are
+    called. Returns ``({"strict_match": %, "flexible_extract": %}, per-sample extractions)``."""
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+
+    _check_pairs(completions, golds, "gsm8k_scores", ("completions", "golds"))
+    cfg = gsm8k_config()
+    golds = [str(g) for g in golds]
+    from lm_eval.api.instance import Instance
+
+    out, per = {}, [dict() for _ in completions]
+    for name, ensemble in cfg["filters"].items():
+        insts = [Instance(request_type="generate_until", doc={"answer": g}, arguments=("", {}), idx=0)
+                 for g in golds]
+        for inst, c in zip(insts, completions):
+            inst.resps = [c if isinstance(c, str) else ""]
+        ensemble.apply(insts)  # lm-eval's filter pipeline (regex, take_first)
+        extracted = [inst.filtered_resps[name] for inst in insts]
+        hits = [float(exact_match_hf_evaluate([e], [g], **cfg["metric"])["exact_match"])
+                for e, g in zip(extracted, golds)]
+        key = name.replace("-", "_")
+        out[key] = 100 * sum(hits) / len(hits)
+        for d, e, h in zip(per, extracted, hits):
+            d[key] = dict(extracted=e, correct=bool(h))
+    return out, per
+
+
+def cut_at_stop_sequences(text: str, stops) -> str:
+    """``text`` up to the first occurrence of any stop sequence (lm-eval's ``until`` semantics)."""
+    cut = len(text)
+    for s in stops:
+        i = text.find(s)
+        if 0 <= i < cut:
+            cut = i
+    return text[:cut]
+
+
+def math_scores(completions: list[str], golds: list[str]) -> tuple[dict, list[dict]]:
+    """MATH accuracy in the MATH benchmark's own convention (Hendrycks et al. 2021, "Measuring Mathematical
+    Problem Solving With the MATH Dataset", repository hendrycks/math ``math_equivalence.py``), through
+    lm-eval 0.4.13's copy of it (``lm_eval/tasks/hendrycks_math/utils.py``): the prediction is the
+    content of the completion's last ``\\boxed{}`` / ``\\fbox{}`` (``last_boxed_only_string`` +
+    ``remove_boxed``); the gold is the last ``\\boxed{}`` of a full solution, or the answer as given; they
+    agree when ``is_equiv`` (``strip_string`` normalisation: units, ``\\left``/``\\right``, ``dfrac``,
+    ``0.5`` -> ``\\frac{1}{2}``, spaces, ...) says so. A completion without a box is wrong."""
+    from lm_eval.tasks.hendrycks_math.utils import is_equiv, last_boxed_only_string, remove_boxed
+
+    def boxed(text):
+        if not isinstance(text, str):
+            return None
+        b = last_boxed_only_string(text)
+        if b is None:
+            return None
+        try:
+            return remove_boxed(b)
+        except AssertionError:  # "\fbox{...}" or an unbalanced box: not a MATH answer
+            return None
+
+    n = _check_pairs(completions, golds, "math_scores", ("completions", "golds"))
+    per, right = [], 0
+    for c, g in zip(completions, golds):
+        g = str(g)
+        gold = boxed(g) if "\\boxed" in g else g
+        pred = boxed(c)
+        ok = pred is not None and bool(is_equiv(pred, gold))
+        right += ok
+        per.append(dict(extracted=pred, gold=gold, correct=ok))
+    return {"acc": 100 * right / n}, per
