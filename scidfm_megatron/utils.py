@@ -38,3 +38,37 @@ def staged_dir(dst: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_SURROGATE = None
+
+
+def lone_surrogate(value, where: str = "") -> str | None:
+    """Where ``value`` (a str, or JSON-parsed lists/dicts of them) holds a lone UTF-16 surrogate, else None.
+
+    ``json.loads`` accepts escaped lone surrogates (``"\\ud800"``, common in web dumps where an emoji was cut
+    in half) and returns a str that is not valid Unicode: SentencePiece, protobuf and UTF-8 encoders then
+    fail deep inside a run. Callers reject such a record with this description (e.g.
+    ``messages[2].content: lone surrogate U+D83D at character 41``)."""
+    global _SURROGATE
+    if isinstance(value, str):
+        if _SURROGATE is None:
+            import re
+
+            _SURROGATE = re.compile("[\ud800-\udfff]")
+        m = _SURROGATE.search(value)
+        if m is None:
+            return None
+        return f"{where or 'text'}: lone surrogate U+{ord(m.group()):04X} at character {m.start()}"
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for k, v in items:
+        sub = f"{where}{k}" if str(k).startswith("[") else (f"{where}.{k}" if where else str(k))
+        found = lone_surrogate(v, sub)
+        if found:
+            return found
+    return None

@@ -8,7 +8,8 @@ DIR/science_tokens.json (the inventory with ids) and Hugging Face files (tokeniz
 special_tokens_map.json, tokenization_scidfm.py; load with AutoTokenizer(..., trust_remote_code=True)).
 ``--bracket-atoms-from`` adds every bracket atom (``[C@@H]``, ``[Fe+2]``...) seen at least --min-count
 times, so they become single tokens: .smi/.txt files (first column), or jsonl with KEY (a SMILES field,
-or a text field whose molecule spans are scanned).
+or a text field whose molecule spans are scanned). Unreadable lines (invalid UTF-8 or JSON, a missing key,
+a lone surrogate) are skipped and listed by file:line; ``--strict`` stops at the first one.
 """
 
 from __future__ import annotations
@@ -19,24 +20,47 @@ import sys
 from pathlib import Path
 
 
-def _smiles_from(spec: str):
+def _smiles_from(spec: str, rejects: list, strict: bool):
+    """SMILES strings of one --bracket-atoms-from source. A bad line (invalid UTF-8, bad JSON, missing key,
+    a lone surrogate) is appended to ``rejects`` as "file:line: reason" and skipped; ``strict`` stops at
+    the first one."""
     from ..tokenizer.core import MOL_END, MOL_START
+    from ..utils import lone_surrogate
 
     path, _, key = spec.partition(":")
     p = Path(path)
     if not p.exists():
         raise SystemExit(f"--bracket-atoms-from {spec}: no such file")
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if not key:
-                yield line.split()[0]
-                continue
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            bad, value = None, None
             try:
-                value = json.loads(line)[key]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise SystemExit(f"{p}:{lineno}: cannot read key {key!r} ({exc})") from None
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad = f"invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8"
+            else:
+                if not line.strip():
+                    continue
+                if not key:
+                    value = line.split()[0]
+                else:
+                    try:
+                        value = json.loads(line)[key]
+                        if not isinstance(value, str):
+                            bad = f"key {key!r} is not a string"
+                    except json.JSONDecodeError as exc:
+                        bad = f"invalid JSON: {exc.msg} at column {exc.colno}"
+                    except (KeyError, TypeError):
+                        bad = f"no key {key!r} in this line's JSON object"
+                if not bad and lone_surrogate(value, f"key {key!r}" if key else "text"):
+                    bad = (lone_surrogate(value, f"key {key!r}" if key else "text")
+                           + " (not valid Unicode: an emoji or character cut in half?)")
+            if bad:
+                msg = f"{p}:{lineno}: {bad}"
+                if strict:
+                    raise SystemExit(f"scidfm-build-tokenizer: {msg} (--strict: nothing written)")
+                rejects.append(msg)
+                continue
             if MOL_START in value:
                 for chunk in value.split(MOL_START)[1:]:
                     yield chunk.split(MOL_END, 1)[0]
@@ -50,13 +74,21 @@ def main(argv=None) -> int:
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--bracket-atoms-from", nargs="*", default=[], metavar="FILE[:KEY]")
     ap.add_argument("--min-count", type=int, default=1)
+    ap.add_argument("--strict", action="store_true",
+                    help="stop at the first unreadable --bracket-atoms-from line (default: skip and list it)")
     args = ap.parse_args(argv)
     from ..tokenizer.build import build_tokenizer, harvest_bracket_atoms
 
-    extra = []
+    extra, rejects = [], []
     if args.bracket_atoms_from:
-        smiles = (s for spec in args.bracket_atoms_from for s in _smiles_from(spec))
+        smiles = (s for spec in args.bracket_atoms_from for s in _smiles_from(spec, rejects, args.strict))
         extra = harvest_bracket_atoms(smiles, args.min_count)
+        if rejects:
+            print(f"skipped {len(rejects)} unreadable line(s) of --bracket-atoms-from:", file=sys.stderr)
+            for r in rejects[:20]:
+                print(f"  {r}", file=sys.stderr)
+            if len(rejects) > 20:
+                print(f"  ... {len(rejects) - 20} more", file=sys.stderr)
     try:
         tok = build_tokenizer(args.base_model, args.output_dir, extra)
     except (ValueError, OSError) as exc:

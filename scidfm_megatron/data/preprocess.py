@@ -6,7 +6,7 @@ bounded whatever the input size (``multiprocessing.Pool.imap`` would read the wh
 here imports torch: workers stay small and start fast.
 
 Bad input is never dropped silently. Each bad line (invalid UTF-8, NUL bytes, invalid JSON, not an
-object, missing key, non-string value) is counted and listed with its file, line number and reason in
+object, missing key, non-string value, text holding an escaped lone surrogate such as ``"\ud800"``) is counted and listed with its file, line number and reason in
 the summary and in ``<prefix>_rejected.jsonl``; ``strict=True`` stops at the first one with that
 message and writes nothing. Empty documents are skipped and counted. Outputs are written under
 temporary names and renamed only when everything is complete.
@@ -29,10 +29,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ..utils import atomic_write
+from ..utils import atomic_write, lone_surrogate
 from .indexed import IndexedWriter, idx_path, optimal_dtype
 
 SPAN_KINDS = ("molecule", "protein")
+SURROGATE_FIX = " (not valid Unicode: an emoji or character cut in half?); repair or drop the line"
 
 
 class PreprocessError(RuntimeError):
@@ -170,6 +171,10 @@ def _encode_batch(batch: tuple[int, int, bytes]):
         if _W["mode"] == "chat":
             from ..tokenizer.core import encode_chat
 
+            bad = lone_surrogate(obj.get(keys[0]), keys[0])
+            if bad:
+                rejects.append((lineno, bad + SURROGATE_FIX))
+                continue
             try:
                 chats.append(encode_chat(tok, obj.get(keys[0]) if keys[0] in obj else None))
             except ValueError as exc:
@@ -188,6 +193,10 @@ def _encode_batch(batch: tuple[int, int, bytes]):
                 break
             if "\x00" in v:
                 bad = f"key {k!r} contains a NUL character (\\u0000)"
+                break
+            bad = lone_surrogate(v, f"key {k!r}")
+            if bad:
+                bad += SURROGATE_FIX
                 break
             values.append(v)
         if bad:
