@@ -192,3 +192,28 @@ def test_peak_memory_is_flat_in_input_size(tmp_path, science_tokenizer_dir, big_
                                         "--output-prefix", str(tmp_path / src.stem), "--workers", "2", "--no-progress",
                                         "--tokenizer-model", str(science_tokenizer_dir / "tokenizer.model")]))
     assert peaks[1] <= 1.2 * peaks[0], f"peak RSS {peaks[0] / 1e6:.0f} MB -> {peaks[1] / 1e6:.0f} MB"
+
+
+def test_plain_sentencepiece_model_gives_megatron_lm_ids(tmp_path):
+    """A plain 32000-piece Llama tokenizer (Megatron-LM's --tokenizer-type GPTSentencePieceTokenizer):
+    each document is encode_as_ids(text), no BOS, then EOD = </s> (the model has no <|eod|>)."""
+    import sentencepiece as spm
+
+    base = ROOT / "examples" / "tokenizer" / "base_tokenizer.model"
+    sp = spm.SentencePieceProcessor(model_file=str(base))
+    docs = [json.loads(x)["text"] for x in open(SAMPLE / "papers.jsonl", encoding="utf-8")][:40]
+    docs += ["Benzene is c1ccccc1 \u2014 caf\u00e9 \u4e2d\u6587 <|user|> [START_I_SMILES]CCO[END_I_SMILES] </s>"]
+    src = tmp_path / "plain.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    r = cli("--input", src, "--output-prefix", tmp_path / "p", "--tokenizer-model", base, "--append-eod",
+            "--workers", 2)
+    assert r.returncode == 0, r.stderr
+    ds = megatron_dataset(tmp_path / "p_text_document")
+    assert len(ds) == len(docs) and ds[0].dtype == np.uint16
+    for i, d in enumerate(docs):
+        assert ds[i].tolist() == sp.encode_as_ids(d) + [sp.eos_id()]
+    # span wrapping and chat markers need the science tokenizer: one line, exit 2, nothing written
+    r = cli("--input", src, "--output-prefix", tmp_path / "q", "--tokenizer-model", base, "--json-keys", "text",
+            "--span", "text=molecule")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "needs the science tokenizer" in r.stderr
+    assert not list(tmp_path.glob("q*"))

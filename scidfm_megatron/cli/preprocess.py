@@ -7,7 +7,8 @@ writes out/papers_text_document.{bin,idx} (readable by megatron-core's IndexedDa
 out/papers_summary.json and out/papers_rejected.jsonl (every bad line: file, line, reason).
 Database sources: ``--json-keys smiles --span smiles=molecule`` wraps each value in the molecule span
 markers (``protein`` for sequences). ``--strict`` stops at the first bad line and writes nothing.
-Exit status: 0 complete, 1 input error (strict) or interrupted, 2 bad arguments.
+Exit status: 0 complete, 1 input error (strict) or interrupted, 2 bad arguments (including --span or
+SFT data with a plain SentencePiece model, which has no span or chat vocabulary).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
                              sft_pack=not args.no_pack)
     except PreprocessError as exc:
         print(f"scidfm-preprocess: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if type(exc).__name__ == "PreprocessUsageError" else 1
     except KeyboardInterrupt:
         print("scidfm-preprocess: interrupted; nothing written at the output names", file=sys.stderr)
         return 1

@@ -40,6 +40,10 @@ class PreprocessError(RuntimeError):
     pass
 
 
+class PreprocessUsageError(PreprocessError):
+    """Bad arguments (the tokenizer cannot do what the flags ask): the CLI exits 2."""
+
+
 @dataclass
 class Rejection:
     file: str
@@ -113,9 +117,10 @@ def _init_worker(model_file: str, keys: list[str], spans: dict, append_eod: bool
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides how to stop
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # forked workers must not run the parent's handler
     try:
-        from ..tokenizer.core import ScienceTokenizer, wrap_molecule, wrap_protein
+        from ..tokenizer.core import wrap_molecule, wrap_protein
+        from ..tokenizer.plain import load_tokenizer
 
-        tok = ScienceTokenizer(model_file)
+        tok = load_tokenizer(model_file)  # the science tokenizer, or any SentencePiece model (tokenizer/plain.py)
         tok.num_threads = 1  # one SentencePiece thread per worker process: the workers are the parallelism
         _W.update(tok=tok, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype), mode=mode,
                   wrap={k: (wrap_molecule if v == "molecule" else wrap_protein) for k, v in spans.items()})
@@ -288,7 +293,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
 
     With ``sft_seq_length``, records are conversations (``json_keys[0]``, default ``messages``: a list
     of {role, content}) and the output is a packed SFT dataset (see :mod:`.sft`)."""
-    from ..tokenizer.core import ScienceTokenizer
+    from ..tokenizer.plain import PlainSentencePieceTokenizer, load_tokenizer
 
     spans = dict(spans or {})
     keys = list(json_keys)
@@ -299,9 +304,13 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
             raise PreprocessError(f"--span {k}={kind}: {k!r} is not one of --json-keys {keys}")
     files = expand_inputs(list(inputs))
     try:
-        tok = ScienceTokenizer(tokenizer_model)
-    except (OSError, ValueError) as exc:
+        tok = load_tokenizer(tokenizer_model)
+    except (OSError, ValueError, RuntimeError) as exc:
         raise PreprocessError(f"--tokenizer-model: {exc}") from None
+    if isinstance(tok, PlainSentencePieceTokenizer) and (spans or sft_seq_length):
+        what = "--span" if spans else "SFT preprocessing (--sft-seq-length: chat markers)"
+        raise PreprocessUsageError(f"{what} needs the science tokenizer; {tokenizer_model} is a plain SentencePiece "
+                              f"model: build one with scidfm-build-tokenizer --base-model {tokenizer_model}")
     dtype = optimal_dtype(tok.vocab_size)
     mode = "chat" if sft_seq_length else "text"
     if mode == "chat":

@@ -77,6 +77,10 @@ def spell_bracket_atom(atom: str) -> Optional[list[str]]:
     return out + ["]"]
 
 
+class NotScienceTokenizer(ValueError):
+    """A valid SentencePiece model without the science vocabulary (a plain Llama-style tokenizer)."""
+
+
 class ScienceTokenizer:
     """Encode/decode with molecule and protein spans. Load with ``ScienceTokenizer(path_to_model)``."""
 
@@ -118,7 +122,7 @@ class ScienceTokenizer:
                 surface.append(p.piece.replace("\u2581", " ").encode())
         missing = [s for s in SPAN_MARKERS + SPECIALS if s not in self.special_ids]
         if missing or not self.mol_vocab or not self.prot_vocab:
-            raise ValueError(f"{self.model_file} is not an extended science tokenizer (missing {missing or 'span vocabularies'}); "
+            raise NotScienceTokenizer(f"{self.model_file} is not an extended science tokenizer (missing {missing or 'span vocabularies'}); "
                              f"build one with tools/build_tokenizer.py --base-model BASE.model --output-dir DIR")
         self._surface = surface
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()

@@ -1,0 +1,50 @@
+"""Any SentencePiece model, as Megatron-LM's ``GPTSentencePieceTokenizer`` uses it.
+
+General-domain sources (SlimPajama, Wikipedia, code) and users not training SciDFM's vocabulary
+preprocess with the plain model their base LLM ships (``--tokenizer-model tokenizer.model``, the flag and
+file Megatron-LM's ``tools/preprocess_data.py`` takes). The ids are Megatron-LM's: a document's ids are
+``SentencePieceProcessor.encode_as_ids(text)`` (no BOS), and the end-of-document id is ``</s>``
+(``eos_id()``) unless the model has an ``<|eod|>`` piece, which then is the EOD. Span wrapping and chat
+markers need the science tokenizer (:mod:`.core`).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class PlainSentencePieceTokenizer:
+    kind = "plain"
+
+    def __init__(self, model_file: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.model_file = str(model_file)
+        if not os.path.exists(self.model_file):
+            raise OSError(f"{self.model_file}: no such file")
+        self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        self.vocab_size = self.sp.get_piece_size()
+        eod = self.sp.piece_to_id("<|eod|>")
+        self.eod_id = eod if eod != self.sp.unk_id() else self.sp.eos_id()
+        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.num_threads = -1
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode_as_ids(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=self.num_threads)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode_ids([int(i) for i in ids])
+
+
+def load_tokenizer(model_file: str | os.PathLike):
+    """The science tokenizer when ``model_file`` is one, else the plain SentencePiece model."""
+    from .core import NotScienceTokenizer, ScienceTokenizer
+
+    try:
+        return ScienceTokenizer(model_file)
+    except NotScienceTokenizer:
+        return PlainSentencePieceTokenizer(model_file)
