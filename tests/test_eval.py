@@ -60,33 +60,42 @@ class _Fake(LanguageModel):
                 ids = self.tokenizer.encode(f"[START_I_SMILES]{r['output']}[END_I_SMILES]")[1:-1]
             elif "output" in r:
                 ids = self.tokenizer.encode(" " + r["output"], continuation=True)
-            else:
-                ids = self.tokenizer.encode(f" Let me think. #### {r['answer']}", continuation=True)
+            else:  # a multi-paragraph solution: the answer comes after a blank line
+                ids = self.tokenizer.encode(f" Let me think.\n\nSo the result is \\boxed{{{r['answer']}}}.\n\n"
+                                            f"#### {r['answer']}", continuation=True)
             out.append(ids)
         return out
 
 
+@pytest.mark.parametrize("fmt", ["chat", "raw"])
 @pytest.mark.parametrize("oracle", [True, False], ids=["oracle", "constant"])
-def test_scoring_path_discriminates(science_tokenizer, oracle):
-    """Given the answers, every metric is perfect; a constant model gets chance (and nothing right)."""
-    for name, fn in FIXTURES.items():
+def test_scoring_path_discriminates(science_tokenizer, oracle, fmt):
+    """Given the answers, every metric is perfect; a constant model gets chance (and nothing right), in
+    both prompt formats and for every task kind (GSM8K and MATH scored separately)."""
+    runs = [(n, DATA / f, None) for n, f in FIXTURES.items()]
+    runs.append(("math", DATA / "math_generation.jsonl", "minerva"))
+    for name, path, only in runs:
         task = TASKS[name]
-        recs = load_records(DATA / fn, task.kind)
-        m, _ = run_task(_Fake(science_tokenizer, recs, oracle), task, recs, progress=False)
+        recs = load_records(path, task.kind)
+        if task.kind == "math":
+            recs = [r for r in recs if ("minerva" in r["source"]) == (only == "minerva")]
+        m, _ = run_task(_Fake(science_tokenizer, recs, oracle), task, recs, progress=False, prompt_format=fmt)
         if task.kind == "multiple_choice":
             first = 100 * np.mean([r["answer"] == 0 for r in recs])  # ties go to the first choice
             assert m["acc"] == (100.0 if oracle else pytest.approx(first)) and 0 < first < 100
+        elif task.kind == "math" and name == "gsm8k":
+            assert m["strict_match"] == m["flexible_extract"] == (100.0 if oracle else 0.0)
         elif task.kind == "math":
-            assert m["acc"] == (100.0 if oracle else 0.0)
+            assert m["acc"] == (100.0 if oracle else 0.0) and len(recs) == 4
         elif task.kind == "molecule_generation":
             want = dict(exact=1.0, levenshtein=0.0, rdk_fts=1.0, maccs_fts=1.0, morgan_fts=1.0, validity=1.0) \
-                if oracle else dict(exact=0.0, validity=0.0)
-            assert {k: pytest.approx(v) for k, v in want.items()} == {k: m[k] for k in want}
-            assert oracle or m["levenshtein"] == pytest.approx(np.mean([len(r["output"]) for r in recs]))
+                if oracle else dict(exact=0.0, validity=0.0, levenshtein=None, morgan_fts=0.0)
+            assert {k: pytest.approx(v) if v is not None else None for k, v in want.items()} == {k: m[k] for k in want}
         elif task.kind == "protein_understanding":
             assert m["rouge_l"] == pytest.approx(1.0 if oracle else 0.0)
         else:
             assert m["auc_roc"] == pytest.approx(100.0 if oracle else 50.0)
+            assert len(m["auc_per_task"]) == 2  # the fixture's two questions are two tasks
 
 
 def test_bad_task_file_names_the_line(tmp_path):
@@ -164,7 +173,7 @@ def test_lm_eval_runs_offline_on_the_converted_model(hf_tiny, both_models):
     res = run_lm_eval(str(hf_tiny), str(DATA / "multiple_choice.jsonl"), limit=8, batch_size=4)
     assert res["n"] == 8 and 0.0 <= res["acc"] <= 1.0
     recs = load_records(DATA / "multiple_choice.jsonl", "multiple_choice", 8)
-    m, samples = run_task(both_models[1], TASKS["sciq"], recs, progress=False)
+    m, samples = run_task(both_models[1], TASKS["sciq"], recs, progress=False, prompt_format="raw")
     for ours, theirs in zip(samples, res["samples"]):
         np.testing.assert_allclose(ours["loglik"], theirs["loglikelihoods"], atol=1e-4)
     assert m["acc"] == pytest.approx(100 * res["acc"])

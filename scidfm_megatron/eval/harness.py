@@ -1,9 +1,12 @@
-"""Evaluate a model (Hugging Face folder or megatron checkpoint) on zero-shot tasks; JSON + paper table.
+"""Evaluate a model (Hugging Face folder or megatron checkpoint) on zero-shot tasks; JSON + the paper's tables.
 
     scidfm-evaluate --model hf/tiny --task sciq --data sciq.jsonl [--limit 100] [--output results.json]
-    scidfm-evaluate --model runs/tiny/sft --task mol_instructions_molecule --data examples/eval/data/molecule_generation.jsonl
+    scidfm-evaluate --model runs/tiny/sft --task mol_design=examples/eval/data/molecule_generation.jsonl
+    scidfm-evaluate --model hf/scidfm --suite paper --data-dir tasks/ --output results.json
 
-``--task`` may repeat with one ``--data`` each; ``--task NAME=FILE`` pairs them explicitly.
+``--task`` may repeat with one ``--data`` each; ``--task NAME=FILE`` pairs them explicitly. ``--suite paper``
+runs every task whose file ``<task>.jsonl`` is in ``--data-dir`` (as ``scidfm-eval-data`` names them) and
+prints Tables 4, 7, 8 and 9 in the paper's layout beside the paper's SciDFM row.
 """
 
 from __future__ import annotations
@@ -15,22 +18,36 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .tasks import TASKS, TaskDataError, load_records, run_task
+from .tasks import PROMPT_FORMATS, TASKS, TaskDataError, load_records, run_task
+from .metrics import MOLECULE_CONVENTIONS
 
-# Column order of the paper's tables, per kind.
+# The paper's SciDFM rows (../shared/SCIDFM.md; Sun et al. 2024).
+PAPER = {
+    "Table 4": {"scieval": 62.48, "sciq": 88.00, "arc_challenge": 64.76, "arc_easy": 81.48, "gsm8k": 59.14,
+                "math": 27.28, "medqa": 44.54, "medmcqa": 53.10, "pubmedqa": 78.00},
+    "Table 7": {"bace": 76.4, "bbbp": 64.8, "clintox": 98.5, "hiv": 71.5, "tox21": 75.6},
+    "Table 8": {"mol_design": (0.084, 43.414, 0.586, 0.704, 0.443, 0.994),
+                "reagent_prediction": (0.192, 17.527, 0.476, 0.576, 0.452, 0.999),
+                "retrosynthesis": (0.665, 6.45, 0.916, 0.937, 0.888, 0.998)},
+    "Table 9": {"protein_function": 0.60, "functional_description": 0.72, "catalytic_activity": 0.76,
+                "domain_motif": 0.55},
+}
+_T8_COLS = [("exact", "Exact"), ("levenshtein", "Levenshtein"), ("rdk_fts", "RDK FTS"), ("maccs_fts", "MACCS FTS"),
+            ("morgan_fts", "Morgan FTS"), ("validity", "Validity")]
+# Columns of the tasks outside the paper's tables (e.g. mmlu, the generic task names), per kind.
 _COLUMNS = {
     "multiple_choice": [("acc", "Acc %"), ("acc_norm", "Acc-norm %")],
     "math": [("acc", "Acc %")],
-    "molecule_generation": [("exact", "Exact"), ("levenshtein", "Levenshtein"), ("rdk_fts", "RDK FTS"),
-                            ("maccs_fts", "MACCS FTS"), ("morgan_fts", "Morgan FTS"), ("validity", "Validity")],
+    "molecule_generation": _T8_COLS,
     "protein_understanding": [("rouge_l", "ROUGE-L")],
     "moleculenet": [("auc_roc", "AUC-ROC %")],
 }
 
 
 def evaluate(model, tasks: list[tuple[str, str]], *, limit: Optional[int] = None, batch_size: int = 8,
-             progress: bool = True, max_new_tokens: Optional[int] = None) -> dict:
-    """``tasks``: (task name, data file) pairs. Returns {task: {kind, n, metrics, samples, seconds}}."""
+             progress: bool = True, max_new_tokens: Optional[int] = None, prompt_format: str = "chat",
+             molecule_convention: str = "mol_instructions") -> dict:
+    """``tasks``: (task name, data file) pairs. Returns {task: {kind, n, metrics, samples, seconds, ...}}."""
     out = {}
     for name, data in tasks:
         if name not in TASKS:
@@ -39,35 +56,108 @@ def evaluate(model, tasks: list[tuple[str, str]], *, limit: Optional[int] = None
         recs = load_records(data, task.kind, limit)
         t0 = time.time()
         scores, samples = run_task(model, task, recs, batch_size=batch_size, progress=progress,
-                                   max_new_tokens=max_new_tokens)
-        out[name] = dict(kind=task.kind, paper_table=task.paper_table, data=str(data), n=len(recs), metrics=scores,
-                         samples=samples, seconds=round(time.time() - t0, 2))
+                                   max_new_tokens=max_new_tokens, prompt_format=prompt_format,
+                                   molecule_convention=molecule_convention)
+        out[name] = dict(kind=task.kind, paper_table=task.paper_table, data=str(data), n=len(recs),
+                         prompt_format=prompt_format, metrics=scores, samples=samples,
+                         seconds=round(time.time() - t0, 2))
     return out
 
 
+def _fmt(x, digits=4) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def _grid(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    return [title, "  ".join(h.ljust(w) for h, w in zip(head, widths))] + \
+        ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in rows] + [""]
+
+
+def _table4_cell(r) -> str:
+    m = r["metrics"]
+    if r["kind"] == "math" and "strict_match" in m:
+        return f"{m['strict_match']:.2f}/{m['flexible_extract']:.2f}"
+    return f"{m['acc']:.2f}"
+
+
 def format_table(results: dict) -> str:
-    """One block per task kind, columns as in the paper's tables."""
+    """The paper's Tables 4, 7, 8 and 9 for the tasks present (this model beside the paper's SciDFM row),
+    then one block per kind for tasks outside those tables."""
     lines = []
+    t4 = [n for n in PAPER["Table 4"] if n in results]
+    if t4:
+        head = ["Table 4 (acc %)"] + [TASKS[n].paper_name for n in t4]
+        rows = [["SciDFM (paper)"] + [f"{PAPER['Table 4'][n]:.2f}" for n in t4],
+                ["this model"] + [_table4_cell(results[n]) for n in t4],
+                ["n"] + [str(results[n]["n"]) for n in t4]]
+        lines += _grid("Table 4: general and domain benchmarks, zero-shot accuracy % (GSM8K: lm-eval "
+                       "strict-match/flexible-extract)", head, rows)
+    t7 = [n for n in PAPER["Table 7"] if n in results]
+    if t7:
+        ours = [results[n]["metrics"]["auc_roc"] for n in t7]
+        paper = [PAPER["Table 7"][n] for n in t7]
+        head = ["Table 7 (AUC-ROC %)"] + [TASKS[n].paper_name for n in t7] + ["average"]
+        rows = [["SciDFM (paper)"] + [f"{x:.1f}" for x in paper] + [f"{sum(paper) / len(paper):.1f}"],
+                ["this model"] + [f"{x:.1f}" for x in ours] + [f"{sum(ours) / len(ours):.1f}"],
+                ["tasks"] + [str(len(results[n]["metrics"]["auc_per_task"])) for n in t7] + [""]]
+        note = "" if len(t7) == 5 else f" (average over the {len(t7)} datasets present)"
+        lines += _grid(f"Table 7: MoleculeNet, AUC-ROC % (multi-task sets: mean of per-task AUCs){note}", head, rows)
+    t8 = [n for n in PAPER["Table 8"] if n in results] + \
+         [n for n in ("forward_reaction_prediction",) if n in results]
+    if t8:
+        rows = []
+        for n in t8:
+            if n in PAPER["Table 8"]:
+                rows.append([TASKS[n].paper_name, "SciDFM (paper)"] + [_fmt(x) for x in PAPER["Table 8"][n]])
+            m = results[n]["metrics"]
+            rows.append([TASKS[n].paper_name, f"this model (n={results[n]['n']})"] + [_fmt(m[k]) for k, _ in _T8_COLS])
+        conv = {results[n]["metrics"].get("convention") for n in t8}
+        lines += _grid(f"Table 8: Mol-Instructions molecule generation (scoring: {', '.join(sorted(conv))})",
+                       ["task", "row"] + [c for _, c in _T8_COLS], rows)
+    t9 = [n for n in PAPER["Table 9"] if n in results]
+    if t9:
+        head = ["Table 9 (ROUGE-L)"] + [TASKS[n].paper_name for n in t9]
+        rows = [["SciDFM (paper)"] + [f"{PAPER['Table 9'][n]:.2f}" for n in t9],
+                ["this model"] + [f"{results[n]['metrics']['rouge_l']:.2f}" for n in t9],
+                ["n"] + [str(results[n]["n"]) for n in t9]]
+        lines += _grid("Table 9: Mol-Instructions protein understanding, ROUGE-L", head, rows)
+    in_paper = set(t4) | set(t7) | set(t8) | set(t9)
     for kind, cols in _COLUMNS.items():
-        rows = [(n, r) for n, r in results.items() if r["kind"] == kind]
+        rows = [(n, r) for n, r in results.items() if r["kind"] == kind and n not in in_paper]
         if not rows:
             continue
-        head = ["task", "n"] + [c for _, c in cols]
-        body = [[n, str(r["n"])] + [f"{r['metrics'][k]:.4g}" for k, _ in cols] for n, r in rows]
-        widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
-        lines.append(f"{kind} ({rows[0][1]['paper_table']})")
-        lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-        lines.extend("  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in body)
-        lines.append("")
+        body = [[n, str(r["n"])] + [_fmt(r["metrics"][k]) for k, _ in cols] for n, r in rows]
+        lines += _grid(f"{kind} (tasks outside the paper's tables)", ["task", "n"] + [c for _, c in cols], body)
     return "\n".join(lines)
+
+
+def suite_tasks(data_dir: str | Path) -> list[tuple[str, str]]:
+    """(task, file) for every ``<task>.jsonl`` of a known task in ``data_dir`` (paper tasks first)."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise TaskDataError(f"{d}: --data-dir is not a directory")
+    found = [(n, str(d / f"{n}.jsonl")) for n in TASKS if (d / f"{n}.jsonl").is_file()]
+    if not found:
+        raise TaskDataError(f"{d}: no task files; expected <task>.jsonl for tasks among {sorted(TASKS)} "
+                            "(scidfm-eval-data writes them)")
+    return found
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scidfm-evaluate", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--model", required=True, help="Hugging Face folder or megatron checkpoint")
-    ap.add_argument("--task", action="append", required=True, help=f"one of {sorted(TASKS)} (or NAME=FILE)")
+    ap.add_argument("--task", action="append", default=[], help=f"one of {sorted(TASKS)} (or NAME=FILE)")
     ap.add_argument("--data", action="append", default=[], help="JSONL file, one per --task")
+    ap.add_argument("--suite", choices=["paper"], default=None, help="every task file found in --data-dir")
+    ap.add_argument("--data-dir", default=None, help="with --suite: folder of <task>.jsonl files")
+    ap.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
+                    help="chat: the SFT chat template (instruction-tuned models); raw: plain text (base models)")
+    ap.add_argument("--molecule-scoring", choices=MOLECULE_CONVENTIONS, default="mol_instructions",
+                    help="molecule generation: Mol-Instructions' pipeline (Table 8) or MolT5's scripts")
     ap.add_argument("--limit", type=int, default=None, help="first N records of each file")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="generation tasks (default per kind)")
@@ -75,21 +165,29 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--output", default=None, help="write results (with per-sample details) as JSON here")
     args = ap.parse_args(argv)
-    pairs = []
-    data = list(args.data)
-    for t in args.task:
-        if "=" in t:
-            name, f = t.split("=", 1)
-        else:
-            if not data:
-                ap.error(f"--task {t} has no --data file (give one --data per --task, or --task NAME=FILE)")
-            name, f = t, data.pop(0)
-        pairs.append((name, f))
+    if args.suite and args.task:
+        ap.error("give either --suite paper --data-dir DIR or --task, not both")
+    if args.suite and not args.data_dir:
+        ap.error("--suite paper needs --data-dir (a folder of <task>.jsonl files)")
+    if not args.suite and not args.task:
+        ap.error("give --task NAME --data FILE (repeatable) or --suite paper --data-dir DIR")
     from ..config import ConfigError
     from .._errors import conversion_errors
     from .models import load_model
 
     try:
+        if args.suite:
+            pairs = suite_tasks(args.data_dir)
+        else:
+            pairs, data = [], list(args.data)
+            for t in args.task:
+                if "=" in t:
+                    name, f = t.split("=", 1)
+                else:
+                    if not data:
+                        ap.error(f"--task {t} has no --data file (give one --data per --task, or --task NAME=FILE)")
+                    name, f = t, data.pop(0)
+                pairs.append((name, f))
         for name, f in pairs:  # fail on bad input before loading the model
             if name not in TASKS:
                 raise TaskDataError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
@@ -97,17 +195,21 @@ def main(argv=None) -> int:
         model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
         try:
             results = evaluate(model, pairs, limit=args.limit, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens)
+                               max_new_tokens=args.max_new_tokens, prompt_format=args.prompt_format,
+                               molecule_convention=args.molecule_scoring)
         finally:
             model.close()
     except (TaskDataError, FileNotFoundError, ConfigError) + conversion_errors() as exc:
         print(f"scidfm-evaluate: error: {exc}", file=sys.stderr)
         return 2
+    print(f"[scidfm] prompt format: {args.prompt_format}; molecule scoring: {args.molecule_scoring}")
     print(format_table(results))
     if args.output:
         from ..utils import atomic_write
 
-        atomic_write(Path(args.output), json.dumps(dict(model=str(args.model), results=results), indent=1))
+        atomic_write(Path(args.output), json.dumps(dict(model=str(args.model), prompt_format=args.prompt_format,
+                                                        molecule_scoring=args.molecule_scoring, results=results),
+                                                   indent=1))
         print(f"[scidfm] results -> {args.output}")
     return 0
 

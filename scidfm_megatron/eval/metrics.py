@@ -64,7 +64,8 @@ from typing import Sequence
 __all__ = [
     "canonical_smiles", "is_valid_smiles", "fingerprint_tanimoto", "levenshtein", "molecule_generation_scores",
     "mol_instructions_scores", "molt5_scores", "MOLECULE_CONVENTIONS",
-    "rouge_l", "mean_rouge_l", "mol_instructions_rouge_l", "auc_roc", "extract_gsm8k_answer", "extract_math_answer",
+    "rouge_l", "mean_rouge_l", "mol_instructions_rouge_l", "auc_roc", "moleculenet_auc", "gsm8k_scores", "math_scores",
+    "extract_gsm8k_answer", "extract_math_answer",
     "normalize_math_answer", "math_answers_equal", "accuracy", "FINGERPRINT_KINDS",
 ]
 
@@ -390,6 +391,31 @@ def auc_roc(labels: list[int], scores: list[float]) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(ys, xs))
+
+
+def moleculenet_auc(labels: list[int], scores: list[float], tasks: list[str]) -> dict:
+    """MoleculeNet's multi-task AUC-ROC: one AUC per task (``tasks[i]`` names the task of example i, e.g.
+    Tox21's "NR-AR"; a single-task dataset has one task), the dataset's figure their mean (Wu et al. 2018,
+    MoleculeNet; as in DeepChem / chemprop, a task whose examples are all of one class has no AUC and is
+    left out, listed under ``skipped_tasks``). Returns ``{"auc_roc": mean %, "auc_per_task": {task: %},
+    "skipped_tasks": [...]}``; ValueError when no task has both classes."""
+    _check_pairs(labels, scores, "moleculenet_auc", ("labels", "scores"))
+    _check_pairs(labels, tasks, "moleculenet_auc", ("labels", "tasks"))
+    by: dict = {}
+    for y, x, t in zip(labels, scores, tasks):
+        by.setdefault(t, ([], []))
+        by[t][0].append(y)
+        by[t][1].append(x)
+    per, skipped = {}, []
+    for t, (ys, xs) in by.items():
+        if len(set(int(y) for y in ys)) < 2:
+            skipped.append(t)
+            continue
+        per[t] = 100 * auc_roc(ys, xs)
+    if not per:
+        raise ValueError(f"moleculenet_auc: no task has both positive and negative examples "
+                         f"(tasks: {sorted(by)}); AUC-ROC is undefined")
+    return {"auc_roc": sum(per.values()) / len(per), "auc_per_task": per, "skipped_tasks": skipped}
 
 
 # ------------------------------------------------------------------------------- math answers

@@ -1,45 +1,54 @@
-"""Zero-shot tasks of the SciDFM paper (Tables 4-9) over local JSONL files.
+"""Zero-shot tasks of the SciDFM paper (Tables 4, 7, 8, 9) over local JSONL files.
 
 Each task has a *kind* (how it is prompted and scored) and reads one JSONL file whose fields the kind
-defines (the benchmarks cannot be downloaded here; convert yours to these fields):
+defines. ``scidfm-eval-data`` (``eval/converters.py``) writes these files from the public benchmark files.
 
 ====================  ===========================================================  =========================
 kind                  fields                                                       metrics
 ====================  ===========================================================  =========================
 multiple_choice       question, choices [str], answer (index), optional context    acc, acc_norm (%)
-math                  question, answer (final answer: GSM8K number / MATH latex)   acc (%)
+math                  question, answer (GSM8K solution / final answer; MATH        GSM8K: strict_match,
+                      solution with \boxed{} or final answer)                      flexible_extract (%);
+                                                                                   MATH: acc (%)
 molecule_generation   instruction, input, output (SMILES)                          exact, levenshtein, rdk /
                                                                                    maccs / morgan FTS, validity
 protein_understanding instruction, input (sequence), output (text)                 rouge_l
-moleculenet           smiles, question, label (0/1)                                auc_roc (%)
+moleculenet           smiles, question, label (0/1), optional task (assay name)    auc_roc (%), per task
 ====================  ===========================================================  =========================
 
-Prompts (zero-shot, plain text; molecules and proteins inside the tokenizer's span markers, as in
-pretraining):
+Prompt formats (``prompt_format``; recorded in the results): ``"chat"`` wraps the task text as one user
+turn of the chat template the SFT data is trained with (``tokenizer.core.chat_segments``:
+``<s><|user|>{text}\n<|assistant|>``) and the answer is the assistant's text; ``"raw"`` is plain text
+for base models. Molecules and proteins go inside the tokenizer's span markers, as in training.
 
-* multiple choice: ``[context\\n]Question: {question}\\nAnswer:`` scored on ``" " + choice`` by summed
-  log-likelihood (``acc``) and per-character log-likelihood (``acc_norm``), lm-eval's conventions.
-* math: ``Question: {question}\\nAnswer:``, greedy up to ``max_new_tokens`` until a blank line or EOS;
-  GSM8K answers by the number after ``####`` or the last number, MATH by the last ``\\boxed{}``.
-* molecule generation: ``{instruction}\\n{input}\\nAnswer: [START_I_SMILES]``; the prediction is the
-  greedy text up to ``[END_I_SMILES]`` (scored like Mol-Instructions).
-* protein understanding: ``{instruction}\\n[START_AMINO]{input}[END_AMINO]\\nAnswer:``, greedy to the
-  end of the line; ROUGE-L against the reference.
-* MoleculeNet: ``[START_I_SMILES]{smiles}[END_I_SMILES]\\nQuestion: {question}\\nAnswer:``; the score is
-  P(" Yes") / (P(" Yes") + P(" No")), AUC-ROC over the file (the paper's yes/no probabilities).
+* multiple choice: text ``[context\n]Question: {question}``; raw: + ``\nAnswer:`` and the choices are
+  scored as ``" " + choice``; chat: the choices are the assistant's text. Summed log-likelihood
+  (``acc``) and per-character (``acc_norm``), lm-eval's conventions.
+* math: text = the question (raw: ``Question: {question}\nAnswer:``, lm-eval's gsm8k prompt); greedy
+  until EOS or one of lm-eval's gsm8k stop sequences (``Question:``, ``</s>``, ``<|im_end|>``), never a
+  blank line. GSM8K: lm-eval's strict-match and flexible-extract (``metrics.gsm8k_scores``); MATH: the
+  last ``\boxed{}`` by the MATH convention (``metrics.math_scores``).
+* molecule generation: ``{instruction}\n{input}``, the answer starts with ``[START_I_SMILES]`` (raw:
+  after ``\nAnswer: ``); the prediction is the greedy text up to ``[END_I_SMILES]``; scored by
+  Mol-Instructions' pipeline (default) or MolT5's (``molecule_convention``).
+* protein understanding: ``{instruction}\n[START_AMINO]{input}[END_AMINO]``; raw: + ``\nAnswer:`` and the
+  first generated line; chat: the assistant's text to EOS. ROUGE-L as Mol-Instructions' protein eval.
+* MoleculeNet: ``[START_I_SMILES]{smiles}[END_I_SMILES]\nQuestion: {question}``; the score is
+  P(Yes) / (P(Yes) + P(No)); AUC-ROC per task (the ``task`` field, e.g. an assay of Tox21 / ClinTox;
+  records without one are grouped by their question), the
+  dataset's AUC the mean over its tasks (MoleculeNet's multi-task convention; scikit-learn's AUC).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from . import metrics
-from ..tokenizer.core import wrap_molecule, wrap_protein
+from ..tokenizer.core import chat_segments, wrap_molecule, wrap_protein
 
 KIND_FIELDS = {
     "multiple_choice": ("question", "choices", "answer"),
@@ -48,6 +57,7 @@ KIND_FIELDS = {
     "protein_understanding": ("instruction", "input", "output"),
     "moleculenet": ("smiles", "question", "label"),
 }
+PROMPT_FORMATS = ("chat", "raw")
 
 
 @dataclass(frozen=True)
@@ -56,16 +66,27 @@ class Task:
     kind: str
     paper_table: str
     answer_style: str = "gsm8k"  # math only: gsm8k | math
+    paper_name: str = ""  # the column / row name in the paper's table
 
 
 TASKS = {t.name: t for t in [
-    *(Task(n, "multiple_choice", "Table 4") for n in
-      ("sciq", "arc_easy", "arc_challenge", "medmcqa", "medqa", "pubmedqa", "scieval", "mmlu", "multiple_choice")),
-    Task("gsm8k", "math", "Table 4", "gsm8k"),
-    Task("math", "math", "Table 4", "math"),
-    Task("mol_instructions_molecule", "molecule_generation", "Table 8"),
-    Task("mol_instructions_protein", "protein_understanding", "Table 9"),
-    *(Task(n, "moleculenet", "Table 6") for n in ("bace", "bbbp", "clintox", "hiv", "tox21", "moleculenet")),
+    *(Task(n, "multiple_choice", "Table 4", paper_name=p) for n, p in
+      (("scieval", "SciEval"), ("sciq", "SciQ"), ("arc_challenge", "ARC-C"), ("arc_easy", "ARC-E"),
+       ("medqa", "MedQA"), ("medmcqa", "MedMCQA"), ("pubmedqa", "PubMedQA"), ("mmlu", ""),
+       ("multiple_choice", ""))),
+    Task("gsm8k", "math", "Table 4", "gsm8k", "GSM8K"),
+    Task("math", "math", "Table 4", "math", "MATH"),
+    *(Task(n, "moleculenet", "Table 7", paper_name=p) for n, p in
+      (("bace", "BACE"), ("bbbp", "BBBP"), ("clintox", "ClinTox"), ("hiv", "HIV"), ("tox21", "Tox21"),
+       ("moleculenet", ""))),
+    *(Task(n, "molecule_generation", "Table 8", paper_name=p) for n, p in
+      (("mol_design", "description-guided molecule design"), ("reagent_prediction", "reagent prediction"),
+       ("retrosynthesis", "retrosynthesis"), ("forward_reaction_prediction", "forward reaction prediction"),
+       ("mol_instructions_molecule", ""))),
+    *(Task(n, "protein_understanding", "Table 9", paper_name=p) for n, p in
+      (("protein_function", "protein function"), ("functional_description", "functional description"),
+       ("catalytic_activity", "catalytic activity"), ("domain_motif", "domain/motif"),
+       ("mol_instructions_protein", ""))),
 ]}
 
 
@@ -87,6 +108,8 @@ def load_records(path: str | Path, kind: str, limit: Optional[int] = None) -> li
                 rec = json.loads(line)
             except ValueError as exc:
                 raise TaskDataError(f"{p}:{no}: not JSON ({exc})") from None
+            if not isinstance(rec, dict):
+                raise TaskDataError(f"{p}:{no}: expected a JSON object per line")
             missing = [k for k in KIND_FIELDS[kind] if k not in rec]
             if missing:
                 raise TaskDataError(f"{p}:{no}: missing field(s) {missing}; a {kind} task needs "
@@ -105,23 +128,55 @@ def load_records(path: str | Path, kind: str, limit: Optional[int] = None) -> li
     return out
 
 
+class Prompter:
+    """Token ids of a task's prompt in the chosen format (see the module docstring)."""
+
+    def __init__(self, model, prompt_format: str = "chat"):
+        if prompt_format not in PROMPT_FORMATS:
+            raise TaskDataError(f"prompt format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+        self.model, self.tok, self.format = model, model.tokenizer, prompt_format
+
+    def prompt(self, text: str, raw_suffix: str = "", answer_prefix: str = "") -> list[int]:
+        """raw: ``<s>{text}{raw_suffix}{answer_prefix}``; chat: the user turn ``text`` then ``<|assistant|>``
+        and ``answer_prefix`` (the start of the assistant's answer)."""
+        if self.format == "raw":
+            return self.model.encode(text + raw_suffix + answer_prefix, bos=True)
+        rendered = "".join(t for t, _ in chat_segments([{"role": "user", "content": text}], add_generation_prompt=True))
+        ids = self.tok.encode(rendered, allow_special=True)
+        if answer_prefix:
+            ids += self.tok.encode(answer_prefix, allow_special=True, continuation=True)
+        return ids
+
+    def continuation(self, answer: str) -> list[int]:
+        """Ids of a scored answer: ``" " + answer`` after raw text, ``answer`` as the assistant's text."""
+        if self.format == "raw":
+            return self.tok.encode(" " + str(answer), allow_special=True, continuation=True)
+        return self.tok.encode(str(answer), allow_special=True, continuation=True)
+
+    def stop_ids(self) -> list[int]:
+        ids = [self.tok.eos_id, self.tok.special_ids.get("<|eod|>", self.tok.eos_id)]
+        if self.format == "chat":
+            ids.append(self.tok.special_ids.get("<|user|>", self.tok.eos_id))
+        return ids
+
+
 # ---------------------------------------------------------------------------------------- scoring
-def _mc(model, recs, bs, progress):
-    reqs, owner = [], []
-    for i, r in enumerate(recs):
-        ctx = model.encode((r["context"] + "\n" if r.get("context") else "") + f"Question: {r['question']}\nAnswer:",
-                           bos=True)
+def _mc(pr: Prompter, recs, bs, progress):
+    reqs = []
+    for r in recs:
+        ctx = pr.prompt((r["context"] + "\n" if r.get("context") else "") + f"Question: {r['question']}",
+                        raw_suffix="\nAnswer:")
         for c in r["choices"]:
-            reqs.append((ctx, model.tokenizer.encode(" " + str(c), allow_special=True, continuation=True)))
-            owner.append(i)
-    ll = _batched(model.loglikelihood, reqs, bs, progress, "choices")
+            reqs.append((ctx, pr.continuation(c)))
+    ll = _batched(pr.model.loglikelihood, reqs, bs, progress, "choices")
     preds, norm_preds, k = [], [], 0
     samples = []
     for r in recs:
         n = len(r["choices"])
         scores = ll[k:k + n]
         k += n
-        normed = [s / max(1, len(" " + str(c))) for s, c in zip(scores, r["choices"])]
+        width = 1 if pr.format == "raw" else 0  # the leading space is part of the scored text in raw
+        normed = [s / max(1, len(str(c)) + width) for s, c in zip(scores, r["choices"])]
         preds.append(max(range(n), key=lambda j: scores[j]))
         norm_preds.append(max(range(n), key=lambda j: normed[j]))
         samples.append(dict(answer=r["answer"], pred=preds[-1], pred_norm=norm_preds[-1], loglik=scores))
@@ -134,69 +189,60 @@ def _generate(model, prompts, max_new, stop, bs, progress):
                     progress, "generations")
 
 
-def _math(model, recs, bs, progress, style, max_new):
-    tok = model.tokenizer
-    prompts = [model.encode(f"Question: {r['question']}\nAnswer:", bos=True) for r in recs]
-    outs = _generate(model, prompts, max_new, [tok.eos_id, tok.special_ids.get("<|eod|>", tok.eos_id)], bs, progress)
-    preds, samples = [], []
-    for r, o in zip(recs, outs):
-        text = tok.decode(o).split("\n\n")[0]
-        pred = _extract_answer(text, style)
-        gold = str(r["answer"])
-        if "####" in gold:  # a full GSM8K solution: its final answer
-            gold = metrics.extract_gsm8k_answer(gold) or gold
-        ok = pred is not None and metrics.math_answers_equal(pred, gold)
-        preds.append(ok)
-        samples.append(dict(generation=text, pred=pred, gold=gold, correct=ok))
-    return dict(acc=100 * sum(preds) / len(preds)), samples
+def _math(pr: Prompter, recs, bs, progress, style, max_new):
+    until = metrics.gsm8k_config()["until"]
+    prompts = [pr.prompt(r["question"] if pr.format == "chat" else f"Question: {r['question']}",
+                         raw_suffix="\nAnswer:") for r in recs]
+    outs = _generate(pr.model, prompts, max_new, pr.stop_ids(), bs, progress)
+    texts = [metrics.cut_at_stop_sequences(pr.tok.decode(o), until) for o in outs]
+    golds = [str(r["answer"]) for r in recs]
+    if style == "gsm8k":
+        scores, per = metrics.gsm8k_scores(texts, golds)
+        scores["acc"] = scores["strict_match"]
+    else:
+        scores, per = metrics.math_scores(texts, golds)
+    return scores, [dict(generation=t, **dict(dict(gold=g), **d)) for t, g, d in zip(texts, golds, per)]
 
 
-def _extract_answer(text: str, style: str) -> Optional[str]:
-    """The final answer of a generation: a ``\\boxed{}`` (MATH style) wins, then what follows ``####``
-    (GSM8K style; a number is cleaned), then the task's own convention (last number / "The answer is")."""
-    if "\\boxed" in text:
-        return metrics.extract_math_answer(text)
-    if "####" in text:
-        tail = text.split("####")[-1].strip().split("\n")[0].strip()
-        return metrics.extract_gsm8k_answer(text) if re.fullmatch(r"[-+$\d,.\s]+", tail) else tail
-    return (metrics.extract_gsm8k_answer if style == "gsm8k" else metrics.extract_math_answer)(text)
-
-
-def _molgen(model, recs, bs, progress, max_new):
-    tok = model.tokenizer
+def _molgen(pr: Prompter, recs, bs, progress, max_new, convention="mol_instructions"):
+    tok = pr.tok
     end = tok.special_ids["[END_I_SMILES]"]
-    prompts = [model.encode(f"{r['instruction']}\n{r['input']}\nAnswer: [START_I_SMILES]", bos=True) for r in recs]
-    outs = _generate(model, prompts, max_new, [end, tok.eos_id], bs, progress)
+    prompts = [pr.prompt(f"{r['instruction']}\n{r['input']}", raw_suffix="\nAnswer: ",
+                         answer_prefix="[START_I_SMILES]") for r in recs]
+    outs = _generate(pr.model, prompts, max_new, [end] + pr.stop_ids(), bs, progress)
     preds = [tok.decode(o, skip_special=True).strip() for o in outs]
     refs = [r["output"] for r in recs]
-    scores = metrics.molecule_generation_scores(preds, refs)
+    scores = metrics.molecule_generation_scores(preds, refs, convention=convention)
+    scores["convention"] = convention
     return scores, [dict(pred=p, ref=r) for p, r in zip(preds, refs)]
 
 
-def _protein(model, recs, bs, progress, max_new):
-    tok = model.tokenizer
-    prompts = [model.encode(f"{r['instruction']}\n{wrap_protein(r['input'])}\nAnswer:", bos=True) for r in recs]
-    outs = _generate(model, prompts, max_new, [tok.eos_id], bs, progress)
-    preds = [tok.decode(o, skip_special=True).split("\n")[0].strip() for o in outs]
+def _protein(pr: Prompter, recs, bs, progress, max_new):
+    prompts = [pr.prompt(f"{r['instruction']}\n{wrap_protein(r['input'])}", raw_suffix="\nAnswer:") for r in recs]
+    outs = _generate(pr.model, prompts, max_new, pr.stop_ids(), bs, progress)
+    texts = [pr.tok.decode(o, skip_special=True) for o in outs]
+    preds = [(t.split("\n")[0] if pr.format == "raw" else t).strip() for t in texts]
     refs = [r["output"] for r in recs]
-    return dict(rouge_l=metrics.mean_rouge_l(preds, refs)), [dict(pred=p, ref=r) for p, r in zip(preds, refs)]
+    scores = metrics.mol_instructions_rouge_l(preds, refs)
+    return scores, [dict(pred=p, ref=r, rouge_l=metrics.rouge_l(p, r)) for p, r in zip(preds, refs)]
 
 
-def _moleculenet(model, recs, bs, progress):
+def _moleculenet(pr: Prompter, recs, bs, progress):
     reqs = []
     for r in recs:
-        ctx = model.encode(f"{wrap_molecule(r['smiles'])}\nQuestion: {r['question']}\nAnswer:", bos=True)
-        for word in (" Yes", " No"):
-            reqs.append((ctx, model.tokenizer.encode(word, allow_special=True, continuation=True)))
-    ll = _batched(model.loglikelihood, reqs, bs, progress, "yes/no")
+        ctx = pr.prompt(f"{wrap_molecule(r['smiles'])}\nQuestion: {r['question']}", raw_suffix="\nAnswer:")
+        for word in ("Yes", "No"):
+            reqs.append((ctx, pr.continuation(word)))
+    ll = _batched(pr.model.loglikelihood, reqs, bs, progress, "yes/no")
     scores = []
     for i in range(len(recs)):
         y, n = ll[2 * i], ll[2 * i + 1]
         m = max(y, n)
         scores.append(math.exp(y - m) / (math.exp(y - m) + math.exp(n - m)))
     labels = [int(r["label"]) for r in recs]
-    return (dict(auc_roc=100 * metrics.auc_roc(labels, scores)),
-            [dict(label=l_, p_yes=s) for l_, s in zip(labels, scores)])
+    groups = [str(r.get("task", r["question"])) for r in recs]  # no task field: one task per question
+    res = metrics.moleculenet_auc(labels, scores, groups)
+    return res, [dict(label=l_, p_yes=s, task=g) for l_, s, g in zip(labels, scores, groups)]
 
 
 def _batched(fn: Callable, items: list, bs: int, progress: bool, what: str) -> list:
@@ -213,16 +259,20 @@ def _batched(fn: Callable, items: list, bs: int, progress: bool, what: str) -> l
 
 
 def run_task(model, task: Task, records: list[dict], *, batch_size: int = 8, progress: bool = True,
-             max_new_tokens: Optional[int] = None) -> tuple[dict, list[dict]]:
-    """(metrics, per-sample details) of ``model`` on ``records``."""
+             max_new_tokens: Optional[int] = None, molecule_convention: str = "mol_instructions",
+             prompt_format: str = "chat") -> tuple[dict, list[dict]]:
+    """(metrics, per-sample details) of ``model`` on ``records``. ``molecule_convention``: how molecule
+    generation is scored, ``"mol_instructions"`` (Table 8's pipeline) or ``"molt5"`` (see metrics.py);
+    ``prompt_format``: ``"chat"`` (the SFT chat template) or ``"raw"`` (base models)."""
+    pr = Prompter(model, prompt_format)
     if task.kind == "multiple_choice":
-        return _mc(model, records, batch_size, progress)
+        return _mc(pr, records, batch_size, progress)
     if task.kind == "math":
-        return _math(model, records, batch_size, progress, task.answer_style, max_new_tokens or 256)
+        return _math(pr, records, batch_size, progress, task.answer_style, max_new_tokens or 256)
     if task.kind == "molecule_generation":
-        return _molgen(model, records, batch_size, progress, max_new_tokens or 128)
+        return _molgen(pr, records, batch_size, progress, max_new_tokens or 128, molecule_convention)
     if task.kind == "protein_understanding":
-        return _protein(model, records, batch_size, progress, max_new_tokens or 64)
+        return _protein(pr, records, batch_size, progress, max_new_tokens or 64)
     if task.kind == "moleculenet":
-        return _moleculenet(model, records, batch_size, progress)
+        return _moleculenet(pr, records, batch_size, progress)
     raise ValueError(f"unknown task kind {task.kind!r}")
