@@ -81,7 +81,7 @@ class Summary:
                 lines.append(f"  {key}: {self.documents[key]:,} conversations, {self.tokens[key]:,} tokens "
                              f"({self.sft['assistant_tokens']:,} assistant) in {self.sft['sequences']:,} sequences of "
                              f"<= {self.sft['seq_length'] + 1} tokens ({self.sft['truncated']:,} truncated) -> "
-                             f"{out}_{{tokens,lossmask}}.{{bin,idx}}")
+                             f"{out}_{{tokens,lossmask,convlens}}.{{bin,idx}}")
             else:
                 lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens -> {out}.{{bin,idx}}")
         lines.append(f"  rejected lines: {self.rejected:,}; empty documents skipped: {self.empty:,}; "
