@@ -50,6 +50,7 @@ setup(
         "scidfm-sft=scidfm_megatron.cli.stages:sft",
         "scidfm-convert=scidfm_megatron.cli.convert:main",
         "scidfm-evaluate=scidfm_megatron.eval.harness:main",
+        "scidfm-eval-data=scidfm_megatron.eval.converters:main",
         "scidfm-analyze-experts=scidfm_megatron.eval.experts:main",
     ]},
     license="Apache-2.0",
