@@ -17,7 +17,7 @@ from scidfm_megatron.testing.distributed import cpu_env
 DATA = ROOT / "examples" / "eval" / "data"
 FIXTURES = {  # task name -> fixture file (one per task kind)
     "sciq": "multiple_choice.jsonl", "gsm8k": "math_generation.jsonl",
-    "mol_instructions_molecule": "molecule_generation.jsonl", "mol_instructions_protein": "protein_understanding.jsonl",
+    "mol_design": "molecule_generation.jsonl", "protein_function": "protein_understanding.jsonl",
     "bbbp": "moleculenet.jsonl",
 }
 
@@ -98,6 +98,34 @@ def test_scoring_path_discriminates(science_tokenizer, oracle, fmt):
             assert len(m["auc_per_task"]) == 2  # the fixture's two questions are two tasks
 
 
+def test_chat_prompt_is_the_sft_template(science_tokenizer):
+    """--prompt-format chat scores exactly the tokens SFT trains on: the prompt is the conversation up to
+    the assistant's answer (tokenizer.core.encode_chat, what preprocess.py writes) and the scored answer is
+    the assistant's content; raw is plain text with " " + answer."""
+    from scidfm_megatron.eval.tasks import Prompter
+    from scidfm_megatron.tokenizer.core import encode_chat
+
+    class _M:
+        tokenizer = science_tokenizer
+
+        def encode(self, text, bos=False):
+            return science_tokenizer.encode(text, allow_special=True, bos=bos)
+
+    text = "Question: Is [START_I_SMILES]CCO[END_I_SMILES] an alcohol?"
+    ids, mask = encode_chat(science_tokenizer, [{"role": "user", "content": text}, {"role": "assistant", "content": "Yes"}])
+    k = mask.index(1)
+    chat = Prompter(_M(), "chat")
+    assert chat.prompt(text) == ids[:k]
+    target = [i for i, m in zip(ids, mask) if m]  # the assistant's content, then </s>
+    assert chat.continuation("Yes") == target[:-1] and target[-1] == science_tokenizer.eos_id
+    assert science_tokenizer.decode(chat.prompt(text)).endswith("<|assistant|>")
+    raw = Prompter(_M(), "raw")
+    assert raw.prompt(text, raw_suffix="\nAnswer:") == science_tokenizer.encode(text + "\nAnswer:", allow_special=True, bos=True)
+    assert raw.continuation("Yes") == science_tokenizer.encode(" Yes", continuation=True) != chat.continuation("Yes")
+    with pytest.raises(TaskDataError, match="prompt format must be one of"):
+        Prompter(_M(), "alpaca")
+
+
 def test_bad_task_file_names_the_line(tmp_path):
     bad = tmp_path / "mc.jsonl"
     bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 1}\n{"question": "q2", "choices": ["a"]}\n')
@@ -125,7 +153,10 @@ def test_megatron_checkpoint_and_its_conversion_score_the_same(both_models):
     for name in FIXTURES:
         a, b = mg[name], hf[name]
         assert a["n"] == b["n"] == 8
-        assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-6), name
+        for k, v in a["metrics"].items():
+            w = b["metrics"][k]
+            assert (v == pytest.approx(w, abs=1e-6)) if isinstance(v, (int, float)) else \
+                ({**v} == pytest.approx(w, abs=1e-6) if isinstance(v, dict) else v == w), (name, k)
         for sa, sb in zip(a["samples"], b["samples"]):
             if "loglik" in sa:
                 np.testing.assert_allclose(sa["loglik"], sb["loglik"], atol=1e-4)
@@ -133,7 +164,10 @@ def test_megatron_checkpoint_and_its_conversion_score_the_same(both_models):
             else:
                 assert {k: v for k, v in sa.items() if k != "p_yes"} == {k: v for k, v in sb.items() if k != "p_yes"}
     table = format_table(hf)
-    assert "Table 8" in table and "Morgan FTS" in table and "AUC-ROC %" in table
+    for t in ("Table 4", "Table 7", "Table 8", "Table 9"):  # the paper's layout, its SciDFM row beside ours
+        assert t in table
+    assert table.count("SciDFM (paper)") == 4 and "88.00" in table and "0.704" in table and "0.60" in table
+    assert hf["gsm8k"]["prompt_format"] == "chat"
 
 
 def test_expert_choice_analysis(both_models, tmp_path):
@@ -178,3 +212,25 @@ def test_lm_eval_runs_offline_on_the_converted_model(hf_tiny, both_models):
         np.testing.assert_allclose(ours["loglik"], theirs["loglikelihoods"], atol=1e-4)
     assert m["acc"] == pytest.approx(100 * res["acc"])
     assert math.isfinite(res["acc_norm"])
+
+
+def test_suite_paper_cli(hf_tiny, tmp_path, capsys):
+    """--suite paper finds <task>.jsonl files, prints the paper's tables beside SciDFM's row and records
+    the prompt format in the results JSON; an empty folder is an error (exit 2)."""
+    from scidfm_megatron.eval.harness import main
+
+    d = tmp_path / "tasks"
+    d.mkdir()
+    for name, f in (("sciq", "multiple_choice.jsonl"), ("bbbp", "moleculenet.jsonl")):
+        (d / f"{name}.jsonl").write_text((DATA / f).read_text())
+    out = tmp_path / "r.json"
+    assert main(["--model", str(hf_tiny), "--suite", "paper", "--data-dir", str(d), "--limit", "4",
+                 "--prompt-format", "raw", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Table 4" in printed and "Table 7" in printed and "88.00" in printed and "64.8" in printed
+    res = json.loads(out.read_text())
+    assert res["prompt_format"] == "raw" and set(res["results"]) == {"sciq", "bbbp"}
+    assert res["results"]["sciq"]["prompt_format"] == "raw"
+    (tmp_path / "empty").mkdir()
+    assert main(["--model", str(hf_tiny), "--suite", "paper", "--data-dir", str(tmp_path / "empty")]) == 2
+    assert "no task files" in capsys.readouterr().err

@@ -350,3 +350,119 @@ def test_fixture_lipinski_labels_match_rdkit():
         ok = (Descriptors.MolWt(m) <= 500 and Crippen.MolLogP(m) <= 5 and Lipinski.NumHDonors(m) <= 5
               and Lipinski.NumHAcceptors(m) <= 10)
         assert r["label"] == int(ok), r["smiles"]
+
+
+# ------------------------------------------------------------------------ GSM8K as lm-eval scores it
+# Realistic completions: (completion, gold solution as GSM8K writes it, strict correct, flexible correct)
+GSM8K_CASES = [
+    ("Janet's ducks lay 16 eggs. She eats 3 and bakes with 4, so 16 - 3 - 4 = 9 eggs are left.\n"
+     "She sells them for $2 each: 9 * 2 = $18.\n#### 18", "She has 16 - 3 - 4 = <<16-3-4=9>>9 left.\n#### 18", True, True),
+    ("Tom is 3 years older than Ann, who is 5.\n#### 8 years", "Ann is 5, Tom 5 + 3 = 8.\n#### 8", True, True),   # units
+    ("The farm sells 1,250 kg in all.\n#### 1,250", "#### 1250", True, True),                                   # thousands
+    ("She earns 40 * 27 = $1,080 a month.\n\nThe answer is $1,080.", "#### 1080", False, True),                 # "$", no ####
+    ("It was 3 degrees and fell by 8, so 3 - 8 = -5.\n#### -5", "#### -5", True, True),                         # negative
+    ("First, each box holds 12 * 4 = 48 pencils.\n\nThen two boxes hold 96.\n\nFinally 96 + 4 = 100.\n#### 100",
+     "#### 100", True, True),                                                                                  # paragraphs
+    ("Each costs 2.50, so four cost 10.00.\n#### 10.00", "#### 10", False, False),   # lm-eval compares strings
+    ("3 boxes of 4 make 12, and 2 more boxes make 20 in all.", "#### 20", False, True),                         # last number
+    ("He pays 5 + 3 = 8 dollars.\n#### 7", "#### 8", False, False),                                            # wrong
+    ("I am not sure.", "#### 3", False, False),
+]
+
+
+def _lm_eval_gsm8k_task_scores(completions, golds):
+    """lm-eval's own gsm8k task (its YAML, ConfigurableTask, apply_filters, process_results), offline:
+    the dataset is built in memory instead of downloaded."""
+    import datasets
+    import lm_eval
+    import yaml
+    from lm_eval.api.task import ConfigurableTask
+
+    cfg = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml").read_text())
+    for k in ("dataset_path", "dataset_name", "training_split", "fewshot_split"):
+        cfg.pop(k)
+    docs = [{"question": f"q{i}", "answer": g} for i, g in enumerate(golds)]
+    cfg.update(num_fewshot=0, custom_dataset=lambda **_: datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)}))
+    task = ConfigurableTask(config=cfg)
+    task.build_all_requests(limit=None, rank=0, world_size=1)
+    for inst in task.instances:
+        inst.resps = [completions[inst.doc_id]]
+    task.apply_filters()
+    out = {}
+    for inst in task.instances:
+        for name, resp in inst.filtered_resps.items():
+            out[(inst.doc_id, name)] = (resp, float(task.process_results(inst.doc, [resp])["exact_match"]))
+    return out
+
+
+def test_gsm8k_scores_equal_lm_eval_gsm8k_task():
+    comps, golds = [c[0] for c in GSM8K_CASES], [c[1] for c in GSM8K_CASES]
+    scores, per = M.gsm8k_scores(comps, golds)
+    for (c, g, strict, flexible), p in zip(GSM8K_CASES, per):  # hand-labelled
+        assert (p["strict_match"]["correct"], p["flexible_extract"]["correct"]) == (strict, flexible), c
+    assert scores["strict_match"] == pytest.approx(100 * sum(c[2] for c in GSM8K_CASES) / len(GSM8K_CASES))
+    assert scores["flexible_extract"] == pytest.approx(100 * sum(c[3] for c in GSM8K_CASES) / len(GSM8K_CASES))
+    theirs = _lm_eval_gsm8k_task_scores(comps, golds)
+    for i, p in enumerate(per):
+        for name in ("strict-match", "flexible-extract"):
+            mine = p[name.replace("-", "_")]
+            assert (mine["extracted"], float(mine["correct"])) == theirs[(i, name)], (i, name)
+    assert M.gsm8k_config()["until"] == ["Question:", "</s>", "<|im_end|>"]
+
+
+def test_stop_sequences_not_blank_lines():
+    text = "Step 1: 6 * 7 = 42.\n\nSo the answer is 42.\n#### 42\n\nQuestion: A farmer has 7 cows"
+    cut = M.cut_at_stop_sequences(text, M.gsm8k_config()["until"])
+    assert cut == "Step 1: 6 * 7 = 42.\n\nSo the answer is 42.\n#### 42\n\n"
+    assert M.gsm8k_scores([cut], ["#### 42"])[0] == {"strict_match": 100.0, "flexible_extract": 100.0}
+    assert M.gsm8k_scores([text], ["#### 42"])[0]["flexible_extract"] == 0.0  # uncut: the 7 cows win
+
+
+# Realistic MATH completions: (completion, gold solution or answer, correct)
+MATH_CASES = [
+    ("The domain needs $x-2\\ge0$ and $5-x>0$, so it is $\\boxed{[2,5)}$.", "so the domain is $\\boxed{[2,5)}$.", True),
+    ("Adding the fractions gives $\\boxed{\\dfrac{1}{2}}$.", "\\frac{1}{2}", True),              # dfrac == frac
+    ("So $x = \\boxed{0.5}$.", "\\frac12", True),                                               # 0.5 and \frac12
+    ("The side is $\\boxed{5 \\text{ cm}}$.", "5", True),                                      # units dropped
+    ("Hence $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$.", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+    ("First $\\boxed{2}$, but correcting the sign, $\\boxed{-2}$.", "-2", True),               # the last box
+    ("The answer is -2.", "-2", False),                                                         # no box
+    ("$\\boxed{\\frac{2}{3}}$", "-\\frac{2}{3}", False),
+]
+
+
+def test_math_scores_math_convention():
+    scores, per = M.math_scores([c[0] for c in MATH_CASES], [c[1] for c in MATH_CASES])
+    assert [p["correct"] for p in per] == [c[2] for c in MATH_CASES]
+    assert scores["acc"] == pytest.approx(100 * 6 / 8)
+    assert per[0]["gold"] == "[2,5)" and per[5]["extracted"] == "-2"
+
+
+# ------------------------------------------------------------------------------ MoleculeNet AUC
+def test_moleculenet_per_task_auc_equals_sklearn():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    tasks, labels, scores = [], [], []
+    for t, n in (("NR-AR", 40), ("SR-p53", 25), ("NR-AhR", 33)):
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        tasks += [t] * n
+        labels += y.tolist()
+        scores += (0.3 * y + rng.random(n)).tolist()
+    tasks += ["SR-MMP"] * 5  # only negatives: no AUC, skipped as MoleculeNet does
+    labels += [0] * 5
+    scores += [0.5] * 5
+    res = M.moleculenet_auc(labels, scores, tasks)
+    want = {}
+    for t in ("NR-AR", "SR-p53", "NR-AhR"):
+        idx = [i for i, x in enumerate(tasks) if x == t]
+        want[t] = 100 * roc_auc_score([labels[i] for i in idx], [scores[i] for i in idx])
+    assert res["auc_per_task"] == pytest.approx(want, abs=1e-12)
+    assert res["auc_roc"] == pytest.approx(sum(want.values()) / 3, abs=1e-12)
+    assert res["skipped_tasks"] == ["SR-MMP"]
+    pooled = 100 * roc_auc_score(labels, scores)
+    assert abs(pooled - res["auc_roc"]) > 0.1  # the mean of per-task AUCs is not one pooled AUC
+    with pytest.raises(ValueError, match="no task has both"):
+        M.moleculenet_auc([0, 0, 1], [0.1, 0.2, 0.3], ["a", "a", "b"])
