@@ -15,6 +15,9 @@ import torch
 from ..config import ModelConfig, ParallelConfig
 
 PRECISIONS = ("fp32", "bf16")
+# train.recompute: "selective" -> these megatron recompute modules, per backend (to_transformer_config).
+SELECTIVE_RECOMPUTE = {"torch": ["moe_act"], "te": ["core_attn", "moe_act"], "local": ["core_attn", "moe"]}
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "moe", "layernorm", "mlp")
 
 
 def have_te() -> bool:
@@ -23,9 +26,10 @@ def have_te() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def resolve_backend(backend: Optional[str] = "auto") -> str:
-    """``model.backend`` -> the spec actually built: "te" or "local".
+    """``model.backend`` -> the spec actually built: "te", "torch" or "local".
 
-    "auto" takes TE when it imports and CUDA is present. A TE that is installed but fails to import (a
+    "auto" takes TE when it imports and CUDA is present, else the ``torch`` backend on CUDA (PyTorch's fused
+    kernels, model/torch_backend.py) and ``local`` on CPU. "torch" runs anywhere. A TE that is installed but fails to import (a
     build for another torch/CUDA) is not silently skipped: "auto" warns with the error (once per process:
     the answer is cached, as the builder asks for every config and every model chunk), "te" fails with it.
     """
@@ -36,10 +40,11 @@ def resolve_backend(backend: Optional[str] = "auto") -> str:
     from ..config import ConfigError
 
     backend = backend or "auto"
-    if backend == "local":
-        return "local"
+    if backend in ("local", "torch"):
+        return backend
     if backend not in ("auto", "te"):
-        raise ConfigError(f"model.backend must be 'auto', 'te' or 'local', got {backend!r}")
+        raise ConfigError(f"model.backend must be 'auto', 'te' or 'local' (unfused) or 'torch' (PyTorch's fused "
+                          f"kernels), got {backend!r}")
     err = megatron_patches.transformer_engine_import_error()
     cuda = torch.cuda.is_available()
     if backend == "te":
@@ -53,9 +58,11 @@ def resolve_backend(backend: Optional[str] = "auto") -> str:
         return "te"
     if cuda and err is not None and not isinstance(err, ModuleNotFoundError):
         logging.getLogger("scidfm.model").warning(
-            "TransformerEngine is installed but does not import (%s: %s): using the unfused local spec. "
+            "TransformerEngine is installed but does not import (%s: %s): using the torch backend. "
             "Set model.backend=te to make this an error.", type(err).__name__, err)
-    return "te" if (cuda and err is None) else "local"
+    if not cuda:
+        return "local"
+    return "te" if err is None else "torch"
 
 
 def describe_implementations(chunks) -> dict:
@@ -89,7 +96,12 @@ def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision:
                           **extra):
     """The one adapter to megatron's TransformerConfig.
 
-    recompute: None, "selective" (attention core + MoE), or "full" (every layer, uniform).
+    recompute: None, "full" (every layer, uniform), "selective" (the backend's selective set, below), or a
+    comma-separated list of megatron's recompute modules ("core_attn,moe_act"). "selective" is the cheapest
+    set that still drops the big activations: ``torch`` recomputes the experts' SwiGLU only (``moe_act``;
+    its attention is fused: nothing s x s is stored), ``te`` the attention core and ``moe_act``, ``local``
+    (per-expert MLPs: no ``moe_act``) the attention core and the whole MoE layer, which re-runs the router
+    and the token all-to-all in the backward.
     ``extra`` passes further TransformerConfig fields through (for experiments), by their megatron names.
     """
     import torch.nn.functional as F
@@ -100,14 +112,20 @@ def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     cuda = torch.cuda.is_available()
-    te = resolve_backend(model.backend) == "te"
+    backend = resolve_backend(model.backend)
+    te = backend == "te"
     recompute_kw = {}
     if recompute == "full":
         recompute_kw = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif recompute == "selective":
-        recompute_kw = dict(recompute_granularity="selective", recompute_modules=["core_attn", "moe"])
     elif recompute is not None:
-        raise ValueError(f"recompute must be null, 'selective' or 'full', got {recompute!r}")
+        modules = SELECTIVE_RECOMPUTE[backend] if recompute == "selective" else recompute.split(",")
+        bad = sorted(set(modules) - set(RECOMPUTE_MODULES)) or (
+            ["moe_act"] if "moe_act" in modules and backend == "local" else [])
+        if bad:
+            raise ValueError(f"train.recompute must be null, 'full', 'selective' or a comma-separated list of "
+                             f"{', '.join(RECOMPUTE_MODULES)} (moe_act needs model.backend torch or te), "
+                             f"got {recompute!r}")
+        recompute_kw = dict(recompute_granularity="selective", recompute_modules=list(modules))
 
     kwargs = dict(
         num_layers=model.num_layers,
@@ -138,7 +156,7 @@ def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision:
         moe_pad_expert_input_to_capacity=False,
         moe_token_dispatcher_type=model.moe_token_dispatcher,
         moe_router_dtype=model.moe_router_dtype,
-        moe_grouped_gemm=te,
+        moe_grouped_gemm=backend in ("te", "torch"),  # experts computed as one grouped GEMM (moe_act needs it)
         moe_permute_fusion=False,
         # Parallelism.
         tensor_model_parallel_size=par.tp,
@@ -174,7 +192,8 @@ def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision:
 
 
 def layer_spec(model: ModelConfig, *, backend: Optional[str] = None):
-    """The transformer layer ModuleSpec: "te" (TransformerEngine) or "local" (pure torch)."""
+    """The transformer layer ModuleSpec: "te" (TransformerEngine), "torch" (PyTorch's fused kernels,
+    model/torch_backend.py) or "local" (megatron-core's unfused modules)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     from .packing import router_class
@@ -190,8 +209,12 @@ def layer_spec(model: ModelConfig, *, backend: Optional[str] = None):
             num_experts=model.num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
+    elif backend == "torch":
+        from .torch_backend import torch_layer_spec
+
+        spec = torch_layer_spec(model.num_experts)
     else:
-        raise ValueError(f"backend must be 'te' or 'local', got {backend!r}")
+        raise ValueError(f"backend must be 'te', 'torch' or 'local', got {backend!r}")
     # Padding out of MoE dispatch, capacity and aux statistics (model/packing.py).
     spec.submodules.mlp.submodules.router = router_class()
     return spec
