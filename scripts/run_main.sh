@@ -23,12 +23,10 @@ done
 echo "== 6/8 convert the SFT checkpoint to Hugging Face (Mixtral layout, fp32) -> runs/tiny/hf"
 $PYTHON tools/convert_checkpoint.py --direction mcore-to-hf --load runs/tiny/sft/checkpoints --save runs/tiny/hf \
   --dtype fp32 --force
-echo "== 7/8 zero-shot evaluation (bundled task fixtures) and expert-choice analysis of the converted model"
-$PYTHON tools/evaluate.py --model runs/tiny/hf --limit 12 --max-new-tokens 16 --output runs/tiny/eval.json \
-  --task sciq=examples/eval/data/multiple_choice.jsonl --task gsm8k=examples/eval/data/math_generation.jsonl \
-  --task mol_instructions_molecule=examples/eval/data/molecule_generation.jsonl \
-  --task mol_instructions_protein=examples/eval/data/protein_understanding.jsonl \
-  --task moleculenet=examples/eval/data/moleculenet.jsonl 2>&1 | grep -v -E "Loading weights|it/s]|req/s]"
+echo "== 7/8 zero-shot evaluation: the paper's tables on the bundled fixtures (examples/eval/paper: stand-ins, not"
+echo "       the benchmarks; chat prompts) and expert-choice analysis of the converted model"
+$PYTHON tools/evaluate.py --model runs/tiny/hf --suite paper --data-dir examples/eval/paper --prompt-format chat \
+  --limit 12 --max-new-tokens 16 --output runs/tiny/eval.json 2>&1 | tr '\r' '\n' | grep -v -E "Loading weights|it/s]|req/s]" | sed "s/^ *$//" | cat -s
 $PYTHON tools/analyze_experts.py --model runs/tiny/hf --per-domain 12 --out runs/tiny/experts 2>&1 \
   | grep -E "silhouette|plots"
 echo "== 8/8 greedy generation from runs/tiny/hf with transformers alone (AutoModelForCausalLM, chat template)"

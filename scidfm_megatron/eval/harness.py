@@ -111,7 +111,7 @@ def format_table(results: dict) -> str:
         rows = []
         for n in t8:
             if n in PAPER["Table 8"]:
-                rows.append([TASKS[n].paper_name, "SciDFM (paper)"] + [_fmt(x) for x in PAPER["Table 8"][n]])
+                rows.append([TASKS[n].paper_name, "SciDFM (paper)"] + [str(x) for x in PAPER["Table 8"][n]])
             m = results[n]["metrics"]
             rows.append([TASKS[n].paper_name, f"this model (n={results[n]['n']})"] + [_fmt(m[k]) for k, _ in _T8_COLS])
         conv = {results[n]["metrics"].get("convention") for n in t8}
@@ -202,8 +202,8 @@ def main(argv=None) -> int:
     except (TaskDataError, FileNotFoundError, ConfigError) + conversion_errors() as exc:
         print(f"scidfm-evaluate: error: {exc}", file=sys.stderr)
         return 2
-    print(f"[scidfm] prompt format: {args.prompt_format}; molecule scoring: {args.molecule_scoring}")
     print(format_table(results))
+    print(f"[scidfm] prompt format: {args.prompt_format}; molecule scoring: {args.molecule_scoring}")
     if args.output:
         from ..utils import atomic_write
 
