@@ -1,0 +1,259 @@
+"""Issue 13, the ``torch`` backend (model/torch_backend.py), on one process: padded SDPA attention equals
+megatron's unfused DotProductAttention, grouped experts equal megatron's per-expert MLPs, and a ``torch``
+model is a ``local`` model (same checkpoint keys and shapes, same logits and gradients from the same
+weights). The multi-rank layout case is in test_parallel_parity.py; GPU-only checks are marked ``gpu``."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scidfm_megatron.config import ParallelConfig
+from scidfm_megatron.model.presets import get_preset
+
+# head_dim 20: padded to 24 inside the attention, so every model-level comparison runs the padding.
+DEBUG = dict(head_dim=20, moe_capacity_factor=None)
+
+
+@pytest.fixture(scope="module")
+def rank():
+    """A single-process megatron runtime in this process (in-memory store), torn down after the module."""
+    import torch.distributed as dist
+
+    from scidfm_megatron.parallel import destroy_distributed, init_distributed
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    init_distributed(get_preset("scidfm-debug"), ParallelConfig())
+    yield
+    destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def models(rank):
+    """The same global weights in a ``local`` model and in a ``torch`` model (the latter with
+    train.recompute: selective, i.e. moe_act recompute)."""
+    from scidfm_megatron.model.builder import build_model
+    from scidfm_megatron.model.state_dict import gather_global_state_dict, load_global_state_dict
+
+    cfg = get_preset("scidfm-debug", **DEBUG)
+    torch.manual_seed(0)
+    local = build_model(cfg, ParallelConfig(), precision="fp32", backend="local")
+    tcfg = dataclasses.replace(cfg, backend="torch")
+    tmod = build_model(tcfg, ParallelConfig(), precision="fp32", recompute="selective")
+    weights = gather_global_state_dict([local])
+    load_global_state_dict([tmod], weights)
+    return cfg, local, tmod, weights
+
+
+def assert_within(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str = ""):
+    """max |got - ref| <= tol x max |ref|: equal to ``tol`` at the tensor's own scale."""
+    err, scale = float((got - ref).abs().max()), float(ref.abs().max())
+    assert scale > 0 and err <= tol * scale, f"{what}: max error {err:.3g} > {tol} x scale {scale:.3g}"
+
+
+def _attention_pair(head_dim, heads, groups):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from scidfm_megatron.model.builder import to_transformer_config
+    from scidfm_megatron.model.torch_backend import attention_class
+
+    cfg = get_preset("scidfm-debug", head_dim=head_dim, num_attention_heads=heads, num_query_groups=groups)
+    tc = to_transformer_config(cfg, ParallelConfig(), precision="fp32")
+    args = dict(config=tc, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    return DotProductAttention(**args), attention_class()(**args)
+
+
+@pytest.mark.parametrize("head_dim,heads,groups", [(100, 4, 4), (100, 4, 2)], ids=["hd100", "hd100-gqa"])
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "document"])
+def test_padded_attention_equals_unpadded(rank, monkeypatch, head_dim, heads, groups, masked):
+    """fp32: outputs and q/k/v gradients within 1e-6 of megatron's DotProductAttention, relative to each
+    tensor's largest entry (its scale here is ~4; megatron's own fp32 error against float64 is 1.2e-6
+    absolute, so 1e-6 absolute would test rounding); the kernel is given head_dim 104 and the scale
+    1/sqrt(100), and is_causal when no mask is given."""
+    from scidfm_megatron.model.packing import document_attention_mask
+
+    ref, mod = _attention_pair(head_dim, heads, groups)
+    g = torch.Generator().manual_seed(1)
+    s, b = 24, 2
+    q = torch.randn(s, b, heads, head_dim, generator=g)
+    k, v = (torch.randn(s, b, groups, head_dim, generator=g) for _ in range(2))
+    mask = None
+    if masked:  # two documents then padding in sample 0, three documents in sample 1
+        doc = torch.tensor([[0] * 10 + [1] * 9 + [-1] * 5, [0] * 6 + [1] * 12 + [2] * 6])
+        mask = document_attention_mask(doc)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(qq, kk, vv, **kw):
+        seen.append((qq.shape[-1], kw.get("scale"), kw.get("is_causal"), kw.get("attn_mask") is not None))
+        return sdpa(qq, kk, vv, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    grad_out = torch.randn(s, b, heads * head_dim, generator=g)
+    outs, grads = [], []
+    for m in (ref, mod):
+        qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = m(*qkv, mask)
+        out.backward(grad_out)
+        outs.append(out.detach())
+        grads.append([t.grad for t in qkv])
+    assert seen == [(104, 1 / math.sqrt(100), not masked, masked)]
+    assert_within(outs[1], outs[0], 1e-6, "output")
+    for name, a, r in zip("qkv", grads[1], grads[0]):
+        assert_within(a, r, 1e-6, f"d{name}")
+
+
+def test_grouped_experts_equal_per_expert_mlp(models):
+    """The experts of layer 0 (the same weights): GroupedExperts vs megatron's SequentialMLP, one expert
+    given no token, outputs and input/weight gradients within 1e-6; torch._grouped_mm's path (forward on
+    CPU: its CPU backward is not supported by torch) equals the per-expert loop."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    cfg, local, tmod, _ = models
+    ref, mod = local.decoder.layers[0].mlp.experts, tmod.decoder.layers[0].mlp.experts
+    assert type(ref) is SequentialMLP and type(mod).__name__ == "GroupedExperts"
+    counts = torch.tensor([5, 0, 7, 3, 1, 4, 6, 2])
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(int(counts.sum()), cfg.hidden_size, generator=g)
+    probs = torch.rand(x.shape[0], generator=g)
+    grad_out = torch.randn(x.shape[0], cfg.hidden_size, generator=g)
+    res = []
+    for m in (ref, mod):
+        m.zero_grad(set_to_none=True)
+        xx, pp = x.clone().requires_grad_(), probs.clone().requires_grad_()
+        out, bias = m(xx, counts, pp)
+        assert bias is None
+        out.backward(grad_out)
+        res.append((out.detach(), xx.grad, pp.grad, [p.grad.clone() for p in m.parameters()]))
+    (o0, x0, p0, w0), (o1, x1, p1, w1) = res
+    torch.testing.assert_close(o1, o0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x1, x0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(p1, p0, rtol=0, atol=1e-6)
+    assert len(w0) == len(w1) == 2 * cfg.num_experts
+    for a, r in zip(w1, w0):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-6)
+    mod.grouped = True
+    try:
+        with torch.no_grad():
+            o2, _ = mod(x, counts, probs)
+    finally:
+        mod.grouped = None
+    torch.testing.assert_close(o2, o0, rtol=0, atol=1e-5)
+
+
+def test_torch_model_is_a_local_model(models):
+    """Same state-dict keys and shapes; the local model's global weights give the same logits (1e-5) and
+    gradients, causal and with a packed-SFT document mask, with the experts' SwiGLU recomputed (moe_act:
+    the checkpoint is registered once per layer and forward)."""
+    from megatron.core.tensor_parallel import CheckpointWithoutOutput
+
+    from scidfm_megatron.model.packing import document_attention_mask
+    from scidfm_megatron.model.state_dict import gather_global_state_dict
+
+    cfg, local, tmod, weights = models
+    sd_t = tmod.state_dict()
+    sd_l = local.state_dict()
+    assert sorted(sd_t) == sorted(sd_l)
+    assert all(sd_t[k].shape == sd_l[k].shape for k in sd_l if not k.endswith("_extra_state"))
+    got = gather_global_state_dict([tmod])
+    assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in weights)
+
+    calls = []
+    orig = CheckpointWithoutOutput.discard_output_and_register_recompute
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return orig(self, *a, **k)
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=g)
+    doc = torch.tensor([[0] * 12 + [1] * 16 + [-1] * 4, [0] * 32])
+    pos = torch.cat([torch.arange(12), torch.arange(16), torch.arange(4)]).expand(2, 32).contiguous()
+    for mask in (None, document_attention_mask(doc)):
+        outs = []
+        CheckpointWithoutOutput.discard_output_and_register_recompute = counted
+        try:
+            for m in (local, tmod):
+                m.zero_grad(set_to_none=True)
+                logits = m(ids, pos, mask)
+                logits.float().square().mean().backward()
+                outs.append((logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+        finally:
+            CheckpointWithoutOutput.discard_output_and_register_recompute = orig
+        (l0, g0), (l1, g1) = outs
+        torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
+        for n, gr in g0.items():
+            torch.testing.assert_close(g1[n], gr, rtol=1e-4, atol=1e-8, msg=lambda m: f"grad {n}: {m}")
+    assert len(calls) == 2 * cfg.num_layers, calls
+
+
+def test_backend_and_recompute_choices(rank):
+    """model.backend torch is accepted; selective recompute is moe_act for torch, core_attn + moe for local
+    (megatron has no moe_act for per-expert MLPs), a module list is taken as given, a wrong one named."""
+    from scidfm_megatron.config import ConfigError
+    from scidfm_megatron.model.builder import resolve_backend, to_transformer_config
+
+    torch_cfg = get_preset("scidfm-debug", backend="torch")
+    assert resolve_backend("torch") == "torch"
+    assert to_transformer_config(torch_cfg, ParallelConfig(), recompute="selective").recompute_modules == ["moe_act"]
+    local_cfg = get_preset("scidfm-debug", backend="local")
+    assert to_transformer_config(local_cfg, ParallelConfig(), recompute="selective").recompute_modules == [
+        "core_attn", "moe"]
+    tc = to_transformer_config(torch_cfg, ParallelConfig(), recompute="core_attn,moe_act")
+    assert tc.recompute_granularity == "selective" and tc.recompute_modules == ["core_attn", "moe_act"]
+    with pytest.raises(ValueError, match="moe_act needs model.backend torch or te"):
+        to_transformer_config(local_cfg, ParallelConfig(), recompute="core_attn,moe_act")
+    with pytest.raises(ConfigError, match="'torch'"):
+        get_preset("scidfm-debug", backend="flash")
+
+
+@pytest.mark.gpu
+def test_padded_attention_takes_flash_or_cudnn_on_gpu():
+    """bf16 at SciDFM's shape (32 heads x 100, seq 2048): with SDPA restricted to the flash and cuDNN
+    kernels the padded attention runs forward and backward (unpadded head_dim 100 has no such kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from scidfm_megatron.model.torch_backend import sdpa_padded
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 32, 2048, 100, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out = sdpa_padded(q, k, v, is_causal=True)
+        out.float().sum().backward()
+        with pytest.raises(RuntimeError):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert out.shape == (1, 32, 2048, 100)
+    assert float((out.float() - ref).abs().max()) < 2e-2
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.gpu
+def test_grouped_mm_equals_loop_on_gpu():
+    """bf16 on CUDA (compute capability 9.0+): torch._grouped_mm over 8 experts equals the per-expert loop,
+    forward and backward, within bf16 rounding."""
+    from scidfm_megatron.model.torch_backend import _grouped_mm_supported, grouped_linear
+
+    dev = torch.device("cuda")
+    if not _grouped_mm_supported(dev, torch.bfloat16):
+        pytest.skip("torch._grouped_mm needs compute capability 9.0+")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    counts = [300, 0, 129, 64, 1000, 7, 256, 44]
+    x = torch.randn(sum(counts), 512, device=dev, dtype=torch.bfloat16, generator=g)
+    ws = [torch.randn(1024, 512, device=dev, dtype=torch.bfloat16, generator=g) / 20 for _ in counts]
+    res = []
+    for grouped in (True, False):
+        xx = x.clone().requires_grad_()
+        ww = [w.clone().requires_grad_() for w in ws]
+        out = grouped_linear(xx, ww, counts, grouped=grouped)
+        out.float().square().mean().backward()
+        res.append((out.float(), xx.grad.float(), [w.grad.float() for w in ww]))
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(res[0][1], res[1][1], rtol=2e-2, atol=2e-2)
+    for a, b in zip(res[0][2], res[1][2]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
