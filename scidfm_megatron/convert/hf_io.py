@@ -154,6 +154,7 @@ class HFCheckpoint:
                                     "(only safetensors checkpoints are supported; convert .bin first)")
         self.location: dict[str, str] = {}
         self.meta: dict[str, dict] = {}
+        self.data_start: dict[str, int] = {}
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         for fn in files:
             path = self.dir / fn
@@ -161,6 +162,7 @@ class HFCheckpoint:
                 listed = sum(1 for v in weight_map.values() if v == fn)
                 raise HFCheckpointError(f"{path}: missing shard (the index lists {listed} tensors in it)")
             header, data_start = _read_header(path)
+            self.data_start[fn] = data_start
             end = data_start
             for name, info in header.items():
                 if name == "__metadata__":
@@ -181,6 +183,26 @@ class HFCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.meta[name]["shape"])
+
+    def dtype(self, name: str) -> Optional[torch.dtype]:
+        return _TORCH.get(self.meta[name]["dtype"])
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read tensor ``name`` straight from its file into ``out`` (contiguous, same dtype and size): one
+        plain read, no memory map and no intermediate copy, so memory is ``out`` alone."""
+        fn = self.location.get(name)
+        if fn is None:
+            raise HFCheckpointError(f"{self.dir}: tensor {name!r} is missing")
+        info = self.meta[name]
+        if _TORCH.get(info["dtype"]) != out.dtype or tuple(info["shape"]) != tuple(out.shape) or \
+                not out.is_contiguous():
+            raise ValueError(f"read_into {name}: {info['dtype']}{info['shape']} into {out.dtype}{list(out.shape)}")
+        b, e = info["data_offsets"]
+        buf = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        with open(self.dir / fn, "rb") as f:
+            f.seek(self.data_start[fn] + b)
+            if f.readinto(buf) != e - b:
+                raise HFCheckpointError(f"{self.dir / fn}: truncated while reading {name}")
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open

@@ -1,16 +1,19 @@
-"""Hugging Face Mixtral folder -> megatron-core checkpoint at a chosen TP/PP/EP layout.
+"""Hugging Face Mixtral folder -> megatron-core checkpoint, streamed in one process.
 
-The output is what a training run at that layout writes (``iter_0000000/`` in megatron's torch_dist
-format, ``latest``, ``scidfm_meta.json`` with the model config), marked weights-only, plus the
-tokenizer under ``tokenizer/``. Train or fine-tune from it with ``checkpoint.init_from=DST`` (or put it
-in ``checkpoint.save``: a weights-only checkpoint there starts the run from its weights). Like any
-checkpoint of this project it also loads at other layouts.
+The output is a weights-only megatron checkpoint: ``iter_0000000/`` in megatron's torch_dist format
+(PyTorch DCP files + ``common.pt`` + ``metadata.json``), ``latest``, ``scidfm_meta.json`` with the model
+config, plus the tokenizer under ``tokenizer/`` when the folder has one. Train or fine-tune from it with
+``checkpoint.init_from=DST`` at any TP/PP/EP layout (megatron reshards at load, as for every checkpoint of
+this project); ``--tp/--pp/--ep`` are checked against the model and recorded.
 
-How: ``tp*pp*ep`` processes (gloo on CPU) each build their shard of the model, fill it from the HF
-tensors through :mod:`.mapping` -- each global tensor is assembled from its HF tensors one at a time
-and only this rank's slice is kept -- and save collectively. So a rank holds its shard plus one global
-tensor; the whole model is in memory once, spread over the ranks. Written to ``DST.tmp-<pid>`` and
-renamed when complete.
+How (memory: about one tensor): the checkpoint's structure -- every sharded key, its global shape, the
+chunk each layer / expert occupies, the ``_extra_state`` objects -- is taken from megatron itself: the
+model is built on the ``meta`` device (no memory) at TP1 x PP1 x EP1 and its ``sharded_state_dict()``
+read. PyTorch DCP's own writer then writes those chunks through a save planner whose ``resolve_data``
+makes each one when the writer asks for it: the megatron tensor of that conversion unit is assembled from
+its HF tensors (read from the safetensors file straight into the destination buffer, no memory map),
+written and dropped. Everything goes to ``DST.tmp-<pid>`` and is renamed when complete (and, with
+``verify``, only once the parity check passed).
 
 Accepted input: our own conversions, the SciDFM release and any Mixtral checkpoint on disk with
 per-expert ``block_sparse_moe.experts.N.w1/w2/w3`` tensors (what transformers writes), or with fused
@@ -19,17 +22,21 @@ per-expert ``block_sparse_moe.experts.N.w1/w2/w3`` tensors (what transformers wr
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import sys
+import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed.checkpoint import DefaultSavePlanner
 
 from . import mapping
+from . import tokenizer_files as tokfiles
 from ..utils import staged_dir
 from .hf_io import HFCheckpoint, HFCheckpointError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class HFTensors:
@@ -51,6 +58,18 @@ class HFTensors:
             out.update(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"
                        for e in range(self.cfg.num_experts) for w in ws)
         return {n.replace(".mlp.gate.", ".block_sparse_moe.gate.") for n in out}
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Tensor ``name`` into ``out``: straight from the file when stored as is, else through a copy."""
+        if name in self.ckpt.location and self.ckpt.dtype(name) == out.dtype:
+            self.ckpt.read_into(name, out)
+        else:
+            out.copy_(self.get(name))
+
+    def read(self, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        self.read_into(name, out)
+        return out
 
     def get(self, name: str) -> torch.Tensor:
         if name in self.ckpt.location:
@@ -90,91 +109,224 @@ def check_hf_tensors(ckpt: HFCheckpoint, cfg) -> None:
                                     f"implies {tuple(shape)}")
 
 
-class LazyGlobalState:
-    """The global megatron state dict, computed tensor by tensor from HF files on access."""
-
-    def __init__(self, src: HFTensors, cfg):
-        self.src, self.cfg = src, cfg
-        self.maps = {m.mcore: m for m in mapping.tensor_maps(cfg)}
-        self._last: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
-
-    def __contains__(self, name) -> bool:
-        return name in self.maps
-
-    def __iter__(self):
-        return iter(self.maps)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if self._last[0] != name:  # SwiGLU fc1 under TP asks twice (w and v halves)
-            m = self.maps[name]
-            self._last = (None, None)
-            self._last = (name, mapping.to_mcore(m, [self.src.get(h) for h in m.hf], self.cfg))
-        return self._last[1]
 
 
-def _worker(argv=None) -> int:
-    """One rank of the conversion (run under torchrun by :func:`convert_hf_to_mcore`)."""
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--src", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--tokenizer-model", required=True, help="where the tokenizer will be (recorded in the run config)")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--ep", type=int, default=1)
-    ap.add_argument("--dtype", default="fp32")
-    a = ap.parse_args(argv)
-    from ..config import ParallelConfig, to_dict
-    from ..model.builder import build_model_chunks
-    from ..model.state_dict import load_global_state_dict
+# ------------------------------------------------------------------------------ checkpoint structure
+@dataclass(frozen=True)
+class Chunk:
+    """One stored chunk of a megatron sharded tensor: ``region`` of global tensor ``name``."""
+
+    key: str  # megatron sharded key (layers / experts stacked along prepended axes)
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]  # in the stacked tensor
+    sizes: tuple[int, ...]
+    name: str  # global per-layer / per-expert name (mapping.py's megatron side)
+    region: tuple[slice, ...]  # of that global tensor
+
+
+def megatron_structure(cfg) -> tuple[list[Chunk], dict[str, object]]:
+    """The chunks and ``_extra_state`` objects a TP1 x PP1 x EP1 save of this model writes, read from
+    megatron's own ``sharded_state_dict()`` of the model built on the meta device (no weights allocated).
+    Needs a process group (one rank is enough); the local spec is used (checkpoint keys are the same for
+    every backend)."""
+    from unittest import mock
+
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+    from .. import device as device_module
+    from ..config import ParallelConfig
+    from ..model.builder import build_model
+    from ..model.state_dict import canonical_name
+
+    # build_model ends with ``.to(device())``, which meta tensors refuse: keep them where they are.
+    with torch.device("meta"), mock.patch.object(device_module, "device", lambda: torch.device("meta")):
+        model = build_model(cfg, ParallelConfig(), precision="fp32", backend="local")
+    chunks: list[Chunk] = []
+    objects: dict[str, object] = {}
+    for obj in nested_values(model.sharded_state_dict()):
+        parts = obj.build() if isinstance(obj, ShardedTensorFactory) else obj
+        for st in (nested_values(parts) if isinstance(parts, (dict, list)) else [parts]):
+            if isinstance(st, ShardedObject):
+                objects[st.unique_key] = st.data
+                continue
+            if not isinstance(st, ShardedTensor):
+                raise TypeError(f"unexpected entry in megatron's sharded state dict: {type(st).__name__}")
+            if st.flattened_range is not None or any(st.replica_id if isinstance(st.replica_id, tuple)
+                                                     else (st.replica_id,)):
+                raise RuntimeError(f"{st.key}: not a main-replica, unflattened shard at TP1 x PP1 x EP1")
+            p = st.prepend_axis_num
+            name = canonical_name(st.key, tuple(st.global_offset[:p]))
+            region = tuple(slice(o, o + n) for o, n in zip(st.global_offset[p:], st.local_shape))
+            chunks.append(Chunk(st.key, tuple(st.global_shape), tuple(st.global_offset),
+                                (1,) * p + tuple(st.local_shape), name, region))
+    return chunks, objects
+
+
+class StreamingSavePlanner(DefaultSavePlanner):
+    """A DCP save planner over chunks that do not exist yet: ``resolve_data`` makes each one when the
+    writer asks for it (DCP's single-threaded writer asks in plan order and drops each after writing)."""
+
+    def __init__(self, chunks: list[Chunk], objects: dict, make_unit, dtype: torch.dtype):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.chunks = {(c.key, c.offsets): c for c in chunks}
+        self.objects = objects
+        self.make_unit, self.dtype = make_unit, dtype
+        self._unit: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
+        self.state_dict, self.is_coordinator = {}, is_coordinator
+
+    def create_local_plan(self):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+        items = [WriteItem(index=MetadataIndex(k), type=WriteItemType.BYTE_IO) for k in self.objects]
+        for c in self.chunks.values():
+            items.append(WriteItem(
+                index=MetadataIndex(c.key, torch.Size(c.offsets)), type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)),
+                    properties=TensorProperties(dtype=self.dtype), size=torch.Size(c.global_shape))))
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item):
+        fqn = write_item.index.fqn
+        if fqn in self.objects:  # megatron stores a ShardedObject as torch.save([data]) (its torch strategy)
+            buf = io.BytesIO()
+            torch.save([self.objects[fqn]], buf)
+            buf.seek(0)
+            return buf
+        c = self.chunks[(fqn, tuple(write_item.index.offset))]
+        if self._unit[0] != c.name:  # the SwiGLU halves of one fc1 come one after the other
+            self._unit = (None, None)
+            self._unit = (c.name, self.make_unit(c.name))
+        return self._unit[1][c.region].reshape(c.sizes)
+
+
+def _unit_maker(src: HFTensors, cfg, dtype: torch.dtype):
+    """name -> the global megatron tensor, read from the HF files with at most one extra buffer."""
+    maps = {m.mcore: m for m in mapping.tensor_maps(cfg)}
+
+    def make(name: str) -> torch.Tensor:
+        m = maps[name]
+        shapes = mapping.hf_shapes(m, cfg)
+        if m.kind == "vocab":  # padding rows zero, real rows read in place
+            out = torch.zeros(mapping.mcore_shape(m, cfg), dtype=dtype)
+            src.read_into(m.hf[0], out[: cfg.vocab_size])
+        elif m.kind == "fc1":  # [w1; w3]
+            out = torch.empty(mapping.mcore_shape(m, cfg), dtype=dtype)
+            f = shapes[0][0]
+            src.read_into(m.hf[0], out[:f])
+            src.read_into(m.hf[1], out[f:])
+        elif m.kind == "copy":
+            out = src.read(m.hf[0], dtype, shapes[0])
+        else:
+            out = mapping.to_mcore(m, [src.read(h, dtype, s) for h, s in zip(m.hf, shapes)], cfg)
+        return out
+
+    return make
+
+
+def _single_rank_group():
+    """A one-rank gloo group in memory (no port, nothing left in the environment), as MegatronLM does."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def write_checkpoint(hf: HFCheckpoint, cfg, out_iter: Path, dtype: torch.dtype, common: dict) -> None:
+    """Write the megatron checkpoint directory ``out_iter`` (an ``iter_*`` dir) from the HF folder."""
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from ..config import ParallelConfig
     from ..parallel import destroy_distributed, init_distributed
-    from ..training import checkpoint as ckpt
 
-    hf = HFCheckpoint(a.src)
-    cfg = mapping.model_config_from_hf(hf.config, str(hf.dir / "config.json"))
-    par = ParallelConfig(tp=a.tp, pp=a.pp, ep=a.ep)
-    init_distributed(cfg, par)
-    chunks = build_model_chunks(cfg, par, precision=a.dtype)
-    load_global_state_dict(chunks, LazyGlobalState(HFTensors(hf, cfg), cfg))
-    out = Path(a.out)
-    common = dict(consumed_samples=0, stage="converted", source=str(hf.dir),
-                  config=dict(model=to_dict(cfg), parallel=to_dict(par),
-                              data=dict(tokenizer_model=a.tokenizer_model)))
-    ckpt.save(out, 0, chunks, None, None, common, keep_last=0, with_optimizer=False)
-    destroy_distributed()
-    return 0
+    _single_rank_group()
+    try:
+        init_distributed(cfg, ParallelConfig())
+        chunks, objects = megatron_structure(cfg)
+    finally:
+        destroy_distributed()
+    names = {c.name for c in chunks}
+    want = {m.mcore for m in mapping.tensor_maps(cfg)}
+    if names != want:  # the tables and megatron's model must describe the same tensors
+        raise RuntimeError(f"megatron's model and the mapping tables disagree: only in megatron "
+                           f"{sorted(names - want)[:4]}, only in the tables {sorted(want - names)[:4]}")
+    out_iter.mkdir(parents=True)
+    planner = StreamingSavePlanner(chunks, objects, _unit_maker(HFTensors(hf, cfg), cfg, dtype), dtype)
+    writer = FileSystemWriter(str(out_iter), single_file_per_rank=True, sync_files=True, thread_count=1)
+    dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    # What megatron's dist_checkpointing.save writes beside the DCP files: the backend config and the
+    # common (non-sharded) state; then this project's meta file, as training/checkpoint.py writes it.
+    save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(out_iter))
+    torch.save({"common": common}, out_iter / "common.pt")
+    (out_iter / "scidfm_meta.json").write_text(json.dumps(common, indent=1, default=str))
+
+
+def source_dtype(hf: HFCheckpoint) -> tuple[str, str]:
+    """The output dtype that keeps the source's values, and why."""
+    codes = {m["dtype"] for m in hf.meta.values()}
+    if "BF16" in codes:
+        return "bf16", "the source's"
+    if "F16" in codes:
+        return "fp32", "the source is fp16: widened to fp32, lossless"
+    return "fp32", "the source's"
 
 
 def convert_hf_to_mcore(src: str | Path, dst: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
-                        dtype: Optional[str] = None, force: bool = False, progress: bool = True) -> Path:
-    """Convert ``src`` (HF folder) to a megatron checkpoint at ``dst`` for layout TP x PP x EP."""
-    from ..config import ParallelConfig
+                        dtype: Optional[str] = None, force: bool = False, progress: bool = True,
+                        verify: bool = False, verify_options: Optional[dict] = None) -> Path:
+    """Convert ``src`` (HF folder) to a weights-only megatron checkpoint at ``dst``. ``tp/pp/ep``: the
+    layout it is meant for (checked against the model, recorded). ``dtype``: default the source's."""
+    from ..config import ParallelConfig, to_dict
     from ..parallel import validate_layout
-    from ..testing.distributed import run_torchrun
 
     dst = Path(dst)
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} exists; remove it or pass --force")
     hf = HFCheckpoint(src)
-    cfg = mapping.model_config_from_hf(hf.config, str(hf.dir / "config.json"))
+    cfg = mapping.model_config_from_hf(hf.config, str(hf.dir / "config.json"), saved=_sidecar_model(hf.dir))
     check_hf_tensors(hf, cfg)
-    validate_layout(cfg, ParallelConfig(tp=tp, pp=pp, ep=ep), tp * pp * ep)
+    par = ParallelConfig(tp=tp, pp=pp, ep=ep)
+    validate_layout(cfg, par, tp * pp * ep)
+    tok = tokfiles.in_folder(hf.dir)
+    tok.check_fits(cfg.vocab_size, f"vocab_size in {hf.dir / 'config.json'}")
+    why = "--dtype"
     if dtype is None:
-        dtype = "bf16" if any(m["dtype"] == "BF16" for m in hf.meta.values()) else "fp32"
+        dtype, why = source_dtype(hf)
+    say = print if progress else (lambda *a, **k: None)
+    say(f"[scidfm] hf->mcore {hf.dir} -> {dst}: dtype {dtype} ({why}); layout TP{tp} PP{pp} EP{ep} recorded", flush=True)
+    say(f"[scidfm] tokenizer: {tok.describe()}", flush=True)
+    final_tok = (dst.resolve() / "tokenizer" / "tokenizer.model") if any(
+        f.name == "tokenizer.model" for f in tok.files) else None
+    common = dict(consumed_samples=0, stage="converted", source=str(hf.dir),
+                  config=dict(model=to_dict(cfg), parallel=to_dict(par),
+                              data=dict(tokenizer_model=str(final_tok) if final_tok else None)),
+                  tokenizer=dict(kind=tok.kind, dir="tokenizer" if tok.kind != "none" else None),
+                  hf_token_ids={k: hf.config.get(f"{k}_token_id") for k in ("bos", "eos", "pad")
+                                if f"{k}_token_id" in hf.config},
+                  iteration=0, layout=dict(world=tp * pp * ep, tp=tp, pp=pp, ep=ep), weights_only=True)
     with staged_dir(dst) as tmp:
-        if progress:
-            print(f"[scidfm] hf->mcore {hf.dir} -> {dst}: {tp * pp * ep} processes (TP{tp} PP{pp} EP{ep}), {dtype}",
-                  flush=True)
-        run_torchrun("-m", tp * pp * ep, ["scidfm_megatron.convert.hf_to_mcore", "--src", hf.dir, "--out", tmp,
-                                          "--tokenizer-model", dst / "tokenizer" / "tokenizer.model",
-                                          "--tp", tp, "--pp", pp, "--ep", ep, "--dtype", dtype])
-        tok_dir = tmp / "tokenizer"
-        tok_dir.mkdir()
-        for fn in ("tokenizer.model", "science_tokens.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenization_scidfm.py"):
-            if (hf.dir / fn).exists():
-                shutil.copyfile(hf.dir / fn, tok_dir / fn)
+        write_checkpoint(hf, cfg, tmp / "iter_0000000", DTYPES[dtype], common)
+        (tmp / "latest").write_text("0")
+        tokfiles.write(tok, tmp / "tokenizer", model_max_length=cfg.max_seq_length, hf_files=False)
+        if verify:
+            from .verify import verify_conversion
+
+            verify_conversion(tmp, hf.dir, dtype=dtype, tokenizer=tok, **(verify_options or {}))
     return dst
 
 
-if __name__ == "__main__":
-    sys.exit(_worker())
+def _sidecar_model(d: Path) -> Optional[dict]:
+    f = d / mapping.SIDECAR
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text()).get("model")
+    except ValueError as exc:
+        raise HFCheckpointError(f"{f}: unreadable ({exc})") from None

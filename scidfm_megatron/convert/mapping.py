@@ -162,13 +162,17 @@ def to_mcore(m: TensorMap, ts: list[torch.Tensor], cfg: ModelConfig) -> torch.Te
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
-def hf_config_dict(cfg: ModelConfig, *, dtype: str, bos_id: int, eos_id: int, pad_id: Optional[int],
-                   extra: Optional[dict] = None) -> dict:
-    """``config.json`` content through transformers' own MixtralConfig (so it is what transformers
-    writes and reads), with the run's ModelConfig kept under ``scidfm_megatron`` for the way back."""
+SIDECAR = "scidfm_megatron.json"  # next to config.json: the run's ModelConfig, for the way back
+
+
+def hf_config(cfg: ModelConfig, *, dtype: str, token_ids: Optional[dict] = None):
+    """transformers' own ``MixtralConfig`` for this model: ``save_pretrained`` writes it exactly as
+    transformers writes any Mixtral (only the values that differ from its defaults). ``token_ids``:
+    bos/eos/pad ids to record (those left out keep transformers' defaults)."""
     from transformers import MixtralConfig
 
-    hf = MixtralConfig(
+    ids = {f"{k}_token_id": v for k, v in (token_ids or {}).items() if k in ("bos", "eos", "pad")}
+    return MixtralConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.moe_ffn_hidden_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_query_groups, head_dim=cfg.head_dim, hidden_act="silu",
@@ -176,24 +180,23 @@ def hf_config_dict(cfg: ModelConfig, *, dtype: str, bos_id: int, eos_id: int, pa
         rms_norm_eps=cfg.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=not cfg.untie_embeddings, num_local_experts=cfg.num_experts,
         num_experts_per_tok=cfg.moe_router_topk, router_aux_loss_coef=cfg.moe_aux_loss_coeff,
-        output_router_logits=False, router_jitter_noise=0.0, sliding_window=None,
-        attention_dropout=cfg.attention_dropout, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
-        architectures=["MixtralForCausalLM"], dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype],
+        attention_dropout=cfg.attention_dropout, architectures=["MixtralForCausalLM"],
+        dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype], **ids,
     )
-    d = hf.to_dict()
-    from ..config import to_dict
-
-    d["scidfm_megatron"] = dict(model=to_dict(cfg), **(extra or {}))
-    return d
 
 
-def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    """ModelConfig from a Mixtral-layout ``config.json`` (ours, or the SciDFM release's)."""
+def model_config_from_hf(hf: dict, source: str = "config.json", saved: Optional[dict] = None) -> ModelConfig:
+    """ModelConfig from a Mixtral-layout ``config.json`` (ours, the SciDFM release's, any Mixtral).
+
+    ``saved``: the run's ModelConfig as our export keeps it (``scidfm_megatron.json``; older exports kept
+    it under config.json's ``scidfm_megatron`` key): it restores fields HF has no name for (capacity
+    factor, vocabulary padding). Without it the model is Mixtral's: dropless routing (no capacity factor),
+    as transformers runs it; a training recipe sets its own ``model.moe_capacity_factor``."""
     import dataclasses
 
     from ..config import ConfigError, from_dict
 
-    saved = (hf.get("scidfm_megatron") or {}).get("model")
+    saved = saved or (hf.get("scidfm_megatron") or {}).get("model")
     base = from_dict(ModelConfig, saved) if saved else None
 
     def need(key, *alts):
@@ -218,9 +221,16 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         init_method_std=float(hf.get("initializer_range", 0.02)),
         attention_dropout=float(hf.get("attention_dropout", 0.0)))
     if base is None:
-        cfg = ModelConfig(name=hf.get("_name_or_path") or "hf-import", **fields)
+        cfg = ModelConfig(name=hf.get("_name_or_path") or "hf-import", moe_capacity_factor=None, **fields)
     else:
         cfg = dataclasses.replace(base, **fields)
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"{source}: rope_parameters.rope_type {rope['rope_type']!r}; only plain RoPE ('default') "
+                          "is supported")
+    window = hf.get("sliding_window")
+    if window is not None and window < fields["max_seq_length"]:
+        raise ConfigError(f"{source}: sliding_window {window} < max_position_embeddings {fields['max_seq_length']}; "
+                          "this model family attends to the whole sequence (no sliding-window attention)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r}; SciDFM/Mixtral experts use 'silu' (SwiGLU)")
     cfg.validate()

@@ -3,20 +3,20 @@
 One process, no model, no process group. For each output file the plan (made from the config before
 any tensor is read) lists its conversion units; each unit's megatron tensor is read (one slice of the
 checkpoint), mapped by :mod:`.mapping`, appended to the file and dropped. Everything is written into
-``DST.tmp-<pid>`` and renamed to ``DST`` only after the last file is complete, so a failed or interrupted
-conversion leaves nothing at ``DST``.
+``DST.tmp-<pid>`` and renamed to ``DST`` only after the last file is complete (and, with ``verify``, once
+the parity check passed), so a failed or interrupted conversion leaves nothing at ``DST``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from . import mapping
+from . import tokenizer_files as tokfiles
 from .hf_io import ShardWriter, plan_shards, write_index
 from ..utils import staged_dir
 from .mcore_io import McoreCheckpoint, McoreCheckpointError
@@ -34,48 +34,58 @@ def parse_size(text: str | int) -> int:
     return int(t)
 
 
-def _tokenizer_model(ckpt: McoreCheckpoint, tokenizer: Optional[str]) -> Path:
+def resolve_tokenizer(ckpt: McoreCheckpoint, tokenizer: Optional[str]) -> tokfiles.Tokenizer:
+    """``--tokenizer`` (a folder, a .model file or ``none``), else what the checkpoint records: the
+    ``tokenizer/`` folder of a conversion, or the run's ``data.tokenizer_model``; else none."""
     if tokenizer:
-        p = Path(tokenizer)
-        p = p / "tokenizer.model" if p.is_dir() else p
-    else:
-        saved = ((ckpt.meta.get("config") or {}).get("data") or {}).get("tokenizer_model")
-        if not saved:
-            raise McoreCheckpointError(f"{ckpt.dir}: the run recorded no data.tokenizer_model; pass --tokenizer")
-        p = Path(saved)
-    if not p.exists():
-        raise McoreCheckpointError(f"tokenizer {p} not found (pass --tokenizer DIR_OR_tokenizer.model)")
-    return p
+        return tokfiles.inspect(tokenizer)
+    rec = ckpt.meta.get("tokenizer")
+    if isinstance(rec, dict):  # written by hf-to-mcore: a folder next to iter_*, or none
+        if not rec.get("dir"):
+            return tokfiles.NONE
+        d = ckpt.dir.parent / rec["dir"]
+        if not d.exists():
+            raise tokfiles.TokenizerError(f"{d}: the tokenizer folder this checkpoint records is missing; pass "
+                                          f"--tokenizer DIR_OR_tokenizer.model (or --tokenizer none)")
+        return tokfiles.inspect(d)
+    saved = ((ckpt.meta.get("config") or {}).get("data") or {}).get("tokenizer_model")
+    if saved:
+        if not Path(saved).exists():
+            raise tokfiles.TokenizerError(f"{saved}: the run's data.tokenizer_model does not exist (any more); pass "
+                                          f"--tokenizer DIR_OR_tokenizer.model (or --tokenizer none for weights only)")
+        return tokfiles.inspect(saved)
+    return tokfiles.NONE
 
 
-def write_tokenizer(dst: Path, model_file: Path, vocab_limit: int, max_length: int):
-    """tokenizer.model (+ science_tokens.json) and the HF tokenizer files; returns the tokenizer."""
-    from ..tokenizer.core import ScienceTokenizer
-    from ..tokenizer.hf import write_hf_tokenizer_files
-
-    tok = ScienceTokenizer(str(model_file))
-    if tok.vocab_size > vocab_limit:
-        raise McoreCheckpointError(f"tokenizer {model_file} has {tok.vocab_size} tokens but the model's vocabulary "
-                                   f"is {vocab_limit}: wrong tokenizer for this checkpoint")
-    shutil.copyfile(model_file, dst / "tokenizer.model")
-    inv = model_file.parent / "science_tokens.json"
-    if inv.exists():
-        shutil.copyfile(inv, dst / "science_tokens.json")
-    write_hf_tokenizer_files(dst, tok, model_max_length=max_length)
-    return tok
+def token_ids(ckpt: McoreCheckpoint, tok: tokfiles.Tokenizer) -> dict:
+    """bos/eos/pad for config.json: those of the imported HF config when this is an import, else the
+    tokenizer's; missing ones keep transformers' defaults."""
+    if isinstance(ckpt.meta.get("hf_token_ids"), dict):
+        return dict(ckpt.meta["hf_token_ids"])
+    return {k: v for k, v in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)) if v is not None}
 
 
-def convert_mcore_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "bf16", tokenizer: Optional[str] = None,
-                        max_shard_size: str | int = "5GB", progress: bool = True, force: bool = False) -> Path:
-    """Convert; returns ``dst``. ``dtype``: bf16 (the release's) or fp32."""
+def source_dtype(ckpt: McoreCheckpoint) -> str:
+    return "bf16" if any(d == torch.bfloat16 for d in ckpt.dtypes.values()) else "fp32"
+
+
+def convert_mcore_to_hf(src: str | Path, dst: str | Path, *, dtype: Optional[str] = None,
+                        tokenizer: Optional[str] = None, max_shard_size: str | int = "5GB", progress: bool = True,
+                        force: bool = False, verify: bool = False, verify_options: Optional[dict] = None) -> Path:
+    """Convert; returns ``dst``. ``dtype``: bf16 or fp32, default the checkpoint's (its model weights')."""
     from tqdm import tqdm
     from transformers import GenerationConfig
+
+    from ..config import to_dict
 
     dst = Path(dst)
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} exists; remove it or pass --force")
     ckpt = McoreCheckpoint(src)
     cfg = ckpt.model_config
+    why = "--dtype"
+    if dtype is None:
+        dtype, why = source_dtype(ckpt), "the source's"
     tdtype = DTYPES[dtype]
     maps = mapping.tensor_maps(cfg)
     # Every tensor the config implies must be in the checkpoint with the implied shape, and vice versa:
@@ -90,12 +100,18 @@ def convert_mcore_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "bf16"
         if ckpt.shape(m.mcore) != mapping.mcore_shape(m, cfg):
             raise McoreCheckpointError(f"{ckpt.dir}: {m.mcore} has shape {ckpt.shape(m.mcore)}, the config "
                                        f"({cfg.name}) implies {mapping.mcore_shape(m, cfg)}")
+    tok = resolve_tokenizer(ckpt, tokenizer)
+    tok.check_fits(cfg.vocab_size, f"{ckpt.dir / 'scidfm_meta.json'}")
+    ids = token_ids(ckpt, tok)
     units = [list(zip(m.hf, mapping.hf_shapes(m, cfg))) for m in maps]
     shards = plan_shards(units, tdtype, parse_size(max_shard_size))
     unit_of = {m.hf[0]: m for m in maps}
+    if progress:
+        print(f"[scidfm] mcore->hf {ckpt.dir} -> {dst}: dtype {dtype} ({why})", flush=True)
+        print(f"[scidfm] tokenizer: {tok.describe()}", flush=True)
 
     with staged_dir(dst) as tmp:
-        tok = write_tokenizer(tmp, _tokenizer_model(ckpt, tokenizer), cfg.vocab_size, cfg.max_seq_length)
+        tokfiles.write(tok, tmp, model_max_length=cfg.max_seq_length)
         total = sum(s.nbytes for s in shards)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"mcore->hf {dst.name}", disable=not progress)
         for shard in shards:
@@ -111,10 +127,16 @@ def convert_mcore_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "bf16"
             w.close()
         bar.close()
         write_index(tmp, shards)
-        config = mapping.hf_config_dict(
-            cfg, dtype=dtype, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-            extra=dict(source=str(ckpt.dir), iteration=ckpt.meta.get("iteration"), stage=ckpt.meta.get("stage")))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                         do_sample=False, max_new_tokens=256).save_pretrained(tmp)
+        # config.json exactly as transformers writes this model's MixtralConfig; what HF has no name for
+        # (capacity factor, vocabulary padding...) goes to a file of its own for the way back.
+        mapping.hf_config(cfg, dtype=dtype, token_ids=ids).save_pretrained(tmp)
+        (tmp / mapping.SIDECAR).write_text(json.dumps(
+            dict(model=to_dict(cfg), source=str(ckpt.dir), iteration=ckpt.meta.get("iteration"),
+                 stage=ckpt.meta.get("stage")), indent=2, default=str) + "\n")
+        gen = {f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad") if ids.get(k) is not None}
+        GenerationConfig(do_sample=False, max_new_tokens=256, **gen).save_pretrained(tmp)
+        if verify:
+            from .verify import verify_conversion
+
+            verify_conversion(ckpt.dir, tmp, dtype=dtype, tokenizer=tok, **(verify_options or {}))
     return dst

@@ -1,0 +1,216 @@
+"""Which tokenizer a conversion carries, told apart by inspecting its files, and how it is written.
+
+Four kinds:
+
+* ``science``: an extended science ``tokenizer.model`` (SentencePiece with the molecule / protein span
+  markers), e.g. the one a training run recorded. Written as ``tokenizer.model`` (+
+  ``science_tokens.json``) plus the Hugging Face files generated for it (``tokenization_scidfm.py``,
+  ``tokenizer_config.json`` with the chat template; ``AutoTokenizer`` needs ``trust_remote_code``).
+* ``sentencepiece``: a plain SentencePiece model (Llama / Mistral style ``tokenizer.model``). Copied
+  byte for byte, with a ``tokenizer_config.json`` naming ``LlamaTokenizer`` so ``AutoTokenizer`` loads it.
+* ``hf``: a folder that already holds Hugging Face tokenizer files (``tokenizer.json`` and/or
+  ``tokenizer_config.json``, with or without ``tokenizer.model``). Every tokenizer file is copied byte
+  for byte; nothing is generated.
+* ``none``: a weights-only conversion (said so on the console; nothing recorded).
+
+Refusals raise :class:`TokenizerError` (one line naming the file and the fix), always before anything is
+written: a path that does not exist, a file that is not a SentencePiece model, a folder without tokenizer
+files, a tokenizer with more tokens than the model's vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+# Files that make up a Hugging Face tokenizer folder (copied verbatim when present), plus the code
+# files that tokenizer_config.json's auto_map may name.
+HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                      "chat_template.json", "science_tokens.json")
+HF_MARKERS = ("tokenizer.json", "tokenizer_config.json")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot go with this conversion (reported as one line, exit 2)."""
+
+
+@dataclass
+class Tokenizer:
+    kind: str  # science | sentencepiece | hf | none
+    path: Optional[Path] = None  # the .model file (science, sentencepiece) or the folder (hf)
+    vocab_size: Optional[int] = None  # ids the tokenizer can emit (max id + 1); None when unknown
+    files: list[Path] = field(default_factory=list)  # copied verbatim
+    bos_id: Optional[int] = None
+    eos_id: Optional[int] = None
+    pad_id: Optional[int] = None
+
+    def describe(self) -> str:
+        if self.kind == "none":
+            return "none (weights-only conversion: no tokenizer files written)"
+        what = {"science": "science tokenizer", "sentencepiece": "plain SentencePiece model",
+                "hf": "Hugging Face tokenizer folder, copied as it is"}[self.kind]
+        return f"{what} {self.path} ({self.vocab_size if self.vocab_size is not None else 'unknown'} tokens)"
+
+    def check_fits(self, model_vocab: int, where: str) -> None:
+        if self.vocab_size is not None and self.vocab_size > model_vocab:
+            raise TokenizerError(
+                f"tokenizer {self.path} has {self.vocab_size} tokens but the model's vocabulary ({where}) is "
+                f"{model_vocab}: ids above {model_vocab - 1} would have no embedding; pass the tokenizer this model "
+                f"was trained with (or --tokenizer none for a weights-only conversion)")
+
+
+NONE = Tokenizer("none")
+
+
+def _sp_proto(path: Path):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception:  # noqa: BLE001 - protobuf raises DecodeError and friends
+        proto = None
+    if proto is None or not len(proto.pieces):
+        raise TokenizerError(f"{path}: not a SentencePiece model (give a tokenizer.model, a Hugging Face "
+                             f"tokenizer folder, or --tokenizer none)")
+    return proto
+
+
+def _is_science(proto) -> bool:
+    from ..tokenizer.core import SPAN_MARKERS, SPECIALS
+
+    pieces = {p.piece for p in proto.pieces}
+    return all(s in pieces for s in SPAN_MARKERS + SPECIALS)
+
+
+def _sp_tokenizer(model: Path) -> Tokenizer:
+    proto = _sp_proto(model)
+    spec = proto.trainer_spec
+
+    def sid(i):
+        return i if 0 <= i < len(proto.pieces) else None
+
+    if _is_science(proto):
+        from ..tokenizer.core import PAD
+
+        pad = next(i for i, p in enumerate(proto.pieces) if p.piece == PAD)
+        files = [model] + ([model.parent / "science_tokens.json"] if (model.parent / "science_tokens.json").exists()
+                           else [])
+        return Tokenizer("science", model, len(proto.pieces), files, sid(spec.bos_id), sid(spec.eos_id), pad)
+    return Tokenizer("sentencepiece", model, len(proto.pieces), [model], sid(spec.bos_id), sid(spec.eos_id),
+                     sid(spec.pad_id))
+
+
+def _hf_folder(d: Path) -> Tokenizer:
+    files = [d / f for f in HF_TOKENIZER_FILES if (d / f).is_file()]
+    files += sorted(p for p in d.glob("tokenization_*.py") if p.is_file())
+    ids: list[int] = []
+    bos = eos = pad = None
+    if (d / "tokenizer.json").is_file():
+        try:
+            tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise TokenizerError(f"{d / 'tokenizer.json'}: not valid JSON ({exc})") from None
+        vocab = (tj.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            ids += [int(v) for v in vocab.values()]
+        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+            ids.append(len(vocab) - 1)
+        ids += [int(t["id"]) for t in tj.get("added_tokens") or []]
+    elif (d / "tokenizer.model").is_file():
+        sp = _sp_tokenizer(d / "tokenizer.model")
+        ids.append(sp.vocab_size - 1)
+        bos, eos, pad = sp.bos_id, sp.eos_id, sp.pad_id
+    elif (d / "vocab.json").is_file():
+        ids += [int(v) for v in json.loads((d / "vocab.json").read_text(encoding="utf-8")).values()]
+    cfg_file = d / "tokenizer_config.json"
+    if cfg_file.is_file():
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise TokenizerError(f"{cfg_file}: not valid JSON ({exc})") from None
+        ids += [int(k) for k in (cfg.get("added_tokens_decoder") or {})]
+    return Tokenizer("hf", d, (max(ids) + 1) if ids else None, files, bos, eos, pad)
+
+
+def inspect(path: str | Path) -> Tokenizer:
+    """The tokenizer at ``path``: a ``.model`` file, a folder, or the word ``none``."""
+    if str(path).lower() == "none":
+        return NONE
+    p = Path(path)
+    if not p.exists():
+        raise TokenizerError(f"tokenizer {p} not found (pass --tokenizer DIR_OR_tokenizer.model, or --tokenizer none "
+                             f"for a weights-only conversion)")
+    if p.is_file():
+        return _sp_tokenizer(p)
+    if any((p / f).is_file() for f in HF_MARKERS):
+        return _hf_folder(p)
+    if (p / "tokenizer.model").is_file():
+        return _sp_tokenizer(p / "tokenizer.model")
+    raise TokenizerError(f"{p}: no tokenizer files (tokenizer.model, tokenizer.json or tokenizer_config.json); "
+                         f"pass the tokenizer's folder or file, or --tokenizer none for a weights-only conversion")
+
+
+def in_folder(d: Path) -> Tokenizer:
+    """The tokenizer a model folder carries (``none`` when it has no tokenizer files)."""
+    if any((d / f).is_file() for f in HF_MARKERS + ("tokenizer.model",)):
+        return inspect(d)
+    return NONE
+
+
+def write(tok: Tokenizer, dst: Path, *, model_max_length: int, hf_files: bool = True) -> None:
+    """Put the tokenizer into folder ``dst``. ``hf_files``: also generate the Hugging Face files a
+    science / plain SentencePiece model needs to load with ``AutoTokenizer`` (an HF export)."""
+    if tok.kind == "none":
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    if tok.kind == "hf":
+        for f in tok.files:
+            shutil.copyfile(f, dst / f.name)
+        return
+    shutil.copyfile(tok.path, dst / "tokenizer.model")
+    for f in tok.files[1:]:
+        shutil.copyfile(f, dst / f.name)
+    if not hf_files:
+        return
+    if tok.kind == "science":
+        from ..tokenizer.core import ScienceTokenizer
+        from ..tokenizer.hf import write_hf_tokenizer_files
+
+        write_hf_tokenizer_files(dst, ScienceTokenizer(str(tok.path)), model_max_length=model_max_length)
+    else:
+        proto = _sp_proto(tok.path)
+        name = {i: proto.pieces[i].piece for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None}
+        config = {"tokenizer_class": "LlamaTokenizer", "model_max_length": model_max_length,
+                  "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+        for key, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("pad_token", tok.pad_id)):
+            if i is not None:
+                config[key] = name[i]
+        unk = proto.trainer_spec.unk_id
+        if 0 <= unk < len(proto.pieces):
+            config["unk_token"] = proto.pieces[unk].piece
+        (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def encode(tok: Tokenizer, text: str) -> Optional[list[int]]:
+    """``text`` as this tokenizer's ids (with BOS where the tokenizer adds one); None for ``none``."""
+    if tok.kind == "science":
+        from ..tokenizer.core import ScienceTokenizer
+
+        return ScienceTokenizer(str(tok.path)).encode(text, bos=True)
+    if tok.kind == "sentencepiece" or (tok.kind == "hf" and (tok.path / "tokenizer.model").is_file()
+                                       and not (tok.path / "tokenizer.json").is_file()):
+        import sentencepiece as spm
+
+        model = tok.path if tok.kind == "sentencepiece" else tok.path / "tokenizer.model"
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        return ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(text)
+    if tok.kind == "hf" and (tok.path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as Fast
+
+        return Fast.from_file(str(tok.path / "tokenizer.json")).encode(text).ids
+    return None
