@@ -29,6 +29,8 @@ p.add_argument("--batch", help="global batch (.pt) with tokens [B, S+1]")
 p.add_argument("--micro-batch-size", type=int, default=2)
 p.add_argument("--steps", type=int, default=12)
 p.add_argument("--out", required=True)
+p.add_argument("--backend", default=None, help="model.backend (default: the preset's, auto)")
+p.add_argument("--recompute", default=None, help="train.recompute (null, selective, full or a module list)")
 
 
 def main():
@@ -49,7 +51,8 @@ def main():
     par = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
     layout = init_distributed(model_cfg, par, seed=1234)
     rank = torch.distributed.get_rank()
-    chunks = build_model_chunks(model_cfg, par, precision=args.precision)
+    chunks = build_model_chunks(model_cfg, par, precision=args.precision, backend=args.backend,
+                                recompute=args.recompute)
     config = chunks[0].config
 
     if args.mode == "parity":
