@@ -114,7 +114,8 @@ def medmcqa(path: Path) -> list[dict]:
 
 
 def pubmedqa(path: Path) -> list[dict]:
-    fmt = "PubMedQA (pubmedqa/pubmedqa, ori_pqal.json / test_set.json) JSON: {PMID: {QUESTION, CONTEXTS, final_decision}}"
+    fmt = ("PubMedQA (pubmedqa/pubmedqa, ori_pqal.json / test_set.json) JSON: "
+           "{PMID: {QUESTION, CONTEXTS, final_decision}}")
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise ConvertError(f"{path}: expected an object keyed by PMID ({fmt})")
@@ -157,7 +158,8 @@ def scieval(path: Path) -> list[dict]:
             a = {"true": "yes", "false": "no"}.get(a, a)
             if a not in choices:
                 raise ConvertError(f"{where}: a judge question's answer must be yes/no or true/false, got {ans!r}")
-            out.append(dict(question=r["question"], choices=choices, answer=choices.index(a), category=r.get("category")))
+            out.append(dict(question=r["question"], choices=choices, answer=choices.index(a),
+                            category=r.get("category")))
         # "filling" questions are free-form: not a multiple-choice task, skipped (counted by the CLI)
     return out
 
@@ -222,8 +224,8 @@ def mol_instructions_molecule(path: Path, split: str = "test") -> list[dict]:
             raise ConvertError(f"{where}: output is not SELFIES ({fmt}); molecule understanding tasks "
                                "(text output) are not molecule generation")
         inp = _selfies_to_smiles(r["input"], where + " input") if _is_selfies(r["input"]) else r["input"]
-        out.append(dict(instruction=r["instruction"], input=inp, output=_selfies_to_smiles(r["output"], where + " output"),
-                        output_selfies=r["output"]))
+        out.append(dict(instruction=r["instruction"], input=inp,
+                        output=_selfies_to_smiles(r["output"], where + " output"), output_selfies=r["output"]))
     return out
 
 
