@@ -295,7 +295,8 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, *, tp: int = 1, pp: in
     par = ParallelConfig(tp=tp, pp=pp, ep=ep)
     validate_layout(cfg, par, tp * pp * ep)
     tok = tokfiles.in_folder(hf.dir)
-    tok.check_fits(cfg.vocab_size, f"vocab_size in {hf.dir / 'config.json'}")
+    tok.check_fits(cfg.vocab_size, f"vocab_size in {hf.dir / 'config.json'}",
+                   "is this the model's own tokenizer? (without tokenizer files the import is weights-only)")
     why = "--dtype"
     if dtype is None:
         dtype, why = source_dtype(hf)

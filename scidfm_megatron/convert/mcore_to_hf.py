@@ -101,7 +101,8 @@ def convert_mcore_to_hf(src: str | Path, dst: str | Path, *, dtype: Optional[str
             raise McoreCheckpointError(f"{ckpt.dir}: {m.mcore} has shape {ckpt.shape(m.mcore)}, the config "
                                        f"({cfg.name}) implies {mapping.mcore_shape(m, cfg)}")
     tok = resolve_tokenizer(ckpt, tokenizer)
-    tok.check_fits(cfg.vocab_size, f"{ckpt.dir / 'scidfm_meta.json'}")
+    tok.check_fits(cfg.vocab_size, f"{ckpt.dir / 'scidfm_meta.json'}",
+                   "pass the tokenizer this model was trained with (--tokenizer), or --tokenizer none")
     ids = token_ids(ckpt, tok)
     units = [list(zip(m.hf, mapping.hf_shapes(m, cfg))) for m in maps]
     shards = plan_shards(units, tdtype, parse_size(max_shard_size))

@@ -55,12 +55,11 @@ class Tokenizer:
                 "hf": "Hugging Face tokenizer folder, copied as it is"}[self.kind]
         return f"{what} {self.path} ({self.vocab_size if self.vocab_size is not None else 'unknown'} tokens)"
 
-    def check_fits(self, model_vocab: int, where: str) -> None:
+    def check_fits(self, model_vocab: int, where: str, fix: str) -> None:
         if self.vocab_size is not None and self.vocab_size > model_vocab:
             raise TokenizerError(
                 f"tokenizer {self.path} has {self.vocab_size} tokens but the model's vocabulary ({where}) is "
-                f"{model_vocab}: ids above {model_vocab - 1} would have no embedding; pass the tokenizer this model "
-                f"was trained with (or --tokenizer none for a weights-only conversion)")
+                f"{model_vocab}: ids above {model_vocab - 1} would have no embedding; {fix}")
 
 
 NONE = Tokenizer("none")

@@ -181,6 +181,6 @@ def verify_conversion(mcore_dir: str | Path, hf_dir: str | Path, *, dtype: str, 
         agree = f"{r['agree']:.1%}" if r["agree"] is not None else ""
         say(f"  {r['layer']:>7}  {r['max']:10.3g}  {r['mean']:10.3g}  {r['scale']:10.3g}  {agree:>11}")
     if first:
-        raise VerifyError(f"verify failed, {first} (megatron {mcore_dir} vs Hugging Face {hf_dir})")
+        raise VerifyError(f"verify failed, {first}")
     say("[scidfm] verify: PASS (megatron and Hugging Face agree within the tolerance)", flush=True)
     return rows
