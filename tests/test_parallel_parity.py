@@ -103,9 +103,17 @@ def test_virtual_pipeline_matches_single_process(reference):
 
 def test_torch_backend_matches_single_process(reference):
     """The ``torch`` backend (padded SDPA attention, grouped-GEMM experts with moe_act recompute) over
-    TP2 x EP2 against the ``local`` single process: the same weights give the same step."""
+    TP2 x EP2 against the ``local`` single process: the same weights give the same step. The memory plan
+    equals what each rank allocated."""
     d, paths, ref = reference
     got = run_layout(d, paths, (2, 1, 2, 1), "--backend", "torch", "--recompute", "selective")
+    # scidfm-info's memory plan: every rank's weights, grad buffers and optimizer state, to the byte
+    from scidfm_megatron.model.accounting import memory_plan
+    from scidfm_megatron.model.presets import get_preset
+
+    plan = memory_plan(get_preset("scidfm-debug"), tp=2, ep=2, world_size=4, precision="fp32",
+                       distributed_optimizer=False)
+    assert got["memory"] == [dict(weights=plan.weights, grads=plan.grads, optimizer=plan.optimizer)] * 4
     assert got["tokens"] == ref["tokens"] == 8 * 32
     assert abs(got["loss"] - ref["loss"]) <= 1e-5, (got["loss"], ref["loss"])
     assert got["grads"].keys() == ref["grads"].keys()

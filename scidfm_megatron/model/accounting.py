@@ -108,3 +108,226 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, padde
     """Model FLOPs per trained token (forward + backward), PaLM appendix-B convention."""
     s = seq_len or cfg.max_seq_length
     return 6 * matmul_params_per_token(cfg, padded_vocab) + 12 * cfg.num_layers * s * cfg.attention_width
+
+
+# ------------------------------------------------------------------------------------ memory plan
+GiB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-GPU memory of one layout, in bytes, on the most loaded pipeline stage (see :func:`memory_plan`)."""
+
+    layout: str
+    stage: int  # the pipeline stage the figures are for (the largest total)
+    weights: int
+    grads: int
+    optimizer: int  # with the chosen optimizer (distributed or not)
+    optimizer_other: int  # with the other choice, for comparison
+    activations: int
+    reserve: int  # CUDA context, allocator fragmentation, communication buffers: an allowance, not a count
+    distributed_optimizer: bool
+    gpu_memory: int | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations + self.reserve
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_memory is None else self.total <= self.gpu_memory
+
+
+def _pad(n: int, d: int) -> int:
+    return -(-n // d) * d
+
+
+def _buffer_numel(numels: list[int], dp: int, distributed_optimizer: bool) -> int:
+    """Elements of one megatron DDP grad (and, with the distributed optimizer, param) buffer holding tensors
+    of ``numels`` (module order, one bucket): megatron lays them out in reverse order and, with the
+    distributed optimizer, starts every tensor at a multiple of 64 elements and pads the end to a multiple
+    of lcm(DP, 128) (megatron-core 0.16 ``_ParamAndGradBuffer``)."""
+    if not numels:
+        return 0
+    if not distributed_optimizer:
+        return sum(numels)
+    import math
+
+    return _pad(sum(_pad(n, 64) for n in numels[1:]) + numels[0], math.lcm(dp, 128))
+
+
+def stage_tensors(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
+                  stage: int = 0) -> tuple[list[int], list[int]]:
+    """Element counts of the tensors one rank of pipeline ``stage`` holds, in module order: (dense,
+    experts). Attention and vocabulary are split over TP, experts over EP (whole experts) and ETP."""
+    etp = tp if etp is None else etp
+    h, a, f = cfg.hidden_size, cfg.attention_width, cfg.moe_ffn_hidden_size
+    kv = cfg.num_query_groups * cfg.head_dim
+    v = cfg.padded_vocab_size
+    per_stage = cfg.num_layers // pp
+    dense: list[int] = []
+    experts: list[int] = []
+    if stage == 0:
+        dense.append(v // tp * h)
+    for _ in range(per_stage):
+        dense += [h, (a + 2 * kv) // tp * h, h * (a // tp), h, cfg.num_experts * h]
+        for _ in range(cfg.num_experts // ep):
+            experts += [2 * f // etp * h, h * (f // etp)]
+    if stage == pp - 1:
+        dense.append(h)
+        if cfg.untie_embeddings or pp > 1:
+            dense.append(v // tp * h)
+    return dense, experts
+
+
+def activation_bytes(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: int = 1, pp: int = 1,
+                     etp: int | None = None, backend: str = "torch", recompute: str | None = "selective",
+                     precision: str = "bf16", stage: int = 0, in_flight: int | None = None) -> int:
+    """Activations saved for the backward pass on one rank of ``stage``: per layer and micro-batch, times the
+    layers of the stage, times the micro-batches in flight (1F1B: ``pp - stage`` on that stage).
+
+    The count follows Korthikanti et al. 2022 ("Reducing activation recomputation"), term by term for this
+    model: sequence parallelism splits everything outside attention and the experts over TP; attention
+    keeps q/k/v and its output (fused kernels, padded head_dim for ``torch``) or, unfused (``local``), also
+    the s x s probabilities of every head; the experts keep their input (tokens x top-k, gathered over ETP),
+    the fc1 output and, without ``moe_act`` recompute, the SwiGLU output. Selective recompute follows
+    :data:`~scidfm_megatron.model.builder.SELECTIVE_RECOMPUTE` (the ``moe`` module keeps only its input);
+    ``full`` keeps each layer's input. The last stage adds the logits and the fp32 softmax of the loss.
+    An estimate: the GPU check compares it with the measured peak."""
+    from .builder import RECOMPUTE_MODULES, SELECTIVE_RECOMPUTE
+
+    etp = tp if etp is None else etp
+    e = 2 if precision == "bf16" else 4
+    h, n, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    kvh, k, f = cfg.num_query_groups, cfg.moe_router_topk, cfg.moe_ffn_hidden_size
+    T = seq_len * micro_batch  # tokens of a micro-batch
+    Tl = T // tp  # tokens of this rank under sequence parallelism
+    if recompute == "full":
+        per_layer = Tl * h * e
+    else:
+        mods = (set() if recompute is None else
+                set(SELECTIVE_RECOMPUTE[backend] if recompute == "selective" else recompute.split(",")))
+        assert mods <= set(RECOMPUTE_MODULES), mods
+        dp_ = -(-d // 8) * 8 if backend == "torch" else d
+        attn = Tl * h * 2  # input norm's input + the QKV input (kept sharded under SP)
+        core = T * (n + 2 * kvh) * dp_ // tp + T * n * dp_ // tp  # q, k, v and the output (padded for torch)
+        if backend == "local":  # unfused: softmax output [b, n, s, s] (+ scores' input copies)
+            core += micro_batch * (n // tp) * seq_len * seq_len
+        if "core_attn" in mods:
+            core = T * (n + 2 * kvh) * d // tp  # only the core's inputs stay
+        attn += core + T * n * d // tp  # linear_proj's input
+        Te = Tl * k * etp  # expert tokens on this rank (balanced routing; capacity factor 1 caps it)
+        moe = Tl * h * 2 + Tl * cfg.num_experts * 4 // e  # norm input, router input, router logits (fp32)
+        if "moe" in mods:
+            moe = Tl * h * 2
+        else:
+            moe += Te * h + Te * 2 * f // etp  # fc1 input, fc1 output (the SwiGLU's input)
+            if "moe_act" not in mods:
+                moe += Te * f // etp  # the SwiGLU output (fc2's input)
+            moe += Te * h  # expert output before the weighted un-permute
+        per_layer = (attn + moe) * e
+    layers = cfg.num_layers // pp
+    in_flight = (pp - stage) if in_flight is None else in_flight
+    total = per_layer * layers * in_flight
+    if stage == pp - 1:
+        total += T * (cfg.padded_vocab_size // tp) * (e + 4)  # logits + the loss's fp32 softmax
+    if stage == 0:
+        total += Tl * h * e * in_flight  # embedding output
+    return total
+
+
+def memory_plan(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
+                world_size: int = 1, seq_len: int | None = None, micro_batch: int = 1,
+                recompute: str | None = "selective", backend: str = "torch", precision: str = "bf16",
+                distributed_optimizer: bool = True, grad_reduce_in_fp32: bool = True,
+                gpu_memory: int | None = None, reserve: int | None = None) -> MemoryPlan:
+    """Per-GPU bytes of a layout before launch: weights, gradient buffers and optimizer state exactly as
+    megatron-core allocates them (DDP buffers with their padding, fp32 master weights in bf16, Adam's two
+    moments and step, sharded over DP / expert DP by the distributed optimizer; one gradient bucket per
+    buffer, i.e. without ``overlap_grad_reduce``: with it each 40M-element bucket adds under lcm(DP, 128)
+    elements of padding), activations estimated (:func:`activation_bytes`). The stage with the largest
+    total is reported."""
+    etp = tp if etp is None else etp
+    seq_len = seq_len or cfg.max_seq_length
+    dp, edp = world_size // (tp * pp), world_size // (etp * ep * pp)
+    pbytes = 2 if precision == "bf16" else 4
+    gbytes = 4 if (grad_reduce_in_fp32 or precision == "fp32") else pbytes
+    if reserve is None:
+        reserve = 0 if gpu_memory is None else max(3 * GiB, gpu_memory // 20)
+    best = None
+    for stage in range(pp):
+        dense, experts = stage_tensors(cfg, tp, pp, ep, etp, stage)
+        n_real = sum(dense) + sum(experts)
+        n_tensors = len(dense) + len(experts)
+
+        def weights_grads(dist: bool):
+            buf = _buffer_numel(dense, dp, dist) + _buffer_numel(experts, edp, dist)
+            # the distributed optimizer makes the parameters views of a padded param buffer
+            return (buf if dist else n_real) * pbytes, buf * gbytes
+
+        def optimizer(dist: bool) -> int:
+            # Adam: exp_avg + exp_avg_sq (fp32) and a step per tensor; bf16 adds fp32 master weights. The
+            # distributed optimizer keeps the share of its DP rank (the largest share: rounded up).
+            per = 8 + (4 if precision == "bf16" else 0)
+            if dist:
+                return (-(-sum(dense) // dp) + -(-sum(experts) // edp)) * per + n_tensors * 4
+            return n_real * per + n_tensors * 4
+
+        w, g = weights_grads(distributed_optimizer)
+        act = activation_bytes(cfg, seq_len=seq_len, micro_batch=micro_batch, tp=tp, pp=pp, etp=etp,
+                               backend=backend, recompute=recompute, precision=precision, stage=stage)
+        plan = MemoryPlan(
+            layout=f"TP{tp} x PP{pp} x EP{ep} x ETP{etp} on {world_size} GPUs (DP{dp}, expert DP{edp})",
+            stage=stage, weights=w, grads=g, optimizer=optimizer(distributed_optimizer),
+            optimizer_other=optimizer(not distributed_optimizer), activations=act, reserve=reserve,
+            distributed_optimizer=distributed_optimizer, gpu_memory=gpu_memory,
+            notes=(f"seq {seq_len}, micro-batch {micro_batch}, recompute {recompute}, backend {backend}, "
+                   f"{precision}, grads in {'fp32' if gbytes == 4 else 'bf16'}",))
+        if best is None or plan.total > best.total:
+            best = plan
+    return best
+
+
+def render_memory_plan(p: MemoryPlan) -> str:
+    def g(x: int) -> str:
+        return f"{x / GiB:8.2f} GiB"
+
+    other = "without" if p.distributed_optimizer else "with"
+    lines = [f"memory plan per GPU: {p.layout}; pipeline stage {p.stage} (the largest); {p.notes[0]}",
+             f"  weights                {g(p.weights)}",
+             f"  gradients              {g(p.grads)}",
+             f"  optimizer state        {g(p.optimizer)}   ({'distributed' if p.distributed_optimizer else 'not distributed'}; "
+             f"{other} the distributed optimizer: {p.optimizer_other / GiB:.2f} GiB)",
+             f"  activations (estimate) {g(p.activations)}",
+             f"  reserve (allowance)    {g(p.reserve)}   (CUDA context, allocator, communication buffers)",
+             f"  total                  {g(p.total)}"]
+    if p.gpu_memory is not None:
+        verdict = "fits" if p.fits else "does NOT fit"
+        lines.append(f"  {verdict} in {p.gpu_memory / GiB:.0f} GiB "
+                     f"({100 * p.total / p.gpu_memory:.0f}% used)")
+    return "\n".join(lines)
+
+
+def allocated_bytes(chunks: list, optimizer) -> dict:
+    """What this rank's DDP-wrapped model chunks and megatron optimizer hold, tensor by tensor (bytes):
+    weights (the DDP param buffers where the distributed optimizer made them, else the parameters), the
+    DDP grad buffers, and the optimizer's state (fp32 master copies and every tensor of Adam's state, once
+    it has stepped). The counterpart of :func:`memory_plan`, measured."""
+    def nbytes(t) -> int:
+        return t.numel() * t.element_size()
+
+    weights = grads = 0
+    for c in chunks:
+        bufs = list(c.buffers) + list(c.expert_parallel_buffers)
+        grads += sum(nbytes(b.grad_data) for b in bufs)
+        in_buffers = {id(p) for b in bufs if b.param_data is not None for p in b.params}
+        weights += sum(nbytes(b.param_data) for b in bufs if b.param_data is not None)
+        weights += sum(nbytes(p) for p in c.module.parameters() if id(p) not in in_buffers)
+    opt_bytes = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for attr in ("fp32_from_float16_groups", "shard_fp32_from_float16_groups"):
+            opt_bytes += sum(nbytes(p) for group in getattr(opt, attr, None) or [] for p in group)
+        for state in opt.optimizer.state.values():
+            opt_bytes += sum(nbytes(t) for t in state.values() if hasattr(t, "numel"))
+    return dict(weights=weights, grads=grads, optimizer=opt_bytes)

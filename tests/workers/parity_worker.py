@@ -97,6 +97,11 @@ def main():
                 c.start_param_sync(force_sync=True)
         result.update(loss=step.loss, tokens=step.tokens, grad_norm=float(grad_norm), ok=bool(ok),
                       weights=gather_global_state_dict(chunks))
+        from scidfm_megatron.model.accounting import allocated_bytes
+
+        memory = [None] * torch.distributed.get_world_size()  # per rank: weights, grads, optimizer bytes
+        torch.distributed.all_gather_object(memory, allocated_bytes(chunks, optimizer))
+        result["memory"] = memory
     else:
         g = torch.Generator().manual_seed(7)
         vocab, seq, batch = model_cfg.vocab_size, 32, 4 * dp
