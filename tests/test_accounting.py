@@ -54,3 +54,72 @@ def test_scidfm_info_prints_counts_and_shapes():
     bad = subprocess.run([sys.executable, "-m", "scidfm_megatron.cli.info", "scidfm-1t"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "choose one of" in bad.stderr
+
+
+MEMORY_RUN = '''
+import json, sys, torch
+from scidfm_megatron.config import ParallelConfig
+from scidfm_megatron.model.accounting import allocated_bytes, memory_plan
+from scidfm_megatron.model.builder import build_model_chunks
+from scidfm_megatron.model.presets import get_preset
+from scidfm_megatron.parallel import init_distributed
+from scidfm_megatron.training.engine import build_optimizer, wrap_ddp
+from scidfm_megatron.training.step import train_step
+cfg, par = get_preset("scidfm-debug", moe_capacity_factor=None), ParallelConfig()
+init_distributed(cfg, par)
+out = {}
+for precision, dist_opt in (("fp32", False), ("bf16", True), ("bf16", False)):
+    chunks = build_model_chunks(cfg, par, precision=precision, backend="torch")
+    config = chunks[0].config
+    chunks = wrap_ddp(chunks, config, use_distributed_optimizer=dist_opt)
+    opt = build_optimizer(chunks, config, lr=1e-3, use_distributed_optimizer=dist_opt)
+    t = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(0))
+    train_step(chunks, opt, [dict(tokens=t[:, :-1].contiguous(), labels=t[:, 1:].contiguous(),
+                                  loss_mask=torch.ones(2, 16),
+                                  position_ids=torch.arange(16).expand(2, 16).contiguous())],
+               seq_length=16, micro_batch_size=2)  # Adam's state exists after the first step
+    plan = memory_plan(cfg, world_size=1, precision=precision, distributed_optimizer=dist_opt, seq_len=16)
+    out[f"{precision}-{dist_opt}"] = [allocated_bytes(chunks, opt),
+                                      dict(weights=plan.weights, grads=plan.grads, optimizer=plan.optimizer)]
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_memory_plan_equals_the_allocated_tensors():
+    """scidfm-info's weight, gradient and optimizer terms equal, to the byte, what megatron allocates for the
+    model + DDP + optimizer of a tiny run on one process (fp32; bf16 with fp32 master weights and grad
+    buffers, with and without the distributed optimizer's padded buffers). The multi-rank case (TP2 x EP2,
+    every rank) is checked in test_parallel_parity.py."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_RUN], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    res = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert set(res) == {"fp32-False", "bf16-True", "bf16-False"}
+    for name, (got, plan) in res.items():
+        assert got == plan, (name, got, plan)
+    assert res["bf16-True"][0]["grads"] > res["bf16-False"][0]["grads"]  # the distributed optimizer's padding
+
+
+def test_scidfm_info_memory_plan(capsys):
+    """--layout prints the per-GPU terms and the verdict; the 18B stage-1 recipe fits 80 GiB on 128 GPUs and
+    not on 8 with the plain optimizer; a bad layout is one line naming the fix, exit 2."""
+    from scidfm_megatron.cli.info import main
+
+    def run(*argv):
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+    out = run("scidfm-18b", "--layout", "tp=2,pp=2,ep=8", "--gpus", "128", "--gpu-memory", "80")
+    assert out.returncode == 0, out.stderr
+    for term in ("weights", "gradients", "optimizer state", "activations (estimate)", "total",
+                 "without the distributed optimizer", "fits in 80 GiB", "TP2 x PP2 x EP8 x ETP2 on 128 GPUs"):
+        assert term in out.stdout, term
+    out = run("--recipe", "examples/recipes/scidfm18b_stage1.yaml", "--gpus", "128", "--gpu-memory", "80")
+    assert out.returncode == 0 and "fits in 80 GiB" in out.stdout, out.stdout + out.stderr
+    out = run("scidfm-18b", "--layout", "tp=1,pp=1,ep=8", "--gpus", "8", "--gpu-memory", "80",
+              "--no-distributed-optimizer")
+    assert out.returncode == 0 and "does NOT fit in 80 GiB" in out.stdout
+    bad = run("scidfm-18b", "--layout", "tp=2,pp=3,ep=8", "--gpus", "128")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "must divide" in bad.stderr

@@ -1,12 +1,16 @@
-"""scidfm-info PRESET: parameter counts, training FLOPs per token and layer shapes of a model preset.
+"""scidfm-info PRESET: parameter counts, training FLOPs per token and layer shapes of a model preset; with
+--layout, the per-GPU memory plan of that layout (weights, gradients, optimizer state, activations).
 
     scidfm-info scidfm-18b
     scidfm-info scidfm-tiny --seq-len 256 --set num_layers=8
+    scidfm-info scidfm-18b --layout tp=2,pp=2,ep=8 --gpus 128 --gpu-memory 80
+    scidfm-info --recipe examples/recipes/scidfm18b_stage1.yaml --gpus 128 --gpu-memory 80
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from ..config import ConfigError, from_dict, parse_override, to_dict
@@ -54,15 +58,82 @@ def render(cfg: ModelConfig, seq_len: int | None = None) -> str:
     return "\n".join(lines)
 
 
+LAYOUT_KEYS = ("tp", "pp", "ep", "etp")
+
+
+def parse_layout(text: str) -> dict:
+    """'tp=2,pp=2,ep=8[,etp=1]' -> {'tp': 2, ...}; a wrong part is a ConfigError naming it."""
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in LAYOUT_KEYS or not value.strip().isdigit() or int(value) < 1:
+            raise ConfigError(f"--layout {text!r}: {part!r} is not one of {', '.join(k + '=N' for k in LAYOUT_KEYS)} "
+                              f"with N >= 1")
+        out[key] = int(value)
+    return out
+
+
+def plan_from_args(cfg: ModelConfig, args, recipe=None):
+    """The memory plan the flags (and the recipe's parallel/train sections, when given) describe."""
+    from ..model.accounting import GiB, memory_plan
+    from ..parallel import validate_layout
+    from ..config import ParallelConfig
+
+    par = recipe.parallel if recipe is not None else ParallelConfig()
+    if args.layout:
+        par = ParallelConfig(**{**{k: getattr(par, k) for k in ("tp", "pp", "ep", "etp")},
+                                **parse_layout(args.layout)})
+    world = args.gpus or math.lcm(par.tp * par.pp, par.expert_tp * par.ep * par.pp)  # the smallest layout
+    validate_layout(cfg, par, world)
+    t = recipe.train if recipe is not None else None
+    precision = args.precision or (t.precision if t is not None and t.precision != "auto" else "bf16")
+    recompute = args.recompute if args.recompute is not None else (t.recompute if t is not None else "selective")
+    dist = (not args.no_distributed_optimizer) if t is None else (t.use_distributed_optimizer
+                                                                   and not args.no_distributed_optimizer)
+    backend = args.backend or (cfg.backend if cfg.backend not in ("auto",) else "torch")
+    return memory_plan(
+        cfg, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp, world_size=world,
+        seq_len=args.seq_len or (t.seq_length if t is not None else None),
+        micro_batch=args.micro_batch_size or (t.micro_batch_size if t is not None else 1),
+        recompute=None if recompute in ("null", "none") else recompute, backend=backend, precision=precision,
+        distributed_optimizer=dist,
+        grad_reduce_in_fp32=recipe.engine.grad_reduce_in_fp32 if recipe is not None else True,
+        gpu_memory=int(args.gpu_memory * GiB) if args.gpu_memory else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scidfm-info", description=__doc__.splitlines()[0])
-    ap.add_argument("preset", help=f"one of {sorted(PRESETS)}")
+    ap.add_argument("preset", nargs="?", help=f"one of {sorted(PRESETS)} (or --recipe)")
+    ap.add_argument("--recipe", help="a training recipe (YAML): its model, layout, sequence, micro-batch, "
+                                     "recompute and optimizer for the memory plan")
+    ap.add_argument("--layout", help="tp=N,pp=N,ep=N[,etp=N]: print the per-GPU memory plan of this layout")
+    ap.add_argument("--gpus", type=int, help="number of GPUs (world size) for the memory plan")
+    ap.add_argument("--gpu-memory", type=float, help="GiB per GPU: say whether the layout fits")
+    ap.add_argument("--micro-batch-size", type=int, help="memory plan: micro-batch (default 1 or the recipe's)")
+    ap.add_argument("--recompute", help="memory plan: null, selective, full or a module list "
+                                        "(default selective or the recipe's)")
+    ap.add_argument("--backend", choices=["torch", "te", "local"], help="memory plan: layer implementations "
+                                                                         "(default torch, the GPU fast path)")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], help="memory plan: default bf16 or the recipe's")
+    ap.add_argument("--no-distributed-optimizer", action="store_true",
+                    help="memory plan: the plain optimizer (both are printed; this chooses the total)")
     ap.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: context)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a model field, e.g. --set num_layers=2")
     args = ap.parse_args(argv)
+    recipe = None
     try:
-        cfg = get_preset(args.preset)
+        if args.recipe:
+            from ..training.config import load_run_config
+
+            recipe = load_run_config(args.recipe)
+            if args.preset and args.preset != recipe.model.name:
+                raise ConfigError(f"{args.recipe} is for {recipe.model.name}, not {args.preset}: drop the preset")
+            args.preset = recipe.model.name
+        if not args.preset:
+            raise ConfigError("give a preset or --recipe")
+        cfg = recipe.model if recipe is not None else get_preset(args.preset)
         if args.set:
             data = to_dict(cfg)
             for text in args.set:
@@ -72,10 +143,17 @@ def main(argv: list[str] | None = None) -> int:
                 data[keys[0]] = value
             cfg = from_dict(ModelConfig, data, "model")
             cfg.validate()
-    except ConfigError as exc:
+        plan = None
+        if args.layout or args.recipe or args.gpus or args.gpu_memory:
+            plan = plan_from_args(cfg, args, recipe)
+    except (ConfigError, ValueError) as exc:
         print(f"scidfm-info: {exc}", file=sys.stderr)
         return 2
     print(render(cfg, args.seq_len))
+    if plan is not None:
+        from ..model.accounting import render_memory_plan
+
+        print("\n" + render_memory_plan(plan))
     return 0
 
 
