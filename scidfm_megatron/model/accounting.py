@@ -331,3 +331,23 @@ def allocated_bytes(chunks: list, optimizer) -> dict:
         for state in opt.optimizer.state.values():
             opt_bytes += sum(nbytes(t) for t in state.values() if hasattr(t, "numel"))
     return dict(weights=weights, grads=grads, optimizer=opt_bytes)
+
+
+def startup_memory_line(cfg, layout, engine) -> str:
+    """The trainer's start-up log line: this run's memory plan per GPU beside what rank 0 holds already
+    (weights and grad buffers; Adam's state appears at the first step). The step log's ``memory_gb`` is the
+    measured peak to compare the plan's total with."""
+    from .builder import resolve_backend
+
+    t = cfg.train
+    p = memory_plan(cfg.model, tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp,
+                    world_size=layout.world_size, seq_len=t.seq_length, micro_batch=t.micro_batch_size,
+                    recompute=t.recompute, backend=resolve_backend(cfg.model.backend),
+                    precision="bf16" if engine.config.bf16 else "fp32",
+                    distributed_optimizer=t.use_distributed_optimizer,
+                    grad_reduce_in_fp32=engine.switches.get("grad_reduce_in_fp32", True))
+    got = allocated_bytes(engine.chunks, engine.optimizer)
+    return (f"memory plan per GPU (stage {p.stage}): weights {p.weights / GiB:.3f} GiB, grads {p.grads / GiB:.3f}, "
+            f"optimizer {p.optimizer / GiB:.3f}, activations ~{p.activations / GiB:.3f} (estimate), total "
+            f"{(p.total - p.reserve) / GiB:.3f} GiB + reserve; rank 0 holds weights {got['weights'] / GiB:.3f}, "
+            f"grads {got['grads'] / GiB:.3f} GiB")

@@ -94,6 +94,9 @@ class Trainer:
         if self.rank0:
             print(f"[scidfm] {self.cfg.model.name} ({'bf16' if engine.config.bf16 else 'fp32'}, backend "
                   f"{resolve_backend(self.cfg.model.backend)}): {engine.describe()}", flush=True)
+            from ..model.accounting import startup_memory_line
+
+            print(f"[scidfm] {startup_memory_line(self.cfg, self.layout, engine)}", flush=True)
         return engine
 
     def _train_iters(self) -> int:
