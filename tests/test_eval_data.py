@@ -72,7 +72,7 @@ def _without(src, dst, field):
 
 @pytest.mark.parametrize("bench,src,task,check,required", CASES, ids=[c[0] for c in CASES])
 def test_converter_official_schema(tmp_path, bench, src, task, check, required):
-    out = tmp_path / f"{task}.jsonl"
+    out = tmp_path / "tasks" / f"{task}.jsonl"  # the folder is created
     n = convert(bench, OFF / src, out)
     recs = load_records(out, TASKS[task].kind)  # the harness accepts the file
     assert len(recs) == n >= 1

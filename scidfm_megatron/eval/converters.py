@@ -313,6 +313,7 @@ def convert(benchmark: str, src: str | Path, dst: str | Path) -> int:
     recs = CONVERTERS[benchmark](src)
     if not recs:
         raise ConvertError(f"{src}: no records to write (wrong split or file?)")
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(dst), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     return len(recs)
 
