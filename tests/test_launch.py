@@ -80,7 +80,7 @@ def test_recipe_layout_is_used_unless_overridden(runs, tmp_path):
 
 
 def test_18b_recipe_runs_its_own_layout_on_16_nodes(runs, tmp_path):
-    """The 18B recipe on 16 x 8 GPUs is TP2 x PP2 x EP8, not the TP1/PP1/EP1 the launcher used to impose."""
+    """The 18B recipe on 16 x 8 GPUs is TP2 x PP2 x EP8 (ETP1), not the TP1/PP1/EP1 the launcher used to impose."""
     recipe = str(RECIPES / "scidfm18b_stage1.yaml")
     env = {"RECIPE": recipe, "NNODES": "16", "NODE_RANK": "3", "MASTER_ADDR": "node0", "GPUS_PER_NODE": "8"}
     # the sample tokenizer stands in for the 18B run's (whose file is on the cluster): its vocabulary too
@@ -89,7 +89,7 @@ def test_18b_recipe_runs_its_own_layout_on_16_nodes(runs, tmp_path):
     vocab = json.loads((runs / "tokenizer" / "science_tokens.json").read_text())["vocab_size"]
     r, argv = launch(tmp_path, "torchrun_multinode.sh", env, data_args(runs) + [f"model.vocab_size={vocab}"])
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "scidfm-18b on TP2 x PP2 x DP32 (experts: ETP2 x EP8 x EDP4) on 128 processes" in r.stdout, r.stdout
+    assert "scidfm-18b on TP2 x PP2 x DP32 (experts: ETP1 x EP8 x EDP8) on 128 processes" in r.stdout, r.stdout
     assert not [a for a in argv if a.startswith("parallel.")], argv
     assert [argv[argv.index(k) + 1] for k in ("--nnodes", "--node-rank", "--nproc-per-node", "--master-addr")] == \
         ["16", "3", "8", "node0"], argv
