@@ -129,10 +129,14 @@ def test_chat_prompt_is_the_sft_template(science_tokenizer):
 def test_bad_task_file_names_the_line(tmp_path):
     bad = tmp_path / "mc.jsonl"
     bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 1}\n{"question": "q2", "choices": ["a"]}\n')
+    rejected = []
+    assert len(load_records(bad, "multiple_choice", rejected=rejected)) == 1  # the good line is kept
+    assert rejected == [f"{bad}:2: missing field(s) ['answer']; a multiple_choice task needs "
+                        f"['question', 'choices', 'answer']"]
     with pytest.raises(TaskDataError, match=r"mc.jsonl:2: missing field\(s\) \['answer'\]"):
-        load_records(bad, "multiple_choice")
+        load_records(bad, "multiple_choice", strict=True)
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--model", str(tmp_path), "--task",
-                        f"sciq={bad}"], capture_output=True, text=True, env=cpu_env(), cwd=ROOT)
+                        f"sciq={bad}", "--strict"], capture_output=True, text=True, env=cpu_env(), cwd=ROOT)
     assert r.returncode == 2 and "mc.jsonl:2" in r.stderr and "Traceback" not in r.stderr
 
 

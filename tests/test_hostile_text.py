@@ -92,3 +92,20 @@ def test_tokenizer_build_skips_and_reports_bad_bracket_atom_lines(tmp_path, caps
         main(["--base-model", str(BASE_MODEL), "--output-dir", str(tmp_path / "tok2"), "--strict",
               "--bracket-atoms-from", f"{src}:smiles"])
     assert not (tmp_path / "tok2").exists()
+
+
+def test_evaluation_task_files_skip_and_report_surrogate_lines(tmp_path):
+    from scidfm_megatron.eval.tasks import TaskDataError, load_records
+
+    f = tmp_path / "sciq.jsonl"
+    f.write_text('{"question": "Water is?", "choices": ["H2O", "CO2"], "answer": 0}\n'
+                 '{"question": "cut ' + CUT + '", "choices": ["a", "b"], "answer": 1}\n'
+                 '{"question": "ok", "choices": ["x", "y ' + CUT + '"], "answer": 1}\n'
+                 '{"question": "Salt is?", "choices": ["NaCl", "KBr"], "answer": 0}\n', encoding="ascii")
+    rejected = []
+    recs = load_records(f, "multiple_choice", rejected=rejected)
+    assert [r["question"] for r in recs] == ["Water is?", "Salt is?"]
+    assert [r.split(": ")[0] for r in rejected] == [f"{f}:2", f"{f}:3"]
+    assert "question: lone surrogate U+D83D" in rejected[0] and "choices[1]: lone surrogate" in rejected[1]
+    with pytest.raises(TaskDataError, match="sciq.jsonl:2: question: lone surrogate"):
+        load_records(f, "multiple_choice", strict=True)

@@ -46,20 +46,24 @@ _COLUMNS = {
 
 def evaluate(model, tasks: list[tuple[str, str]], *, limit: Optional[int] = None, batch_size: int = 8,
              progress: bool = True, max_new_tokens: Optional[int] = None, prompt_format: str = "chat",
-             molecule_convention: str = "mol_instructions") -> dict:
-    """``tasks``: (task name, data file) pairs. Returns {task: {kind, n, metrics, samples, seconds, ...}}."""
+             molecule_convention: str = "mol_instructions", strict: bool = False) -> dict:
+    """``tasks``: (task name, data file) pairs. Returns {task: {kind, n, metrics, samples, seconds, rejected,
+    ...}}: ``rejected`` lists the task file's bad lines (``file:line: reason``), skipped unless ``strict``."""
     out = {}
     for name, data in tasks:
         if name not in TASKS:
             raise TaskDataError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
         task = TASKS[name]
-        recs = load_records(data, task.kind, limit)
+        rejected: list = []
+        recs = load_records(data, task.kind, limit, strict=strict, rejected=rejected)
+        for r in rejected:
+            print(f"[scidfm] {name}: skipped {r}", file=sys.stderr)
         t0 = time.time()
         scores, samples = run_task(model, task, recs, batch_size=batch_size, progress=progress,
                                    max_new_tokens=max_new_tokens, prompt_format=prompt_format,
                                    molecule_convention=molecule_convention)
         out[name] = dict(kind=task.kind, paper_table=task.paper_table, data=str(data), n=len(recs),
-                         prompt_format=prompt_format, metrics=scores, samples=samples,
+                         prompt_format=prompt_format, metrics=scores, samples=samples, rejected=rejected,
                          seconds=round(time.time() - t0, 2))
     return out
 
@@ -159,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--molecule-scoring", choices=MOLECULE_CONVENTIONS, default="mol_instructions",
                     help="molecule generation: Mol-Instructions' pipeline (Table 8) or MolT5's scripts")
     ap.add_argument("--limit", type=int, default=None, help="first N records of each file")
+    ap.add_argument("--strict", action="store_true",
+                    help="stop at the first bad task-file line (default: skip it, list it, keep every good line)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="generation tasks (default per kind)")
     ap.add_argument("--tokenizer", default=None, help="megatron checkpoints: tokenizer (default: the run's)")
@@ -191,12 +197,12 @@ def main(argv=None) -> int:
         for name, f in pairs:  # fail on bad input before loading the model
             if name not in TASKS:
                 raise TaskDataError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-            load_records(f, TASKS[name].kind, args.limit)
+            load_records(f, TASKS[name].kind, args.limit, strict=args.strict)
         model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
         try:
             results = evaluate(model, pairs, limit=args.limit, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, prompt_format=args.prompt_format,
-                               molecule_convention=args.molecule_scoring)
+                               molecule_convention=args.molecule_scoring, strict=args.strict)
         finally:
             model.close()
     except (TaskDataError, FileNotFoundError, ConfigError) + conversion_errors() as exc:

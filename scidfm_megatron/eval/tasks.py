@@ -94,32 +94,58 @@ class TaskDataError(ValueError):
     pass
 
 
-def load_records(path: str | Path, kind: str, limit: Optional[int] = None) -> list[dict]:
-    """Records of a task file, checked: a missing field or wrong type names the file and line."""
+def _record_problem(rec, kind: str) -> Optional[str]:
+    from ..utils import lone_surrogate
+
+    if not isinstance(rec, dict):
+        return "expected a JSON object per line"
+    missing = [k for k in KIND_FIELDS[kind] if k not in rec]
+    if missing:
+        return f"missing field(s) {missing}; a {kind} task needs {list(KIND_FIELDS[kind])}"
+    if kind == "multiple_choice" and not (isinstance(rec["choices"], list) and len(rec["choices"]) > 1
+                                          and isinstance(rec["answer"], int)
+                                          and 0 <= rec["answer"] < len(rec["choices"])):
+        return "'choices' must be a list of >= 2 strings and 'answer' an index into it"
+    if kind == "moleculenet" and rec["label"] not in (0, 1):
+        return f"'label' must be 0 or 1, got {rec['label']!r}"
+    bad = lone_surrogate(rec)
+    if bad:
+        return bad + " (not valid Unicode: an emoji or character cut in half?)"
+    return None
+
+
+def load_records(path: str | Path, kind: str, limit: Optional[int] = None, strict: bool = False,
+                 rejected: Optional[list] = None) -> list[dict]:
+    """Records of a task file, checked. A bad line (not JSON, not an object, a missing field or wrong type,
+    text holding a lone surrogate) is skipped and reported as ``file:line: reason`` in ``rejected``
+    (every good line is kept); ``strict`` raises TaskDataError at the first one instead."""
     p = Path(path)
     if not p.exists():
         raise TaskDataError(f"{p}: no such data file")
     out = []
-    with open(p, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            reason, rec = None, None
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                reason = f"invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8"
+                line = "x"
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except ValueError as exc:
-                raise TaskDataError(f"{p}:{no}: not JSON ({exc})") from None
-            if not isinstance(rec, dict):
-                raise TaskDataError(f"{p}:{no}: expected a JSON object per line")
-            missing = [k for k in KIND_FIELDS[kind] if k not in rec]
-            if missing:
-                raise TaskDataError(f"{p}:{no}: missing field(s) {missing}; a {kind} task needs "
-                                    f"{list(KIND_FIELDS[kind])}")
-            if kind == "multiple_choice" and not (isinstance(rec["choices"], list) and len(rec["choices"]) > 1
-                                                  and isinstance(rec["answer"], int)
-                                                  and 0 <= rec["answer"] < len(rec["choices"])):
-                raise TaskDataError(f"{p}:{no}: 'choices' must be a list of >= 2 strings and 'answer' an index into it")
-            if kind == "moleculenet" and rec["label"] not in (0, 1):
-                raise TaskDataError(f"{p}:{no}: 'label' must be 0 or 1, got {rec['label']!r}")
+            if reason is None:
+                try:
+                    rec = json.loads(line)
+                except ValueError as exc:
+                    reason = f"not JSON ({exc})"
+            if reason is None:
+                reason = _record_problem(rec, kind)
+            if reason:
+                if strict:
+                    raise TaskDataError(f"{p}:{no}: {reason}")
+                if rejected is not None:
+                    rejected.append(f"{p}:{no}: {reason}")
+                continue
             out.append(rec)
             if limit is not None and len(out) >= limit:
                 break
