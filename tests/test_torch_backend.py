@@ -184,6 +184,11 @@ def test_torch_model_is_a_local_model(models):
                 outs.append((logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
         finally:
             CheckpointWithoutOutput.discard_output_and_register_recompute = orig
+            # a backward outside megatron's schedule leaves the aux-loss scale a 0-d tensor, which the
+            # schedule's later copy_ of a [1] tensor into it refuses (megatron-core 0.16.1)
+            from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+            MoEAuxLossAutoScaler.main_loss_backward_scale = None
         (l0, g0), (l1, g1) = outs
         torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
         for n, gr in g0.items():
@@ -257,3 +262,27 @@ def test_grouped_mm_equals_loop_on_gpu():
     torch.testing.assert_close(res[0][1], res[1][1], rtol=2e-2, atol=2e-2)
     for a, b in zip(res[0][2], res[1][2]):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_gpu_slice_benchmark_refuses_cpu_and_its_code_runs(rank, capsys):
+    """tools/bench_train.py --gpu-slice: one line and exit 2 without CUDA; its --dry-run (the same code at a
+    toy width on CPU) trains the local and torch backends and times attention fused vs unfused."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not torch.cuda.is_available():
+        assert bench.main(["--gpu-slice"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "no CUDA device" in err
+    r = bench.main(["--gpu-slice", "--dry-run", "--seq-length", "32", "--iters", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert [row["backend"] for row in r["backends"]][:2] == ["local", "torch"]
+    assert all("error" not in row and row["tokens_per_s"] > 0 for row in r["backends"]), [
+        row.get("error") for row in r["backends"]]
+    assert r["backends"][1]["implementations"]["attention"] == "PaddedSDPAttention"
+    assert len(r["attention"]) == 2 and all("ms" in a for a in r["attention"]), r["attention"]
+    assert "torch / local:" in out and "attention alone" in out

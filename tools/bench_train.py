@@ -60,7 +60,12 @@ def parse_args(argv=None):
     ap.add_argument("--seq-length", type=int, default=128)
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--gpu-slice", action="store_true", help="scidfm-18b at full width, 2 layers, bf16")
+    ap.add_argument("--gpu-slice", action="store_true",
+                    help="scidfm-18b at full width, 2 layers, bf16, one GPU: tokens/s, MFU, peak memory and the "
+                         "memory plan for each backend present (local, torch, te), then attention alone, padded "
+                         "fused vs unfused (needs CUDA; with --layouts: the trainer in those layouts instead)")
+    ap.add_argument("--recompute", default="selective", help="--gpu-slice: train.recompute (default selective)")
+    ap.add_argument("--dry-run", action="store_true", help="--gpu-slice on CPU at a toy width: the code path only")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--runs", default=str(ROOT / "runs"), help="where prepare_sample_data.sh wrote tokenizer/ and data/")
     g = ap.add_argument_group("overhead: the trainer against a bare megatron-core loop")
@@ -76,7 +81,8 @@ def parse_args(argv=None):
                    help="one more trainer round with the loop's parts timed (not counted in the ratio)")
     g.add_argument("--profile", default=None, metavar="FILE",
                    help="cProfile rank 0 over one more trainer round and one more bare round; stats to FILE.{trainer,bare}")
-    g.add_argument("--json", default=None, metavar="FILE", help="also write the overhead results as JSON")
+    g.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the overhead (or --gpu-slice) results as JSON")
     g.add_argument("--verbose", action="store_true", help="print the workers' output")
     ap.add_argument("--overhead-worker", default=None, help=argparse.SUPPRESS)  # internal: the torchrun side
     return ap.parse_args(argv)
@@ -432,11 +438,227 @@ def bench_overhead(args, runs: Path) -> list[dict]:
     return results
 
 
+# ------------------------------------------------------------------------------------------- GPU slice
+SLICE = dict(num_layers=2)  # scidfm-18b at full width: d 3200, 32 x 100 heads, 8 experts x 8640, vocab 32196
+DRY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4, head_dim=20,
+           moe_ffn_hidden_size=96, vocab_size=500)  # --dry-run: the same code on CPU, at a toy width
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_reset():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return 0
+
+
+def _peak():
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def slice_backends() -> list[str]:
+    """Backends present here: local and torch always; te when TransformerEngine imports and CUDA is there."""
+    from scidfm_megatron.config import ConfigError
+    from scidfm_megatron.model.builder import resolve_backend
+
+    out = ["local", "torch"]
+    try:
+        resolve_backend("te")
+        out.append("te")
+    except ConfigError:
+        pass
+    return out
+
+
+def bench_slice_backend(cfg, backend: str, args) -> dict:
+    """One backend: the slice's model + DDP + optimizer on this device, --iters real training steps
+    (train_step: megatron's schedule and optimizer) on random tokens, after --warmup untimed ones."""
+    import dataclasses
+    import gc
+
+    import torch
+
+    from scidfm_megatron.config import ParallelConfig
+    from scidfm_megatron.model.accounting import memory_plan, training_flops_per_token
+    from scidfm_megatron.model.builder import build_model_chunks, describe_implementations
+    from scidfm_megatron.training.engine import build_optimizer, wrap_ddp
+    from scidfm_megatron.training.metrics import detect_peak_tflops
+    from scidfm_megatron.training.step import train_step
+
+    m = dataclasses.replace(cfg, backend=backend)
+    seq, mb = args.seq_length, args.micro_batch
+    recompute = None if args.recompute in ("null", "none") else args.recompute
+    row = dict(backend=backend, seq=seq, micro_batch=mb, recompute=recompute)
+    base = _peak_reset()
+    chunks = optimizer = None
+    try:
+        chunks = build_model_chunks(m, ParallelConfig(), precision="bf16", recompute=recompute)
+        row["implementations"] = describe_implementations(chunks)
+        config = chunks[0].config
+        chunks = wrap_ddp(chunks, config)
+        optimizer = build_optimizer(chunks, config, lr=1e-5)
+        dev = next(chunks[0].parameters()).device
+        g = torch.Generator().manual_seed(0)
+
+        def batch():
+            t = torch.randint(0, m.vocab_size, (mb, seq + 1), generator=g)
+            return [dict(tokens=t[:, :-1].contiguous().to(dev), labels=t[:, 1:].contiguous().to(dev),
+                         loss_mask=torch.ones(mb, seq, device=dev),
+                         position_ids=torch.arange(seq, device=dev).expand(mb, seq).contiguous())]
+
+        for _ in range(args.warmup):
+            train_step(chunks, optimizer, batch(), seq_length=seq, micro_batch_size=mb)
+        _sync()
+        times = []
+        for _ in range(args.iters):
+            b = batch()
+            _sync()
+            t0 = time.perf_counter()
+            loss = train_step(chunks, optimizer, b, seq_length=seq, micro_batch_size=mb).loss
+            _sync()
+            times.append(time.perf_counter() - t0)
+        step = sorted(times)[len(times) // 2]
+        tps = mb * seq / step
+        peak_tflops = args.peak_tflops or detect_peak_tflops()
+        flops = training_flops_per_token(m, seq)
+        plan = memory_plan(m, world_size=1, seq_len=seq, micro_batch=mb, recompute=recompute, backend=backend,
+                           precision="bf16", distributed_optimizer=False)
+        row.update(step_s=step, tokens_per_s=tps, tflops=flops * tps / 1e12, loss=loss,
+                   mfu=(flops * tps / (peak_tflops * 1e12)) if peak_tflops else None,
+                   peak_gib=(_peak() - base) / 2**30 if torch.cuda.is_available() else None,
+                   plan_gib=(plan.total - plan.reserve) / 2**30)
+    except Exception as exc:  # one backend failing (out of memory, a kernel refused) must not hide the others
+        row.update(error=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+    finally:
+        del chunks, optimizer
+        gc.collect()
+        _peak_reset()
+    return row
+
+
+def bench_attention(args, heads: int, head_dim: int, seq: int) -> list[dict]:
+    """Causal attention, forward + backward, bf16, [1, heads, seq, head_dim]: the torch backend's padded
+    SDPA (on GPU restricted to the flash and cuDNN kernels: it fails rather than fall back) against the
+    unfused path (SDPA's math kernel: the scores of every head materialised, as megatron's local
+    DotProductAttention does). Median time of --iters runs and the peak memory above the inputs."""
+    import contextlib
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from scidfm_megatron.model.torch_backend import sdpa_padded
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, seq, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
+               for _ in range(3))
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION] if dev == "cuda" else None
+    rows = []
+    fused_name = "padded fused (flash/cuDNN)" if fused else "padded (SDPA's CPU kernel)"
+    for name, kernels in ((fused_name, fused), ("unfused (math)", [SDPBackend.MATH])):
+        times, peak = [], 0
+        try:
+            for i in range(args.warmup + args.iters):
+                qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+                base = _peak_reset()
+                _sync()
+                t0 = time.perf_counter()
+                with sdpa_kernel(kernels) if kernels else contextlib.nullcontext():
+                    out = sdpa_padded(qq, kk, vv, is_causal=True)
+                    out.backward(torch.ones_like(out))
+                _sync()
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+                    peak = max(peak, _peak() - base)
+                del qq, kk, vv, out
+            rows.append(dict(kernel=name, ms=1e3 * sorted(times)[len(times) // 2],
+                             peak_gib=peak / 2**30 if dev == "cuda" else None))
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            rows.append(dict(kernel=name, error=str(exc).splitlines()[0][:160]))
+    return rows
+
+
+def bench_gpu_slice(args) -> dict:
+    import torch
+
+    from scidfm_megatron.config import ParallelConfig
+    from scidfm_megatron.model.presets import get_preset
+    from scidfm_megatron.parallel import init_distributed
+
+    if args.dry_run:
+        cfg = get_preset("scidfm-18b", max_seq_length=args.seq_length, **DRY)
+    else:
+        cfg = get_preset("scidfm-18b", max_seq_length=args.seq_length, **SLICE)
+    init_distributed(cfg, ParallelConfig())
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run: figures mean nothing)"
+    print(f"\nscidfm-18b {cfg.num_layers}-layer slice (d {cfg.hidden_size}, {cfg.num_attention_heads} x "
+          f"{cfg.head_dim} heads, {cfg.num_experts} experts x {cfg.moe_ffn_hidden_size}), seq {args.seq_length}, "
+          f"micro-batch {args.micro_batch}, bf16, recompute {args.recompute}, one device: {dev}; "
+          f"median of {args.iters} steps after {args.warmup}", flush=True)
+    rows = [bench_slice_backend(cfg, b, args) for b in slice_backends()]
+    print(f"{'backend':<9}{'tokens/s':>11}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'plan GiB':>10}"
+          f"{'plan/peak':>11}   implementations")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['backend']:<9}  {r['error']}")
+            continue
+        ratio = f"{r['plan_gib'] / r['peak_gib']:.2f}" if r.get("peak_gib") else "n/a"
+        print(f"{r['backend']:<9}{r['tokens_per_s']:>11,.0f}{r['tflops']:>10.2f}"
+              f"{(format(r['mfu'], '.1%') if r['mfu'] else 'n/a'):>8}"
+              f"{(format(r['peak_gib'], '.2f') if r['peak_gib'] is not None else 'n/a'):>10}"
+              f"{r['plan_gib']:>10.2f}{ratio:>11}   attention {r['implementations']['attention']}, "
+              f"experts {r['implementations']['experts']}")
+    ok = {r["backend"]: r for r in rows if "error" not in r}
+    if "torch" in ok and "local" in ok:
+        print(f"torch / local: {ok['torch']['tokens_per_s'] / ok['local']['tokens_per_s']:.2f}x tokens/s")
+    att = bench_attention(args, cfg.num_attention_heads, cfg.head_dim, args.seq_length)
+    print(f"\nattention alone, causal, forward + backward, 1 x {cfg.num_attention_heads} heads x {args.seq_length} "
+          f"x {cfg.head_dim}, bf16")
+    for r in att:
+        if "error" in r:
+            print(f"  {r['kernel']:<28}{r['error']}")
+        else:
+            mem = f"{r['peak_gib']:.3f} GiB" if r["peak_gib"] is not None else "n/a (CPU)"
+            print(f"  {r['kernel']:<28}{r['ms']:>10.2f} ms   peak {mem}")
+    if len(att) == 2 and all(r.get("peak_gib") for r in att):
+        print(f"  fused / unfused memory: {att[0]['peak_gib'] / att[1]['peak_gib']:.3f} "
+              f"(issue 13 target <= 0.25); time: {att[0]['ms'] / att[1]['ms']:.3f}")
+    result = dict(device=dev, seq=args.seq_length, micro_batch=args.micro_batch, backends=rows, attention=att)
+    if args.json:
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.replace(args.json)
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.overhead_worker:
         return overhead_worker(args)
+    if args.gpu_slice:
+        import torch
+
+        if not torch.cuda.is_available() and not args.dry_run:
+            print("bench_train --gpu-slice: no CUDA device here; it measures the scidfm-18b slice on one GPU "
+                  "(--dry-run runs its code on CPU at a toy width)", file=sys.stderr)
+            return 2
+        if not args.layouts:
+            if args.seq_length == 128 and not args.dry_run:
+                args.seq_length = 8192  # the slice's default: the model's context (--seq-length to change)
+            args.micro_batch = 1 if args.micro_batch == 4 else args.micro_batch
+            return bench_gpu_slice(args)
     runs = Path(args.runs).resolve()
     vocab = ensure_sample_data(runs)
     if args.overhead:
@@ -445,4 +667,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    r = main()
+    sys.exit(r if isinstance(r, int) else 0)
