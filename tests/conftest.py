@@ -124,6 +124,28 @@ def train(nproc, args, recipe="tiny_stage1.yaml", stage="pretrain", check=True, 
 
 
 @pytest.fixture(scope="session")
+def stage1_fp32(runs, tmp_path_factory):
+    """scidfm-tiny stage 1 in fp32 (EP2, 30 steps at LR 3e-3, evaluation at 15 and 30, TensorBoard), launched as
+    two nodes of one process each on 127.0.0.1 by examples/launch/torchrun_multinode.sh. One run serves the
+    two-node launch test, the learning/TensorBoard test, stage 2 and the checkpoint-shape test (test_training).
+    Returns (work dir, [node 0 output, node 1 output])."""
+    work = tmp_path_factory.mktemp("stage1_fp32")
+    port = str(free_port())
+    procs = []
+    for node in (0, 1):
+        env = cpu_env({"NNODES": "2", "NODE_RANK": str(node), "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": port, "RECIPE": str(RECIPES / "tiny_stage1.yaml"), "TP": "1", "PP": "1", "EP": "2",
+                       "PYTHON": sys.executable})
+        procs.append(subprocess.Popen(
+            ["bash", str(ROOT / "examples" / "launch" / "torchrun_multinode.sh"),
+             *overrides(runs, work, **{"train.train_iters": 30, "train.lr": 3e-3, "train.eval_interval": 15})],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    return work, outs
+
+
+@pytest.fixture(scope="session")
 def trained_tiny(runs, tmp_path_factory):
     """scidfm-tiny trained 6 steps at TP2 x PP2 x EP2 (8 processes), saved there: the checkpoint
     conversion and evaluation tests start from it."""

@@ -13,17 +13,19 @@ from scidfm_megatron.testing.distributed import cpu_env
 CHECKS = ["environment", "gpu_tests", "sample_data", "train_resume", "stage2", "sft", "convert", "bench"]
 
 
-def test_dry_run_passes_every_check(tmp_path):
+def test_dry_run_passes_every_check(runs, tmp_path):
+    """--runs: the sample data the session already made with the same script (scripts/prepare_sample_data.sh)."""
     out = tmp_path / "r.json"
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(out),
-                        "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=1200,
-                       env=cpu_env({"PYTHON": sys.executable}))
+                        "--work", str(tmp_path / "work"), "--runs", str(runs)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=1200, env=cpu_env({"PYTHON": sys.executable}))
     assert out.exists(), (r.stdout + r.stderr)[-4000:]
     res = json.loads(out.read_text())
     checks = {c["name"]: c for c in res["checks"]}
     failed = {n: (c["error"] or "")[-1500:] for n, c in checks.items() if not c["ok"]}
     assert r.returncode == 0 and not failed, (failed, (r.stdout + r.stderr)[-3000:])
     assert list(checks) == CHECKS and res["ok"] is True and res["mode"] == "dry-run"
+    assert checks["sample_data"]["figures"]["reused"] and checks["sample_data"]["figures"]["runs"] == str(runs)
 
     env = checks["environment"]["figures"]
     assert env["megatron_core"] == "0.16.1" and env["cuda_available"] is False and "import_error" not in env

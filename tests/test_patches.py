@@ -2,9 +2,10 @@
 
 * drift: each patch's declared targets (the megatron-core internals it relies on) exist with the
   parameters it expects; an upgrade that moves one fails here, not silently at run time.
-* necessity: with one patch disabled (SCIDFM_DISABLE_PATCHES), a TP2 x EP2 training step fails with the
-  exact symptom the patch documents; with all patches it passes (the parity tests prove it changes no
-  numbers).
+* necessity: with one patch disabled (SCIDFM_DISABLE_PATCHES), a training step fails with the exact
+  symptom the patch documents, in the smallest layout that reaches the patched code (one process for
+  most, EP2 for the all-to-all split sizes, TP2 for the uneven all-gather); with all patches it passes
+  (the parity tests prove it changes no numbers).
 """
 
 import subprocess
@@ -115,6 +116,11 @@ SYMPTOMS = {
 }
 
 
+# The smallest layout (TP, EP) whose training step reaches the patched code (measured 2026-11-28: the MoE
+# split sizes reach all_to_all_single only with EP > 1, the uneven all-gather only with TP > 1; the others
+# fail on one process, as they did at TP2 x EP2).
+LAYOUT = {"moe_cpu_split_sizes": (1, 2), "gloo_uneven_all_gather": (2, 1)}
+
 # Patches whose failure needs a checkpoint round trip are checked where that happens.
 CHECKED_ELSEWHERE = {"distopt_torch_adam_load": "tests/test_training.py::test_distributed_optimizer_checkpoint_resumes",
                      "distopt_torch_adam_step": "tests/test_training.py::test_distributed_optimizer_checkpoint_resumes"}
@@ -122,12 +128,14 @@ CHECKED_ELSEWHERE = {"distopt_torch_adam_load": "tests/test_training.py::test_di
 
 def test_every_patch_has_a_symptom_check():
     assert set(SYMPTOMS) | set(CHECKED_ELSEWHERE) == {p.name for p in PATCHES}
+    assert set(LAYOUT) <= set(SYMPTOMS)
 
 
 @pytest.mark.parametrize("name", sorted(SYMPTOMS))
 def test_each_patch_is_needed(tmp_path, name):
-    """Remove one patch: a TP2 x EP2 training step on CPU fails with that patch's documented symptom."""
-    args = ["--mode", "capacity", "--tp", 2, "--ep", 2, "--steps", 1, "--out", tmp_path / "out.pt"]
+    """Remove one patch: a training step on CPU (LAYOUT, else one process) fails with its documented symptom."""
+    tp, ep = LAYOUT.get(name, (1, 1))
+    args = ["--mode", "capacity", "--tp", tp, "--ep", ep, "--steps", 1, "--out", tmp_path / "out.pt"]
     with pytest.raises(TorchrunError) as info:
-        run_torchrun(WORKERS / "parity_worker.py", 4, args, env={"SCIDFM_DISABLE_PATCHES": name}, timeout=300)
+        run_torchrun(WORKERS / "parity_worker.py", tp * ep, args, env={"SCIDFM_DISABLE_PATCHES": name}, timeout=300)
     assert SYMPTOMS[name] in info.value.output, root_cause(info.value.output)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import RECIPES, ROOT, cmd, overrides, train
-from scidfm_megatron.testing.distributed import cpu_env, free_port
+from scidfm_megatron.testing.distributed import cpu_env
 
 
 def losses(work: Path) -> dict[int, float]:
@@ -44,35 +44,44 @@ def wait_for(pred, timeout=300, proc=None):
         time.sleep(0.02)
 
 
-# bf16: the same SIGKILL-and-resume, bitwise, is the train_resume check of scripts/gpu_check.sh, whose CPU
-# dry run is in the suite (tests/test_gpu_check.py).
+def sigkill_after_checkpoint(args: list[str], run: Path, it: int, last: int) -> None:
+    """Start a 2-process run, SIGKILL its whole tree as soon as checkpoint ``it`` is complete."""
+    proc = subprocess.Popen(cmd(2, "tiny_stage1.yaml", args), cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(lambda: (run / "ckpt" / f"iter_{it:07d}" / "scidfm_meta.json").exists(), proc=proc)
+    kill_tree(proc.pid, signal.SIGKILL)  # not a clean exit: no handler runs anywhere
+    proc.wait()
+    time.sleep(1)
+    assert not (run / "ckpt" / f"iter_{last:07d}").exists(), "the run finished before it could be killed"
+
+
+def assert_one_story(run: Path, at: int, last: int) -> None:
+    """The metrics file tells one story: rows the killed run wrote past the checkpoint are replaced, and
+    the resume is marked."""
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows if r["phase"] == "train"] == list(range(1, last + 1))
+    assert [(r["iteration"], r["checkpoint"]) for r in rows if r["phase"] == "resume"] == \
+        [(at, str(run / "ckpt" / f"iter_{at:07d}"))]
+
+
+# The EP2 x DP2 SIGKILL resume (expert and dense optimizer state) is test_distributed_optimizer_checkpoint_resumes
+# (distributed optimizer); bf16: the same SIGKILL-and-resume, bitwise, is the train_resume check of
+# scripts/gpu_check.sh, whose CPU dry run is in the suite (tests/test_gpu_check.py).
 # PP2 (1F1B) resumes are checked to 1e-5 by test_checkpoint_resumes_in_another_layout (saved at TP2 x EP2,
 # resumed at PP2 x EP2); PP2 x VPP2 here covers the pipeline's checkpoint path with its chunked state.
-@pytest.mark.parametrize("layout", [["parallel.ep=2"], ["parallel.ep=1", "parallel.pp=2", "parallel.vpp=2"]],
-                         ids=["ep2-dp2", "pp2-vpp2"])
+@pytest.mark.parametrize("layout", [["parallel.ep=1", "parallel.pp=2", "parallel.vpp=2"]], ids=["pp2-vpp2"])
 def test_sigkill_then_resume_is_bitwise_identical(runs, tmp_path, layout):
     n = 3
     ref = tmp_path / "ref"
     train(2, overrides(runs, ref, **{"train.train_iters": 2 * n}) + layout)
     run = tmp_path / "run"
     args = overrides(runs, run, **{"train.train_iters": 2 * n, "checkpoint.save_interval": n}) + layout
-    proc = subprocess.Popen(cmd(2, "tiny_stage1.yaml", args), cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    wait_for(lambda: (run / "ckpt" / "iter_0000003" / "scidfm_meta.json").exists(), proc=proc)
-    kill_tree(proc.pid, signal.SIGKILL)  # not a clean exit: no handler runs anywhere
-    proc.wait()
-    time.sleep(1)
-    assert not (run / "ckpt" / "iter_0000006").exists(), "the run finished before it could be killed"
+    sigkill_after_checkpoint(args, run, n, 2 * n)
     r = train(2, args)
     assert "resumed from" in r.stdout and "iteration 3" in r.stdout
     got, want = losses(run), losses(ref)
     assert [got[i] for i in range(n + 1, 2 * n + 1)] == [want[i] for i in range(n + 1, 2 * n + 1)]  # bitwise
-    # The metrics file tells one story: rows the killed run wrote past the checkpoint are replaced, and
-    # the resume is marked.
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["iteration"] for r in rows if r["phase"] == "train"] == list(range(1, 2 * n + 1))
-    assert [(r["iteration"], r["checkpoint"]) for r in rows if r["phase"] == "resume"] == \
-        [(n, str(run / "ckpt" / f"iter_{n:07d}"))]
+    assert_one_story(run, n, 2 * n)
 
 
 def test_checkpoint_resumes_in_another_layout(runs, tmp_path):
@@ -129,9 +138,8 @@ def test_interrupted_save_is_ignored_with_a_warning(tmp_path, caplog):
     assert "ignoring interrupted checkpoint save" in caplog.text and not (root / "iter_0000009.tmp").exists()
 
 
-def test_pretraining_learns_and_logs_to_tensorboard(runs, tmp_path):
-    work = tmp_path / "w"
-    train(2, overrides(runs, work, **{"train.train_iters": 30, "train.lr": 3e-3, "train.eval_interval": 15}))
+def test_pretraining_learns_and_logs_to_tensorboard(stage1_fp32):
+    work = stage1_fp32[0]  # 30 steps at LR 3e-3, evaluation every 15
     ls = losses(work)
     assert sum(ls[i] for i in (28, 29, 30)) / 3 < sum(ls[i] for i in (1, 2, 3)) / 3 - 3.0, ls
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -147,13 +155,12 @@ def test_pretraining_learns_and_logs_to_tensorboard(runs, tmp_path):
     assert abs(sum(shares) - 1) < 1e-6
 
 
-def test_stage2_starts_from_stage1_with_new_lr_and_mixture(runs, tmp_path):
-    s1 = tmp_path / "s1"
-    train(2, overrides(runs, s1, **{"train.train_iters": 12, "train.lr": 3e-3}))
+def test_stage2_starts_from_stage1_with_new_lr_and_mixture(runs, stage1_fp32, tmp_path):
+    s1 = stage1_fp32[0]  # 30 steps at LR 3e-3
     s2 = tmp_path / "s2"
     r = train(2, overrides(runs, s2, **{"train.train_iters": 3, "checkpoint.init_from": s1 / "ckpt"}),
               recipe="tiny_stage2.yaml")
-    assert f"initialised weights from {s1 / 'ckpt' / 'iter_0000012'}" in r.stdout
+    assert f"initialised weights from {s1 / 'ckpt' / 'iter_0000030'}" in r.stdout
     rows = [json.loads(line) for line in open(s2 / "metrics.jsonl")]
     assert rows[0]["lr"] <= 3e-4 + 1e-12  # stage 2's peak, not stage 1's 3e-3 schedule
     assert rows[0]["loss"] < losses(s1)[1] - 2.0  # the weights came along
@@ -176,21 +183,11 @@ def test_sft_lowers_the_assistant_loss(runs, tmp_path):
     assert sum(ls[i] for i in range(20, 25)) / 5 < sum(ls[i] for i in range(1, 6)) / 5 - 0.5, ls
 
 
-def test_two_node_launch_on_loopback(runs, tmp_path):
-    """examples/launch/torchrun_multinode.sh as two agents (node ranks 0 and 1) on 127.0.0.1."""
-    work = tmp_path / "mn"
-    port = str(free_port())
-    procs = []
-    for node in (0, 1):
-        env = cpu_env({"NNODES": "2", "NODE_RANK": str(node), "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": port, "RECIPE": str(RECIPES / "tiny_stage1.yaml"), "TP": "1", "PP": "1", "EP": "2",
-                       "PYTHON": sys.executable})
-        procs.append(subprocess.Popen(["bash", str(ROOT / "examples" / "launch" / "torchrun_multinode.sh"),
-                                       *overrides(runs, work, **{"train.train_iters": 3})],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    assert "on 2 processes; iterations 1..3" in outs[0] and len(losses(work)) == 3  # the trainer's own line
+def test_two_node_launch_on_loopback(stage1_fp32):
+    """examples/launch/torchrun_multinode.sh as two agents (node ranks 0 and 1) on 127.0.0.1: the shared
+    stage-1 run (conftest.stage1_fp32) is launched that way; both agents exited 0 (checked there)."""
+    work, outs = stage1_fp32
+    assert "on 2 processes; iterations 1..30" in outs[0] and len(losses(work)) == 30  # the trainer's own line
 
 
 def test_nan_stops_with_step_and_last_checkpoint(runs, tmp_path):
@@ -206,9 +203,8 @@ def test_nan_stops_with_step_and_last_checkpoint(runs, tmp_path):
     assert m and m.group(2).endswith(f"iter_{int(m.group(1)) - 1:07d}")
 
 
-def test_checkpoint_of_another_model_shape_names_the_tensor(runs, tmp_path):
-    a = tmp_path / "a"
-    train(2, overrides(runs, a, **{"train.train_iters": 2}))
+def test_checkpoint_of_another_model_shape_names_the_tensor(runs, stage1_fp32, tmp_path):
+    a = stage1_fp32[0]
     r = train(2, overrides(runs, tmp_path / "b", **{"train.train_iters": 2, "checkpoint.init_from": a / "ckpt",
                                                      "model.moe_ffn_hidden_size": 128}), check=False)
     assert r.returncode != 0
@@ -217,27 +213,28 @@ def test_checkpoint_of_another_model_shape_names_the_tensor(runs, tmp_path):
 
 
 def test_distributed_optimizer_checkpoint_resumes(runs, tmp_path):
-    """The distributed optimizer (the 18B recipes' choice) saves and resumes without apex/TE, exactly:
-    every step after the resume equals the uninterrupted run's, bitwise, and the optimizer's own state
-    agrees (Adam's step equals the iteration). Without the distopt_torch_adam_load patch the resume dies
-    with KeyError: 'step'; without distopt_torch_adam_step all parameters share one step counter, which
+    """The distributed optimizer (the 18B recipes' choice) on EP2 x DP2 saves, is SIGKILLed and resumes without
+    apex/TE, exactly: every step after the resume equals the uninterrupted run's, bitwise, and the optimizer's
+    own state agrees (Adam's step equals the iteration). Without the distopt_torch_adam_load patch the resume
+    dies with KeyError: 'step'; without distopt_torch_adam_step all parameters share one step counter, which
     each step advances once per parameter, and the losses part from the second step after the resume."""
     common = {"train.train_iters": 6, "train.use_distributed_optimizer": "true"}
     ref = tmp_path / "ref"
     train(2, overrides(runs, ref, **common) + ["parallel.ep=2"])
-    # The resumed run also uses the GPU defaults: overlapped grad reduce and param gather (DP2: the same
-    # sums in another bucket order, bitwise the same numbers). With overlapped param gather a rank's
+    # The killed and resumed run also uses the GPU defaults: overlapped grad reduce and param gather (DP2: the
+    # same sums in another bucket order, bitwise the same numbers). With overlapped param gather a rank's
     # parameters are partly a step old until the next forward, so every save must gather them first.
     run = tmp_path / "run"
     args = overrides(runs, run, **common, **{"checkpoint.save_interval": 2, "engine.overlap_grad_reduce": "true",
                                              "engine.overlap_param_gather": "true"}) + ["parallel.ep=2"]
-    train(2, args + ["train.exit_after_iters=2"])
+    sigkill_after_checkpoint(args, run, 2, 6)
     broken = subprocess.run(cmd(2, "tiny_stage1.yaml", args), cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env=cpu_env({"SCIDFM_DISABLE_PATCHES": "distopt_torch_adam_load"}))
     assert broken.returncode != 0 and "KeyError: 'step'" in broken.stdout + broken.stderr
     r = train(2, args)
     assert "resumed from" in r.stdout and "iteration 2" in r.stdout
     assert [losses(run)[i] for i in range(3, 7)] == [losses(ref)[i] for i in range(3, 7)]  # 4 steps, bitwise
+    assert_one_story(run, 2, 6)
     assert saved_adam_steps(run / "ckpt" / "iter_0000006") == {6}
     # The weights a weights-only reader (stage 2, HF conversion) gets from the final, overlapped save are
     # the step-6 weights of the uninterrupted run without overlap.

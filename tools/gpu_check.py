@@ -8,7 +8,8 @@ Checks, in order (each runs even when an earlier one failed, unless it needs an 
   environment   torch / CUDA device / bf16 support / megatron-core / transformers / TransformerEngine; the
                 library imports and megatron_patches applies under this torch
   gpu_tests     ``pytest tests -m gpu``: pass / skip counts (skipped without TE, and in the dry run)
-  sample_data   scripts/prepare_sample_data.sh: tokenizer + datasets of the bundled sample corpus
+  sample_data   scripts/prepare_sample_data.sh: tokenizer + datasets of the bundled sample corpus (--runs DIR:
+                reuse a folder it made earlier, e.g. the test suite's)
   train_resume  tiny stage 1 in bf16 through ``-m scidfm_megatron.train``: a run SIGKILLed (whole process
                 tree) after its first complete checkpoint, resumed; its losses after the resume must be
                 bitwise equal to an uninterrupted reference run's
@@ -250,7 +251,9 @@ class Checker:
         self.budget = Budget(args.budget or self.prof["budget"])
         self.work = Path(args.work or tempfile.mkdtemp(prefix="scidfm_gpu_check_")).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
-        self.runs = self.work / "runs"
+        # --runs: a sample-data folder made earlier by scripts/prepare_sample_data.sh (the test suite's, whose
+        # session already made one); otherwise the sample_data check makes it in the work dir.
+        self.runs = Path(args.runs).resolve() if args.runs else self.work / "runs"
         self.art: dict = {}
         self.t0 = time.time()
         self.results = dict(tool="tools/gpu_check.py", mode=self.mode, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -342,8 +345,16 @@ class Checker:
 
     # sample data ---------------------------------------------------------------------------------------
     def sample_data(self, fig: dict):
-        run(["bash", str(ROOT / "scripts" / "prepare_sample_data.sh")], self.log("sample_data"), self.budget,
-            CAPS["sample_data"], env=child_env({"RUNS": str(self.runs), "PY": self.py}))
+        if self.args.runs:
+            missing = [p for p in ("tokenizer/tokenizer.model", "tokenizer/science_tokens.json", "data")
+                       if not (self.runs / p).exists()]
+            if missing:
+                raise CheckFailed(f"--runs {self.runs}: not a scripts/prepare_sample_data.sh output (missing "
+                                  f"{', '.join(missing)}); drop --runs to prepare the sample data here")
+            fig["reused"] = True
+        else:
+            run(["bash", str(ROOT / "scripts" / "prepare_sample_data.sh")], self.log("sample_data"), self.budget,
+                CAPS["sample_data"], env=child_env({"RUNS": str(self.runs), "PY": self.py}))
         tok = self.runs / "tokenizer" / "science_tokens.json"
         self.art["vocab"] = json.loads(tok.read_text())["vocab_size"]
         fig.update(runs=str(self.runs), vocab_size=self.art["vocab"])
@@ -701,6 +712,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="global time budget in seconds "
                                                                "(default 450 on the GPU, 600 in the dry run)")
     ap.add_argument("--python", default=None, help="interpreter for the subprocesses (default: this one)")
+    ap.add_argument("--runs", default=None, help="reuse this sample-data folder (RUNS of scripts/prepare_sample_data.sh: "
+                                                 "tokenizer/, data/) instead of preparing one in the work dir")
     ap.add_argument("--only", default=None, help="comma-separated check names (sample_data runs when one needs it)")
     args = ap.parse_args(argv)
     checker = Checker(args)
