@@ -66,6 +66,9 @@ def parse_args(argv=None):
                          "fused vs unfused (needs CUDA; with --layouts: the trainer in those layouts instead)")
     ap.add_argument("--recompute", default="selective", help="--gpu-slice: train.recompute (default selective)")
     ap.add_argument("--dry-run", action="store_true", help="--gpu-slice on CPU at a toy width: the code path only")
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="only the kernel measurements (RMSNorm, SwiGLU, cross-entropy) at the slice's width, on "
+                         "this device (CPU or GPU)")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--runs", default=str(ROOT / "runs"), help="where prepare_sample_data.sh wrote tokenizer/ and data/")
     g = ap.add_argument_group("overhead: the trainer against a bare megatron-core loop")
@@ -589,6 +592,95 @@ def bench_attention(args, heads: int, head_dim: int, seq: int) -> list[dict]:
     return rows
 
 
+def _time_fwd_bwd(fn, make_inputs, args) -> dict:
+    """Median forward + backward time (ms) of ``fn`` over --iters runs after --warmup, and the peak memory
+    above its inputs (GPU)."""
+    import torch
+
+    times, peak = [], 0
+    for i in range(args.warmup + args.iters):
+        inputs = make_inputs()
+        base = _peak_reset()
+        _sync()
+        t0 = time.perf_counter()
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out))
+        _sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            peak = max(peak, _peak() - base)
+        del inputs, out
+    return dict(ms=1e3 * sorted(times)[len(times) // 2], peak_gib=peak / 2**30 if torch.cuda.is_available() else None)
+
+
+def bench_kernels(args, cfg) -> list[dict]:
+    """The elementwise kernels the issue asks to fuse where PyTorch or megatron-core offer it without TE,
+    at the slice's shapes (bf16, tokens = seq x micro-batch): RMSNorm (torch.nn.functional.rms_norm, which
+    every backend's RMSNorm calls, vs the composed formula), the experts' weighted SwiGLU (the torch
+    backend's eager form vs megatron's weighted_bias_swiglu_impl, torch.compile'd) and the loss
+    (megatron's vocab-parallel cross-entropy, its fused variant, torch.compile'd, and F.cross_entropy).
+    Each row is the measurement that decides whether the fused variant is switched on (docs/kernels.md)."""
+    import torch
+    import torch.nn.functional as F
+    from megatron.core import parallel_state as ps
+    from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from scidfm_megatron.model.torch_backend import experts_class
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    bf = torch.bfloat16
+    T, h, f, k, V = (args.seq_length * args.micro_batch, cfg.hidden_size, cfg.moe_ffn_hidden_size,
+                     cfg.moe_router_topk, cfg.padded_vocab_size)
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape, dtype=bf, grad=True):
+        return torch.randn(*shape, device=dev, dtype=dtype, generator=g).requires_grad_(grad)
+
+    eps = cfg.rms_norm_eps
+    w = torch.ones(h, device=dev, dtype=bf, requires_grad=True)
+    act = experts_class()._act
+    tp = ps.get_tensor_model_parallel_group()
+    labels = torch.randint(0, V, (args.seq_length, args.micro_batch), device=dev, generator=g)
+    cases = [
+        ("rmsnorm", f"[{T}, {h}]", [
+            ("F.rms_norm (every backend)", lambda x: F.rms_norm(x, (h,), w, eps)),
+            ("composed", lambda x: x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(bf) * w)],
+         lambda: (rnd(T, h),)),
+        ("swiglu x probs", f"[{T * k}, {2 * f}]", [
+            ("eager (torch backend)", lambda y, p: act(y, p)),
+            ("megatron weighted_bias_swiglu_impl", lambda y, p: weighted_bias_swiglu_impl(y, None, p.unsqueeze(-1)))],
+         lambda: (rnd(T * k, 2 * f), rnd(T * k, dtype=torch.float32))),
+        ("cross-entropy", f"[{T}, {V}]", [
+            ("megatron vocab_parallel (every backend)", lambda z: vocab_parallel_cross_entropy(z.float(), labels)),
+            ("megatron fused_vocab_parallel", lambda z: fused_vocab_parallel_cross_entropy(z, labels, tp)),
+            ("F.cross_entropy", lambda z: F.cross_entropy(z.float().flatten(0, 1), labels.flatten(),
+                                                           reduction="none").view_as(labels))],
+         lambda: (rnd(args.seq_length, args.micro_batch, V),)),
+    ]
+    rows = []
+    for kernel, shape, variants, make in cases:
+        for name, fn in variants:
+            row = dict(kernel=kernel, shape=shape, variant=name)
+            try:
+                row.update(_time_fwd_bwd(fn, make, args))
+            except Exception as exc:  # e.g. torch.compile without a working Triton: reported, not fatal
+                row["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+            rows.append(row)
+    print(f"\nkernels, forward + backward, bf16, {dev}")
+    base = {}
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['kernel']:<15}{r['variant']:<42}{r['error']}")
+            continue
+        ref = base.setdefault(r["kernel"], r["ms"])
+        mem = f"{r['peak_gib']:.3f} GiB" if r["peak_gib"] is not None else "n/a"
+        print(f"  {r['kernel']:<15}{r['variant']:<42}{r['ms']:>9.3f} ms  ({r['ms'] / ref:.2f}x)  peak {mem}   "
+              f"{r['shape']}")
+    return rows
+
+
 def bench_gpu_slice(args) -> dict:
     import torch
 
@@ -634,7 +726,9 @@ def bench_gpu_slice(args) -> dict:
     if len(att) == 2 and all(r.get("peak_gib") for r in att):
         print(f"  fused / unfused memory: {att[0]['peak_gib'] / att[1]['peak_gib']:.3f} "
               f"(issue 13 target <= 0.25); time: {att[0]['ms'] / att[1]['ms']:.3f}")
-    result = dict(device=dev, seq=args.seq_length, micro_batch=args.micro_batch, backends=rows, attention=att)
+    kernels = bench_kernels(args, cfg)
+    result = dict(device=dev, seq=args.seq_length, micro_batch=args.micro_batch, backends=rows, attention=att,
+                  kernels=kernels)
     if args.json:
         tmp = Path(args.json + ".tmp")
         tmp.write_text(json.dumps(result, indent=1, default=str))
@@ -647,6 +741,15 @@ def main(argv=None):
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.overhead_worker:
         return overhead_worker(args)
+    if args.kernels_only:
+        from scidfm_megatron.config import ParallelConfig
+        from scidfm_megatron.model.presets import get_preset
+        from scidfm_megatron.parallel import init_distributed
+
+        cfg = get_preset("scidfm-18b", **(DRY if args.dry_run else SLICE))
+        init_distributed(cfg, ParallelConfig())
+        args.micro_batch = 1 if args.micro_batch == 4 else args.micro_batch
+        return bench_kernels(args, cfg)
     if args.gpu_slice:
         import torch
 
