@@ -63,7 +63,8 @@ def test_logits_and_greedy_tokens_match_megatron(trained_tiny, hf_tiny, prompt_i
 
 
 def test_round_trip_through_two_layouts_is_bitwise(hf_tiny, tmp_path):
-    """HF -> megatron at TP2 x EP2 and at PP2 -> HF: every tensor bit for bit, same config."""
+    """HF -> megatron for TP2 x EP2 and for PP2 -> HF, no --dtype: every tensor bit for bit (fp32 stays
+    fp32), the same config.json and scidfm_megatron.json (model config incl. capacity factor)."""
     want = hf_tensors(hf_tiny)
     for name, layout in (("tp2ep2", ["--tp", 2, "--ep", 2]), ("pp2", ["--pp", 2])):
         mc, back = tmp_path / f"mc_{name}", tmp_path / f"hf_{name}"
@@ -71,16 +72,16 @@ def test_round_trip_through_two_layouts_is_bitwise(hf_tiny, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         meta = json.loads((mc / "iter_0000000" / "scidfm_meta.json").read_text())
         assert meta["weights_only"] and meta["layout"]["world"] == 4 // (2 if name == "pp2" else 1)
-        r = cli("--direction", "mcore-to-hf", "--load", mc, "--save", back, "--dtype", "fp32", "--max-shard-size", "5MB")
+        r = cli("--direction", "mcore-to-hf", "--load", mc, "--save", back, "--max-shard-size", "5MB")
         assert r.returncode == 0, r.stderr[-3000:]
+        assert "dtype fp32 (the source's)" in r.stdout
         got = hf_tensors(back)
         assert list(got) == list(want)
         for n in want:
             assert got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]), n
-        a, b = (json.loads((d / "config.json").read_text()) for d in (hf_tiny, back))
-        for k in ("scidfm_megatron",):
-            a.pop(k), b.pop(k)
-        assert a == b
+        assert json.loads((back / "config.json").read_text()) == json.loads((hf_tiny / "config.json").read_text())
+        a, b = (json.loads((d / "scidfm_megatron.json").read_text())["model"] for d in (hf_tiny, back))
+        assert a == b and a["moe_capacity_factor"] == 1.0  # the run's, kept (not Mixtral's dropless default)
 
 
 # HF -> megatron (EP2) as a starting point for training is tests/test_bf16.py::
@@ -88,10 +89,14 @@ def test_round_trip_through_two_layouts_is_bitwise(hf_tiny, tmp_path):
 # weights at LR ~0 stay at the trained loss).
 
 
-def test_bf16_output(trained_tiny, hf_tiny, tmp_path):
+def test_bf16_output_verified(trained_tiny, hf_tiny, tmp_path):
+    """--dtype bf16 from the fp32 run (saved at TP2 x PP2 x EP2) with --verify: the bf16 folder equals the
+    fp32 conversion cast to bf16, and transformers in bf16 agrees with megatron in bf16 layer by layer."""
     out = tmp_path / "bf16"
-    r = cli("--direction", "mcore-to-hf", "--load", trained_tiny, "--save", out)  # default dtype: bf16
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli("--direction", "mcore-to-hf", "--load", trained_tiny, "--save", out, "--dtype", "bf16", "--verify")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "dtype bf16 (--dtype)" in r.stdout and "science tokenizer" in r.stdout
+    assert "2 x 64 tokens of the built-in science paragraph, bf16" in r.stdout and "verify: PASS" in r.stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16" and cfg["architectures"] == ["MixtralForCausalLM"]
     assert cfg["head_dim"] == 32 and cfg["num_local_experts"] == 8 and cfg["tie_word_embeddings"] is False
@@ -183,7 +188,6 @@ def test_corrupt_hf_checkpoint_is_named_and_nothing_written(hf_tiny, tmp_path):
     src, _ = _hf_copy(hf_tiny, tmp_path / "d")
     cfg = json.loads((src / "config.json").read_text())
     cfg["intermediate_size"] = 128
-    cfg.pop("scidfm_megatron")
     (src / "config.json").write_text(json.dumps(cfg))
     _fails(["--direction", "hf-to-mcore", "--load", src], out, "w1.weight has shape", "config.json implies")
 

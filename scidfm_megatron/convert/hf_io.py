@@ -14,6 +14,7 @@ the header, and the file is as long as its header says (a truncated file is name
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -198,7 +199,8 @@ class HFCheckpoint:
                 not out.is_contiguous():
             raise ValueError(f"read_into {name}: {info['dtype']}{info['shape']} into {out.dtype}{list(out.shape)}")
         b, e = info["data_offsets"]
-        buf = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        # a plain buffer over out's memory (not .numpy(), which would pin the storage's size)
+        buf = memoryview((ctypes.c_char * (e - b)).from_address(out.data_ptr())).cast("B")
         with open(self.dir / fn, "rb") as f:
             f.seek(self.data_start[fn] + b)
             if f.readinto(buf) != e - b:

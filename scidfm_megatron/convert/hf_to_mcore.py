@@ -200,7 +200,13 @@ class StreamingSavePlanner(DefaultSavePlanner):
             return buf
         c = self.chunks[(fqn, tuple(write_item.index.offset))]
         if self._unit[0] != c.name:  # the SwiGLU halves of one fc1 come one after the other
-            self._unit = (None, None)
+            prev, self._unit = self._unit[1], (None, None)
+            if prev is not None:
+                # DCP's writer (torch 2.13 filesystem._write_files_from_queue) keeps every tensor it wrote
+                # in a dict, which only its safetensors format reads: the first, largest unit (the
+                # embedding) would stay in memory to the end. The writer asks for the next chunk only
+                # after the previous one is on disk, so the previous unit's memory can go now.
+                prev.untyped_storage().resize_(0)
             self._unit = (c.name, self.make_unit(c.name))
         return self._unit[1][c.region].reshape(c.sizes)
 

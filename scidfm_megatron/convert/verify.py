@@ -39,13 +39,13 @@ SCIENCE_TEXT = (
     "equation relates the initial rate to the substrate concentration through Vmax and Km."
 )
 
-# Tolerances by dtype. Hidden states: max |diff| <= rtol x max |h| of that layer; logits: max |diff| <=
-# logits_rtol x max |logit|; router: share of tokens with the same top-k expert set >= topk_min (near-ties
-# may flip in low precision). fp32 measures ~1e-6 relative on the tiny models, bf16 ~1e-2: see
-# docs/conversion.md.
+# Tolerances by dtype. Hidden states and logits: max |diff| <= rtol x the layer's max |value| (over tokens
+# routed alike, see compare); router: share of tokens with the same top-k expert set >= topk_min. Measured
+# on the trained scidfm-tiny (docs/conversion.md): fp32 <= 3.5e-7 relative, 100% agreement; bf16 <= 8e-3
+# relative (logits 6e-3), 98.4-100% agreement.
 TOLERANCES = {
-    "fp32": dict(rtol=1e-4, logits_rtol=1e-4, topk_min=0.99),
-    "bf16": dict(rtol=6e-2, logits_rtol=6e-2, topk_min=0.90),
+    "fp32": dict(rtol=1e-4, topk_min=0.99),
+    "bf16": dict(rtol=3e-2, topk_min=0.90),
 }
 
 
@@ -133,29 +133,38 @@ def hf_trace(hf_dir: Path, ids: torch.Tensor, dtype: torch.dtype, device=None) -
 
 
 def compare(ref: Trace, got: Trace, dtype: str) -> tuple[list[dict], Optional[str]]:
-    """Rows per layer (+ logits) and the first disagreement (None when all within tolerance)."""
+    """Rows per layer (+ logits) and the first disagreement (None when all within tolerance).
+
+    A token whose router picks a different expert set (a near-tie flipped by rounding, which bf16 does
+    now and then) gets a different expert's output from then on: its router disagreement is what the
+    top-k agreement counts, and the hidden-state and logit maxima are taken over the tokens routed alike
+    in every layer so far (means over all tokens)."""
     tol = TOLERANCES[dtype]
     rows, first = [], None
     if len(ref.hidden) != len(got.hidden) or len(ref.topk) != len(got.topk):
         return rows, f"layer count differs: {len(ref.hidden)} vs {len(got.hidden)}"
+    alike = torch.ones(ref.logits.shape[:2], dtype=torch.bool)
     for i, (a, b, ta, tb) in enumerate(zip(ref.hidden, got.hidden, ref.topk, got.topk)):
+        same = (ta == tb).all(-1).view(alike.shape)
+        alike &= same
         d = (a - b).abs()
         scale = a.abs().max().item()
-        agree = (ta == tb).all(-1).float().mean().item()
-        row = dict(layer=str(i), max=d.max().item(), mean=d.mean().item(), scale=scale, agree=agree)
+        row = dict(layer=str(i), max=d[alike].max().item() if alike.any() else float("inf"), mean=d.mean().item(),
+                   scale=scale, agree=same.float().mean().item())
         rows.append(row)
         if first is None:
             if row["max"] > tol["rtol"] * scale:
                 first = (f"layer {i} disagrees: hidden-state max |diff| {row['max']:.3g} > {tol['rtol']:g} x "
-                         f"max |h| {scale:.3g}, top-k agreement {agree:.1%}")
-            elif agree < tol["topk_min"]:
-                first = f"layer {i} disagrees: router top-k agreement {agree:.1%} < {tol['topk_min']:.0%}"
+                         f"max |h| {scale:.3g}, router top-k agreement {row['agree']:.1%}")
+            elif row["agree"] < tol["topk_min"]:
+                first = f"layer {i} disagrees: router top-k agreement {row['agree']:.1%} < {tol['topk_min']:.0%}"
     d = (ref.logits - got.logits).abs()
     scale = ref.logits.abs().max().item()
-    row = dict(layer="logits", max=d.max().item(), mean=d.mean().item(), scale=scale, agree=None)
+    row = dict(layer="logits", max=d[alike].max().item() if alike.any() else float("inf"), mean=d.mean().item(),
+               scale=scale, agree=None)
     rows.append(row)
-    if first is None and row["max"] > tol["logits_rtol"] * scale:
-        first = (f"final norm / output layer disagree: logits max |diff| {row['max']:.3g} > {tol['logits_rtol']:g} x "
+    if first is None and row["max"] > tol["rtol"] * scale:
+        first = (f"final norm / output layer disagree: logits max |diff| {row['max']:.3g} > {tol['rtol']:g} x "
                  f"max |logit| {scale:.3g}")
     return rows, first
 
@@ -176,7 +185,8 @@ def verify_conversion(mcore_dir: str | Path, hf_dir: str | Path, *, dtype: str, 
     ref = megatron_trace(Path(mcore_dir), ids, dtype, device)
     got = hf_trace(Path(hf_dir), ids, tdtype, device)
     rows, first = compare(ref, got, dtype)
-    say(f"  {'layer':>7}  {'max|diff|':>10}  {'mean|diff|':>10}  {'max|value|':>10}  {'top-k agree':>11}")
+    say(f"  {'layer':>7}  {'max|diff|':>10}  {'mean|diff|':>10}  {'max|value|':>10}  {'top-k agree':>11}"
+        "   (max over tokens routed alike so far, mean over all)")
     for r in rows:
         agree = f"{r['agree']:.1%}" if r["agree"] is not None else ""
         say(f"  {r['layer']:>7}  {r['max']:10.3g}  {r['mean']:10.3g}  {r['scale']:10.3g}  {agree:>11}")
