@@ -337,6 +337,13 @@ def startup_memory_line(cfg, layout, engine) -> str:
     """The trainer's start-up log line: this run's memory plan per GPU beside what rank 0 holds already
     (weights and grad buffers; Adam's state appears at the first step). The step log's ``memory_gb`` is the
     measured peak to compare the plan's total with."""
+    try:
+        return _startup_memory_line(cfg, layout, engine)
+    except Exception as exc:  # a log line never stops a run
+        return f"memory plan unavailable ({type(exc).__name__}: {exc})"
+
+
+def _startup_memory_line(cfg, layout, engine) -> str:
     from .builder import resolve_backend
 
     t = cfg.train
