@@ -76,15 +76,17 @@ def test_padded_attention_equals_unpadded(rank, monkeypatch, head_dim, heads, gr
     1/sqrt(100), and is_causal when no mask is given."""
     from scidfm_megatron.model.packing import document_attention_mask
 
+    from scidfm_megatron.device import device
+
     ref, mod = _attention_pair(head_dim, heads, groups)
     g = torch.Generator().manual_seed(1)
-    s, b = 24, 2
-    q = torch.randn(s, b, heads, head_dim, generator=g)
-    k, v = (torch.randn(s, b, groups, head_dim, generator=g) for _ in range(2))
+    s, b, dev = 24, 2, device()
+    q = torch.randn(s, b, heads, head_dim, generator=g).to(dev)
+    k, v = (torch.randn(s, b, groups, head_dim, generator=g).to(dev) for _ in range(2))
     mask = None
     if masked:  # two documents then padding in sample 0, three documents in sample 1
         doc = torch.tensor([[0] * 10 + [1] * 9 + [-1] * 5, [0] * 6 + [1] * 12 + [2] * 6])
-        mask = document_attention_mask(doc)
+        mask = document_attention_mask(doc).to(dev)
     seen = []
     sdpa = F.scaled_dot_product_attention
 
@@ -93,7 +95,7 @@ def test_padded_attention_equals_unpadded(rank, monkeypatch, head_dim, heads, gr
         return sdpa(qq, kk, vv, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    grad_out = torch.randn(s, b, heads * head_dim, generator=g)
+    grad_out = torch.randn(s, b, heads * head_dim, generator=g).to(dev)
     outs, grads = [], []
     for m in (ref, mod):
         qkv = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -118,9 +120,10 @@ def test_grouped_experts_equal_per_expert_mlp(models):
     assert type(ref) is SequentialMLP and type(mod).__name__ == "GroupedExperts"
     counts = torch.tensor([5, 0, 7, 3, 1, 4, 6, 2])
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(int(counts.sum()), cfg.hidden_size, generator=g)
-    probs = torch.rand(x.shape[0], generator=g)
-    grad_out = torch.randn(x.shape[0], cfg.hidden_size, generator=g)
+    dev = next(mod.parameters()).device
+    x = torch.randn(int(counts.sum()), cfg.hidden_size, generator=g).to(dev)
+    probs = torch.rand(x.shape[0], generator=g).to(dev)
+    grad_out = torch.randn(x.shape[0], cfg.hidden_size, generator=g).to(dev)
     res = []
     for m in (ref, mod):
         m.zero_grad(set_to_none=True)
@@ -169,10 +172,10 @@ def test_torch_model_is_a_local_model(models):
         calls.append(1)
         return orig(self, *a, **k)
 
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=g)
-    doc = torch.tensor([[0] * 12 + [1] * 16 + [-1] * 4, [0] * 32])
-    pos = torch.cat([torch.arange(12), torch.arange(16), torch.arange(4)]).expand(2, 32).contiguous()
+    g, dev = torch.Generator().manual_seed(3), next(tmod.parameters()).device
+    ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=g).to(dev)
+    doc = torch.tensor([[0] * 12 + [1] * 16 + [-1] * 4, [0] * 32], device=dev)
+    pos = torch.cat([torch.arange(12), torch.arange(16), torch.arange(4)]).expand(2, 32).contiguous().to(dev)
     for mask in (None, document_attention_mask(doc)):
         outs = []
         CheckpointWithoutOutput.discard_output_and_register_recompute = counted
