@@ -149,7 +149,7 @@ def test_grouped_experts_equal_per_expert_mlp(models):
 
 
 def test_torch_model_is_a_local_model(models):
-    """Same state-dict keys and shapes; the local model's global weights give the same logits (1e-5) and
+    """Same state-dict keys and shapes, sharded checkpoint keys and parameter order; the local model's global weights give the same logits (1e-5) and
     gradients, causal and with a packed-SFT document mask, with the experts' SwiGLU recomputed (moe_act:
     the checkpoint is registered once per layer and forward)."""
     from megatron.core.tensor_parallel import CheckpointWithoutOutput
@@ -164,6 +164,15 @@ def test_torch_model_is_a_local_model(models):
     assert all(sd_t[k].shape == sd_l[k].shape for k in sd_l if not k.endswith("_extra_state"))
     got = gather_global_state_dict([tmod])
     assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in weights)
+    # what a megatron distributed checkpoint stores (sharded keys, global shapes, offsets) and the parameter
+    # order the optimizer state follows are the same: a local checkpoint resumes under torch and back
+    sh_l, sh_t = local.sharded_state_dict(), tmod.sharded_state_dict()
+    assert sorted(sh_l) == sorted(sh_t)
+    for key, ten in sh_l.items():
+        if hasattr(ten, "global_shape"):
+            assert (ten.key, ten.global_shape, ten.global_offset) == (
+                sh_t[key].key, sh_t[key].global_shape, sh_t[key].global_offset), key
+    assert [n for n, _ in local.named_parameters()] == [n for n, _ in tmod.named_parameters()]
 
     calls = []
     orig = CheckpointWithoutOutput.discard_output_and_register_recompute
