@@ -545,6 +545,11 @@ def bench_slice_backend(cfg, backend: str, args) -> dict:
         row.update(error=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
     finally:
         del chunks, optimizer
+        from megatron.core import parallel_state as ps
+
+        # the unfused attention's [b * heads, s, s] scratch buffer lives in megatron's global buffer: free it
+        ps.destroy_global_memory_buffer()
+        ps._set_global_memory_buffer()
         gc.collect()
         _peak_reset()
     return row
