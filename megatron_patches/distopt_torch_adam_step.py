@@ -9,9 +9,12 @@ parameters to the shared counter: at iteration 12 of a run resumed at 2 the stor
 and 260 (experts) instead of 12, Adam's bias corrections were wrong from the second step after the
 resume, and the losses left the uninterrupted run's (9.7943 vs 9.7882 at step 4, tiny EP2).
 
-The patch runs megatron's load, then gives each parameter's state its own copy of ``step``. Symptom
-check: tests/test_training.py::test_distributed_optimizer_checkpoint_resumes (the resume is bitwise for
-every step after it, and the saved step equals the iteration; with the patch disabled both fail).
+The patch runs megatron's load, then gives each parameter's state its own ``step`` tensor, equal to the
+checkpoint's common step (in the ``dp_reshardable`` format megatron's per-bucket load had put back the
+dummy step 1 made before loading: :func:`restore_common_step`). Symptom checks:
+tests/test_training.py::test_distributed_optimizer_checkpoint_resumes (the resume is bitwise for every
+step after it, and the saved step equals the iteration; with the patch disabled both fail) and, for
+dp_reshardable, tests/test_resume.py::test_async_save_killed_mid_write_is_never_published.
 """
 
 import torch
@@ -34,6 +37,23 @@ def unshare_steps(optimizer: torch.optim.Optimizer) -> int:
     return shared
 
 
+def restore_common_step(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Set every parameter's ``step`` to the checkpoint's common step (its param groups' ``step``).
+
+    In the ``dp_reshardable`` format megatron then loads each bucket's tensors through
+    ``_set_main_param_and_optimizer_states`` with the *live* state's ``step`` among them (the dummy step
+    of 1 made before loading), overwriting the common step it had just restored: a resume from such a
+    checkpoint ran with Adam at step 1 (loss 9.7264 vs 9.7635 two steps after the resume, tiny EP2)."""
+    groups = (state_dict.get("optimizer") or {}).get("param_groups") or []
+    steps = {g["step"] for g in groups if isinstance(g, dict) and "step" in g}
+    if len(steps) != 1:
+        return
+    step = float(steps.pop())
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = torch.tensor(step, dtype=state["step"].dtype, device=state["step"].device)
+
+
 def _apply():
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as DO
 
@@ -44,6 +64,7 @@ def _apply():
     def load_state_dict(self, state_dict):
         out = orig(self, state_dict)
         unshare_steps(self.optimizer)
+        restore_common_step(self.optimizer, state_dict)
         return out
 
     load_state_dict.__scidfm_patched__ = True

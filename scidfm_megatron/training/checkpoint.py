@@ -106,20 +106,26 @@ def _layout_tag() -> dict:
                 pp=ps.get_pipeline_model_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size())
 
 
-def _sharded_state(chunks, optimizer, scheduler, with_optimizer: bool, common: dict, is_loading: bool = False):
+def _optimizer_metadata(by_param: bool = True, fmt: str = "fully_reshardable") -> dict:
+    """megatron's optimizer checkpoint options. ``chained_optim_avoid_prefix``: every optimizer state tensor
+    is keyed by its parameter alone (``optimizer.state.exp_avg.decoder.layers...``), not by its position in
+    megatron's chain of optimizers (``chained_1.optimizer...``, which exists only with EP>1, where expert
+    parameters get their own optimizer). Keyed by parameter, the state of an EP=1 run and of an EP>1 run
+    is the same set of tensors, so a full resume can cross EP=1 <-> EP>1 (:func:`load`). Checkpoints
+    written before this (``by_param=False``) still load, with EP=1 / EP>1 kept."""
+    return {"distrib_optim_sharding_type": fmt, "chained_optim_avoid_prefix": by_param}
+
+
+def _sharded_state(chunks, optimizer, scheduler, with_optimizer: bool, common: dict, is_loading: bool = False,
+                   by_param: bool = True, fmt: str = "fully_reshardable"):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    model_sd = {}
-    for i, c in enumerate(chunks):
-        model_sd[f"model{i}" if len(chunks) > 1 else "model"] = c.module.sharded_state_dict() \
-            if hasattr(c, "module") else c.sharded_state_dict()
+    model_sd = _model_sharded(chunks)
     state = dict(model_sd)
     if with_optimizer:
-        # The chunks' dicts stay nested (model0, model1, ...): with the interleaved pipeline their local keys
-        # collide (every chunk has its own "decoder.layers.0..."), and megatron maps optimizer state to
-        # parameters by walking the nested values, not by key.
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            model_sd, is_loading=is_loading,
+            metadata=_optimizer_metadata(by_param and fmt == "fully_reshardable", fmt))
         state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         state["rng_state"] = ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0)
@@ -127,14 +133,111 @@ def _sharded_state(chunks, optimizer, scheduler, with_optimizer: bool, common: d
     return state
 
 
-def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common: dict, keep_last: int = 2,
-         with_optimizer: bool = True) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory.
+def _model_sharded(chunks) -> dict:
+    # The chunks' dicts stay nested (model0, model1, ...): with the interleaved pipeline their local keys
+    # collide (every chunk has its own "decoder.layers.0..."), and megatron maps optimizer state to
+    # parameters by walking the nested values, not by key.
+    return {f"model{i}" if len(chunks) > 1 else "model": c.module.sharded_state_dict() if hasattr(c, "module")
+            else c.sharded_state_dict() for i, c in enumerate(chunks)}
 
-    ``with_optimizer=False`` writes model weights only (checkpoint conversion): such a checkpoint is
-    marked ``weights_only`` and a run resuming from it starts a fresh optimizer and schedule."""
+
+def _is_sharded(x) -> bool:
+    from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedTensorFactory
+
+    return isinstance(x, (ShardedBase, ShardedTensorFactory))
+
+
+def _saved_steps(x, out: set) -> set:
+    """Adam's step counts in a loaded optimizer state (``common_step`` of the plain optimizer, the
+    param groups' ``step`` of the distributed one)."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            if k in ("common_step", "step") and isinstance(v, (int, float, torch.Tensor)) and not _is_sharded(v):
+                out.add(float(v))
+            else:
+                _saved_steps(v, out)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _saved_steps(v, out)
+    return out
+
+
+def _rebuild_optimizer_state(template, loaded, step: float):
+    """This run's optimizer state dict, shaped as its own optimizer expects it: the tensors loaded by
+    parameter key (found at the same places in ``loaded``), everything else (param groups, hyperparameters)
+    from this optimizer, with Adam's step set to ``step``. Used when the saving run had the other chain
+    structure (EP=1 <-> EP>1)."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
+
+    if _is_sharded(template):
+        return loaded
+    if isinstance(template, LocalNonpersistentObject):
+        return template.unwrap()
+    if isinstance(template, dict):
+        out = {}
+        for k, v in template.items():
+            sub = loaded.get(k) if isinstance(loaded, dict) else None
+            if k in ("common_step", "step") and not _is_sharded(v) and isinstance(v, (int, float, torch.Tensor)):
+                out[k] = torch.tensor(step, dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) \
+                    else type(v)(step)
+            else:
+                out[k] = _rebuild_optimizer_state(v, sub, step)
+        return out
+    if isinstance(template, (list, tuple)):
+        subs = loaded if isinstance(loaded, (list, tuple)) and len(loaded) == len(template) else [None] * len(template)
+        return type(template)(_rebuild_optimizer_state(v, sv, step) for v, sv in zip(template, subs))
+    return template
+
+
+def _ensure_common_step(x, step: float) -> None:
+    """megatron's plain optimizer stores Adam's step once, as ``state.common_step``, and writes it only when
+    the state has a step: a state dict freshly made for loading has none, so add it."""
+    if isinstance(x, dict):
+        if isinstance(x.get("state"), dict) and isinstance(x.get("param_groups"), list) \
+                and "common_step" not in x["state"] and not any("step" in g for g in x["param_groups"]):
+            x["state"]["common_step"] = torch.tensor(step)
+        for v in x.values():
+            _ensure_common_step(v, step)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _ensure_common_step(v, step)
+
+
+FORMATS = ("fully_reshardable", "dp_reshardable")
+
+
+def _save_strategy():
+    """torch_dist, written in parallel by the DP replicas (megatron's fully-parallel wrapper: each replica
+    writes a share of the replicated tensors instead of DP rank 0 writing them all)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    strategy = get_default_save_sharded_strategy()
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    return FullyParallelSaveStrategyWrapper(strategy, group) if group.size() > 1 else strategy
+
+
+def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common: dict, keep_last: int = 2,
+         with_optimizer: bool = True, optimizer_format: str = "fully_reshardable", async_queue=None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory (with ``async_queue``, the
+    directory it will have once the queue finalizes the save).
+
+    ``optimizer_format`` (the distributed optimizer's layout on disk; the plain optimizer is the same in
+    both): ``fully_reshardable`` gathers each DP group's optimizer shards into per-parameter tensors, so
+    the checkpoint loads at any layout, EP=1 <-> EP>1 included; ``dp_reshardable`` writes every rank's
+    buffers as they are, with no gather (the fast periodic save), loadable at the same TP/PP/EP.
+    ``async_queue`` (megatron's ``AsyncCallsQueue``): the tensors are staged and written by a forked
+    process while training goes on; the checkpoint is renamed into place and ``latest`` moved only when
+    every rank's write has finished (the queue's finalize step), so a process killed mid-write leaves an
+    ``iter_N.tmp`` that resume ignores. ``with_optimizer=False`` writes model weights only (checkpoint
+    conversion): marked ``weights_only``, a run resuming from it starts a fresh optimizer and schedule."""
     from megatron.core import dist_checkpointing
 
+    if optimizer_format not in FORMATS:
+        raise ValueError(f"checkpoint format must be one of {FORMATS}, got {optimizer_format!r}")
+    if async_queue is not None:
+        async_queue.maybe_finalize_async_calls(blocking=True)  # one save in flight at a time
     root = Path(root)
     final = iter_dir(root, iteration)
     tmp = Path(f"{final}.tmp")
@@ -145,20 +248,91 @@ def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common:
             shutil.rmtree(tmp)
         tmp.mkdir()
     torch.distributed.barrier()
-    common = dict(common, iteration=iteration, layout=_layout_tag(), weights_only=not with_optimizer)
-    dist_checkpointing.save(_sharded_state(chunks, optimizer, scheduler, with_optimizer, common), str(tmp))
-    torch.distributed.barrier()
-    if rank == 0:
-        (tmp / "scidfm_meta.json").write_text(json.dumps({k: v for k, v in common.items() if k != "rng"},
-                                                          indent=1, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write(root / "latest", str(iteration))
-        for _, old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    torch.distributed.barrier()
+    common = dict(common, iteration=iteration, layout=_layout_tag(), weights_only=not with_optimizer,
+                  optimizer_format=optimizer_format,
+                  optimizer_keys="by_param" if optimizer_format == "fully_reshardable" else "chained")
+    state = _sharded_state(chunks, optimizer, scheduler, with_optimizer, common, fmt=optimizer_format)
+
+    def publish():
+        torch.distributed.barrier()
+        if rank == 0:
+            atomic_write(tmp / "scidfm_meta.json", json.dumps({k: v for k, v in common.items() if k != "rng"},
+                                                              indent=1, default=str))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write(root / "latest", str(iteration))
+            for _, old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        torch.distributed.barrier()
+
+    if async_queue is None:
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy())
+        publish()
+    else:
+        request = dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(),
+                                          async_sharded_save=True)
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(request)
     return final
+
+
+def _load_strategy(path):
+    """torch_dist, read in parallel by the DP replicas (each reads a share and they exchange), as
+    megatron's fully-parallel load wrapper does."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    strategy = get_default_load_sharded_strategy(str(path))
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    return FullyParallelLoadStrategyWrapper(strategy, group) if group.size() > 1 else strategy
+
+
+def check_data_position(saved_config: Optional[dict], train, path: str | Path) -> None:
+    """A full resume continues at the saved sample position; it is exact only when a sample and a step
+    mean what they meant when the checkpoint was written. A changed global batch or sequence length is
+    refused with the reason (the position is counted in samples of the saved length, the LR schedule in
+    iterations of the saved batch, and megatron's dataset index is built for train_iters x global batch)."""
+    saved = (saved_config or {}).get("train") or {}
+    for key, what in (("global_batch_size", "global batch"), ("seq_length", "sequence length")):
+        old, new = saved.get(key), getattr(train, key)
+        if old is not None and int(old) != int(new):
+            raise CheckpointMismatch(
+                f"{path} was written with train.{key}={old} and this run has {new}: a full resume keeps the "
+                f"{what} (the data position is in samples of that batch and length, the LR schedule in its "
+                f"iterations). Keep train.{key}={old}, or start a new run from these weights with "
+                f"checkpoint.init_from={path} (fresh optimizer, schedule and data order) and a new checkpoint.save.")
+
+
+def check_files(path: str | Path) -> None:
+    """Every file the checkpoint's index refers to is there and long enough, before anything is loaded:
+    a missing shard or a truncated file (a copy cut short, a full disk) fails here, naming the file,
+    instead of deep inside torch.distributed.checkpoint or, worse, after some ranks loaded."""
+    path = Path(path)
+    for name in ("metadata.json", ".metadata", "common.pt", "scidfm_meta.json"):
+        if not (path / name).is_file():
+            raise CheckpointMismatch(f"{path / name} is missing: the checkpoint is incomplete; resume from an "
+                                     f"earlier one (checkpoint.resume_from=<save dir>/iter_N) or restore the file")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        md = FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:
+        raise CheckpointMismatch(f"{path / '.metadata'} cannot be read ({type(exc).__name__}: {exc}); the "
+                                 f"checkpoint is corrupt: resume from an earlier one") from None
+    need: dict[str, int] = {}
+    for info in md.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    for rel, size in sorted(need.items()):
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointMismatch(f"{f} is missing (a shard of this checkpoint): restore it, or resume from an "
+                                     f"earlier checkpoint (checkpoint.resume_from=<save dir>/iter_N)")
+        have = f.stat().st_size
+        if have < size:
+            raise CheckpointMismatch(f"{f} is truncated ({have} bytes, its index needs {size}): restore it, or "
+                                     f"resume from an earlier checkpoint (checkpoint.resume_from=<save dir>/iter_N)")
 
 
 def check_model_shapes(path: str | Path, chunks) -> None:
@@ -196,6 +370,11 @@ def _materialize_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def saved_config(path: str | Path) -> Optional[dict]:
+    """The run config a checkpoint was written with (None for converted checkpoints)."""
+    return json.loads((Path(path) / "scidfm_meta.json").read_text()).get("config")
+
+
 def is_weights_only(path: str | Path) -> bool:
     """True for a checkpoint without optimizer state (e.g. converted from Hugging Face)."""
     return bool(json.loads((Path(path) / "scidfm_meta.json").read_text()).get("weights_only"))
@@ -206,6 +385,7 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only:
     from megatron.core import dist_checkpointing
 
     path = Path(path)
+    check_files(path)
     check_model_shapes(path, chunks)
     meta = json.loads((path / "scidfm_meta.json").read_text())
     if meta.get("weights_only") and not weights_only:
@@ -214,19 +394,42 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only:
     here = _layout_tag()
     same_layout = meta.get("layout") == here
     saved_ep = (meta.get("layout") or {}).get("ep", here["ep"])
-    if not weights_only and (saved_ep > 1) != (here["ep"] > 1):
-        # megatron-core keeps expert parameters in a separate (chained) optimizer only when EP>1, so the
-        # optimizer state of an EP=1 run and of an EP>1 run are organised differently.
+    by_param = meta.get("optimizer_keys") == "by_param"
+    fmt = meta.get("optimizer_format", "fully_reshardable")
+    cross_ep = not weights_only and (saved_ep > 1) != (here["ep"] > 1)
+    saved_layout = meta.get("layout") or {}
+    if not weights_only and fmt != "fully_reshardable" and any(saved_layout.get(k) != here[k] for k in ("tp", "pp", "ep")):
         raise CheckpointMismatch(
-            f"{path} was saved with EP={saved_ep} and this run has EP={here['ep']}: megatron-core's optimizer state "
-            f"differs between EP=1 and EP>1, so a full resume must keep EP>1 (any TP/PP/DP/EP>1 change is fine). "
-            f"To continue anyway with a fresh optimizer, set checkpoint.init_from={path} and a new checkpoint.save.")
+            f"{path} holds the distributed optimizer in the {fmt} format (each rank's buffers as they were, the "
+            f"fast periodic save), loadable at the same TP/PP/EP only: it was saved at {saved_layout}, this run is "
+            f"{here}. Resume at that layout (then the run's final save, or checkpoint.format: fully_reshardable, is "
+            f"layout-free), or start from its weights with checkpoint.init_from={path}.")
+    if cross_ep and not by_param:
+        # Checkpoints written before optimizer state was keyed by parameter: with EP>1 megatron-core keyed
+        # the state by its position in a chain of optimizers (dense, expert), which EP=1 does not have.
+        raise CheckpointMismatch(
+            f"{path} was saved with EP={saved_ep} by an older version (optimizer state keyed by megatron's chained "
+            f"optimizer position) and this run has EP={here['ep']}: a full resume of that checkpoint must keep EP>1 "
+            f"(any TP/PP/DP/EP>1 change is fine). To continue with a fresh optimizer, set "
+            f"checkpoint.init_from={path} and a new checkpoint.save.")
     if not weights_only:
         _materialize_optimizer_state(optimizer)
-    state = _sharded_state(chunks, optimizer, scheduler, not weights_only, {}, is_loading=True)
+    state = _sharded_state(chunks, optimizer, scheduler, not weights_only, {}, is_loading=True, by_param=by_param,
+                           fmt=fmt)
     if weights_only or not same_layout:
         state.pop("rng_state", None)
-    loaded = dist_checkpointing.load(state, str(path))
+    loaded = dist_checkpointing.load(state, str(path), sharded_strategy=_load_strategy(path))
+    if cross_ep:
+        # EP=1 <-> EP>1: one optimizer on one side, megatron's chain of two (dense, expert) on the other. The
+        # state tensors were found by parameter key; the rest is rebuilt in this run's structure.
+        steps = _saved_steps({k: v for k, v in loaded["optimizer"].items()}, set())
+        if len(steps) != 1:
+            raise CheckpointMismatch(f"{path}: optimizer step counts {sorted(steps)}; expected one common step")
+        template = optimizer.sharded_state_dict(_model_sharded(chunks), is_loading=True,
+                                                metadata=_optimizer_metadata(True))
+        step = steps.pop()
+        loaded["optimizer"] = _rebuild_optimizer_state(template, loaded["optimizer"], step)
+        _ensure_common_step(loaded["optimizer"], step)
     for i, c in enumerate(chunks):
         m = c.module if hasattr(c, "module") else c
         m.load_state_dict(loaded[f"model{i}" if len(chunks) > 1 else "model"], strict=True)

@@ -81,6 +81,14 @@ class CheckpointConfig:
     # complete one) instead of the newest in checkpoint.save; later saves still go to checkpoint.save.
     resume_from: Optional[str] = None
     save_on_exit: bool = True
+    # The distributed optimizer's layout on disk (training/checkpoint.py). auto: the periodic saves write
+    # each rank's buffers as they are (dp_reshardable: no gather, loadable at the same TP/PP/EP), the
+    # final save (end of run, or a signal) the layout-free fully_reshardable format; or one of the two
+    # for every save. The plain optimizer is stored the same way in both.
+    format: str = "auto"
+    # Periodic saves written by a forked process while training goes on; the checkpoint appears (renamed
+    # from iter_N.tmp, then `latest`) only when every rank's write is complete. The final save is synchronous.
+    async_save: bool = False
 
 
 @dataclass
@@ -187,6 +195,8 @@ def validate_run(cfg: RunConfig, world_size: int):
         raise ConfigError("data.tokenizer_model is required (build it with scidfm-build-tokenizer)")
     if not os.path.exists(d.tokenizer_model):
         raise ConfigError(f"data.tokenizer_model: {d.tokenizer_model} does not exist")
+    if c.format not in ("auto", "fully_reshardable", "dp_reshardable"):
+        raise ConfigError(f"checkpoint.format must be auto, fully_reshardable or dp_reshardable, got {c.format!r}")
     if t.stage == "sft":
         if not d.sft_prefix:
             raise ConfigError("data.sft_prefix is required for train.stage: sft")

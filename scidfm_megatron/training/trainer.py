@@ -75,6 +75,7 @@ class Trainer:
         self.train_iters = self._train_iters()
         self.scheduler = self._scheduler()
         self.iteration, self.consumed = 0, 0
+        self.async_queue = None
         self.last_checkpoint: Optional[Path] = None
         resumed = self._restore()
         self.reporter = self._reporter(resumed)
@@ -189,6 +190,8 @@ class Trainer:
         path, weights_only = choice
         if path is None:
             return False
+        if not weights_only:
+            ckpt.check_data_position(ckpt.saved_config(path), self.cfg.train, path)
         common = ckpt.load(path, self.chunks, self.optimizer, self.scheduler, weights_only=weights_only)
         if weights_only:
             if self.rank0:
@@ -208,6 +211,9 @@ class Trainer:
         continue for more iterations in the same process, as tools/bench_train.py does)."""
         if getattr(self, "reporter", None) is not None:
             self.reporter.close()
+        if getattr(self, "async_queue", None) is not None and self.async_queue.get_num_unfinalized_calls():
+            # Only after an error: a write still in flight is abandoned; its iter_N.tmp is never published.
+            self.async_queue.close(abort=True)
 
     def _moe_aux(self, num_microbatches: int) -> Optional[float]:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, track_moe_metrics
@@ -219,13 +225,39 @@ class Trainer:
         v = totals.get("load_balancing_loss")
         return None if v is None else float(v)
 
-    def save(self):
+    def save(self, final: bool = False):
+        """A periodic save (asynchronous with checkpoint.async_save; the fast dp_reshardable format for the
+        distributed optimizer with checkpoint.format: auto) or the final one (synchronous, layout-free)."""
+        c = self.cfg.checkpoint
+        fmt = c.format
+        if fmt == "auto":
+            fmt = "dp_reshardable" if self.cfg.train.use_distributed_optimizer and not final else "fully_reshardable"
+        queue = None if final else self._async_queue()
+        if final and self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
         common = dict(consumed_samples=self.consumed, stage=self.cfg.train.stage, config=self.cfg.to_dict())
         with self.engine.synced_params():
-            self.last_checkpoint = ckpt.save(self.cfg.checkpoint.save, self.iteration, self.chunks, self.optimizer,
-                                             self.scheduler, common, keep_last=self.cfg.checkpoint.keep_last)
+            path = ckpt.save(c.save, self.iteration, self.chunks, self.optimizer, self.scheduler, common,
+                             keep_last=c.keep_last, optimizer_format=fmt, async_queue=queue)
+        if queue is None:
+            self.last_checkpoint = path
         if self.rank0:
-            print(f"[scidfm] saved checkpoint {self.last_checkpoint}", flush=True)
+            print(f"[scidfm] {'writing' if queue else 'saved'} checkpoint {path} ({fmt}"
+                  f"{', asynchronously' if queue else ''})", flush=True)
+
+    def _async_queue(self):
+        if not self.cfg.checkpoint.async_save:
+            return None
+        if self.async_queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+        return self.async_queue
+
+    def _finalize_saves(self, blocking: bool = False) -> None:
+        """Publish the asynchronous saves whose writes finished on every rank (collective)."""
+        if self.async_queue is not None and self.async_queue.get_num_unfinalized_calls():
+            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
 
     def evaluate(self) -> Optional[float]:
         from .data import micro_batches
@@ -304,14 +336,16 @@ class Trainer:
                     row["valid_loss"] = ev
                 c = cfg.checkpoint
                 if c.save and c.save_interval and self.iteration % c.save_interval == 0:
-                    self.save()
+                    self.save(final=self.iteration >= self.train_iters)
                     saved_at = self.iteration
+                self._finalize_saves()
                 if self._stop_everywhere():
                     break
                 if t.exit_after_iters and self.iteration - start >= t.exit_after_iters:
                     break
             if cfg.checkpoint.save and cfg.checkpoint.save_on_exit and saved_at != self.iteration:
-                self.save()
+                self.save(final=True)
+            self._finalize_saves(blocking=True)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
