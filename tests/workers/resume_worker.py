@@ -181,6 +181,16 @@ def matrix(args, optimizer, model_cfg, pairs, sources, first, weights):
         done(chunks)
     if optimizer == "plain":
         result["legacy_cross_ep"] = legacy_refusal(work, pairs, build, done, ckpt)
+    fast = next((a for a, _ in pairs if a.endswith("+dp")), None)
+    if fast:  # the fast format at another layout: refused before loading
+        other = next(n for n in sources if parallel_config(n) != parallel_config(fast))
+        layout, chunks, opt = build(other)
+        try:
+            ckpt.load(ckpt.find_resume(os.path.join(work, fast), cleanup=False), chunks, opt)
+            result["fast_format_other_layout"] = None
+        except ckpt.CheckpointMismatch as exc:
+            result["fast_format_other_layout"] = str(exc)
+        done(chunks)
     dist.barrier()
     if dist.get_rank() == 0:
         if args.keep and optimizer == "plain":
