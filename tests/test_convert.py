@@ -20,6 +20,16 @@ def cli(*args):
                           timeout=600)
 
 
+def cli_here(capsys, *args) -> subprocess.CompletedProcess:
+    """The same CLI called in this process (no interpreter start-up and imports per call)."""
+    from scidfm_megatron.cli.convert import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+
 def hf_tensors(d):
     from scidfm_megatron.convert.hf_io import HFCheckpoint
 
@@ -62,17 +72,17 @@ def test_logits_and_greedy_tokens_match_megatron(trained_tiny, hf_tiny, prompt_i
     assert mine == theirs and len(mine) == 20
 
 
-def test_round_trip_through_two_layouts_is_bitwise(hf_tiny, tmp_path):
+def test_round_trip_through_two_layouts_is_bitwise(hf_tiny, tmp_path, capsys):
     """HF -> megatron for TP2 x EP2 and for PP2 -> HF, no --dtype: every tensor bit for bit (fp32 stays
     fp32), the same config.json and scidfm_megatron.json (model config incl. capacity factor)."""
     want = hf_tensors(hf_tiny)
     for name, layout in (("tp2ep2", ["--tp", 2, "--ep", 2]), ("pp2", ["--pp", 2])):
         mc, back = tmp_path / f"mc_{name}", tmp_path / f"hf_{name}"
-        r = cli("--direction", "hf-to-mcore", "--load", hf_tiny, "--save", mc, *layout)
+        r = cli_here(capsys, "--direction", "hf-to-mcore", "--load", hf_tiny, "--save", mc, *layout)
         assert r.returncode == 0, r.stderr[-3000:]
         meta = json.loads((mc / "iter_0000000" / "scidfm_meta.json").read_text())
         assert meta["weights_only"] and meta["layout"]["world"] == 4 // (2 if name == "pp2" else 1)
-        r = cli("--direction", "mcore-to-hf", "--load", mc, "--save", back, "--max-shard-size", "5MB")
+        r = cli_here(capsys, "--direction", "mcore-to-hf", "--load", mc, "--save", back, "--max-shard-size", "5MB")
         assert r.returncode == 0, r.stderr[-3000:]
         assert "dtype fp32 (the source's)" in r.stdout
         got = hf_tensors(back)
@@ -136,8 +146,8 @@ def _hf_copy(hf_tiny, tmp_path):
     return src, sorted(src.glob("model-*.safetensors"))
 
 
-def _fails(args, out, *needles):
-    r = cli(*args, "--save", out)
+def _fails(capsys, args, out, *needles):
+    r = cli_here(capsys, *args, "--save", out)
     assert r.returncode == 2, (r.stdout + r.stderr)[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     for n in needles:
@@ -145,31 +155,31 @@ def _fails(args, out, *needles):
     assert not out.exists() and not list(out.parent.glob(out.name + ".tmp*")), "output written after a failure"
 
 
-def test_corrupt_megatron_checkpoint_is_named_and_nothing_written(trained_tiny, tmp_path):
+def test_corrupt_megatron_checkpoint_is_named_and_nothing_written(trained_tiny, tmp_path, capsys):
     out = tmp_path / "out"
     src, it = _mcore_copy(trained_tiny, tmp_path)
     shard = sorted(it.glob("*.distcp"))[3]
     shard.unlink()
-    _fails(["--direction", "mcore-to-hf", "--load", src], out, shard.name, "missing checkpoint shard")
+    _fails(capsys, ["--direction", "mcore-to-hf", "--load", src], out, shard.name, "missing checkpoint shard")
     src, it = _mcore_copy(trained_tiny, tmp_path / "t")
     shard = sorted(it.glob("*.distcp"))[1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    _fails(["--direction", "mcore-to-hf", "--load", src], out, shard.name, "truncated")
+    _fails(capsys, ["--direction", "mcore-to-hf", "--load", src], out, shard.name, "truncated")
     src, it = _mcore_copy(trained_tiny, tmp_path / "m")
     (it / "scidfm_meta.json").unlink()
-    _fails(["--direction", "mcore-to-hf", "--load", src], out, "no complete megatron checkpoint")
+    _fails(capsys, ["--direction", "mcore-to-hf", "--load", src], out, "no complete megatron checkpoint")
 
 
-def test_corrupt_hf_checkpoint_is_named_and_nothing_written(hf_tiny, tmp_path):
+def test_corrupt_hf_checkpoint_is_named_and_nothing_written(hf_tiny, tmp_path, capsys):
     out = tmp_path / "out"
     src, shards = _hf_copy(hf_tiny, tmp_path / "a")
     shards[1].unlink()
-    _fails(["--direction", "hf-to-mcore", "--load", src], out, shards[1].name, "missing shard")
+    _fails(capsys, ["--direction", "hf-to-mcore", "--load", src], out, shards[1].name, "missing shard")
 
     src, shards = _hf_copy(hf_tiny, tmp_path / "b")
     f = shards[-1]
     f.write_bytes(f.read_bytes()[:-1000])
-    _fails(["--direction", "hf-to-mcore", "--load", src], out, f.name, "truncated")
+    _fails(capsys, ["--direction", "hf-to-mcore", "--load", src], out, f.name, "truncated")
 
     # A renamed tensor: rewrite one file's header (same length) and its index entry.
     src, shards = _hf_copy(hf_tiny, tmp_path / "c")
@@ -182,14 +192,14 @@ def test_corrupt_hf_checkpoint_is_named_and_nothing_written(hf_tiny, tmp_path):
     f.write_bytes(raw[:8] + raw[8:8 + n].replace(victim.encode(), renamed.encode()) + raw[8 + n:])
     index["weight_map"][renamed] = index["weight_map"].pop(victim)
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    _fails(["--direction", "hf-to-mcore", "--load", src], out, victim)
+    _fails(capsys, ["--direction", "hf-to-mcore", "--load", src], out, victim)
 
     # A shape that disagrees with config.json.
     src, _ = _hf_copy(hf_tiny, tmp_path / "d")
     cfg = json.loads((src / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (src / "config.json").write_text(json.dumps(cfg))
-    _fails(["--direction", "hf-to-mcore", "--load", src], out, "w1.weight has shape", "config.json implies")
+    _fails(capsys, ["--direction", "hf-to-mcore", "--load", src], out, "w1.weight has shape", "config.json implies")
 
 
 def test_release_style_config_maps_to_the_18b_preset():

@@ -139,9 +139,12 @@ def megatron_structure(cfg) -> tuple[list[Chunk], dict[str, object]]:
     from ..model.builder import build_model
     from ..model.state_dict import canonical_name
 
-    # build_model ends with ``.to(device())``, which meta tensors refuse: keep them where they are.
+    # build_model ends with ``.to(device())``, which meta tensors refuse: keep them where they are. CPU
+    # initialisation, because megatron's GPU path allocates on an explicit CUDA device (past the meta
+    # context), and no initialisation: nothing is computed.
     with torch.device("meta"), mock.patch.object(device_module, "device", lambda: torch.device("meta")):
-        model = build_model(cfg, ParallelConfig(), precision="fp32", backend="local")
+        model = build_model(cfg, ParallelConfig(), precision="fp32", backend="local", use_cpu_initialization=True,
+                            perform_initialization=False)
     chunks: list[Chunk] = []
     objects: dict[str, object] = {}
     for obj in nested_values(model.sharded_state_dict()):
