@@ -187,20 +187,30 @@ def activation_bytes(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: in
     """Activations saved for the backward pass on one rank of ``stage``: per layer and micro-batch, times the
     layers of the stage, times the micro-batches in flight (1F1B: ``pp - stage`` on that stage).
 
-    The count follows Korthikanti et al. 2022 ("Reducing activation recomputation"), term by term for this
-    model: sequence parallelism splits everything outside attention and the experts over TP; attention
-    keeps q/k/v and its output (fused kernels, padded head_dim for ``torch``) or, unfused (``local``), also
-    the s x s probabilities of every head; the experts keep their input (tokens x top-k, gathered over ETP),
-    the fc1 output and, without ``moe_act`` recompute, the SwiGLU output. Selective recompute follows
-    :data:`~scidfm_megatron.model.builder.SELECTIVE_RECOMPUTE` (the ``moe`` module keeps only its input);
-    ``full`` keeps each layer's input. The last stage adds the logits and the fp32 softmax of the loss.
-    An estimate: the GPU check compares it with the measured peak."""
+    Term by term, as megatron-core 0.16.1 and this project's modules save them (counted on CPU with
+    autograd's saved-tensor hooks: tests/test_accounting.py), after Korthikanti et al. 2022; T tokens per
+    micro-batch, Tl = T / TP under sequence parallelism, Te = T x top-k x ETP / TP routed token copies:
+    * attention: the input norm's input and output and the QKV input (3 Tl h), q/k/v and the output (the
+      ``torch`` backend keeps the padded copies SDPA saw; ``local`` keeps the QKV output, the bmm's copies
+      of q/k/v and two s x s tensors per head, the scores and the fp32 softmax), linear_proj's input;
+    * MoE: the norm's input and output and the router's input (3 Tl h); the experts' input (Te h), the fc1
+      output (Te 2f) and, in eager SwiGLU, silu(gate), the product and the prob-weighted output (Te 3f);
+    * selective recompute (:data:`~scidfm_megatron.model.builder.SELECTIVE_RECOMPUTE`): ``core_attn`` keeps
+      only its inputs (the QKV output and the rotated q, k), ``moe_act`` drops the three SwiGLU tensors, ``moe`` keeps only the MoE input;
+      ``full`` keeps each layer's input;
+    * per model: the final norm's input and output and the output layer's input (3 Tl h, last stage), the
+      loss's fp32 softmax (T V / TP x 4 bytes).
+    Routed copies assume no token is dropped (capacity factor 1 drops some: then it is an upper bound).
+    On CPU in bf16 PyTorch's RMSNorm keeps an fp32 copy of its input; the count follows CUDA's kernel (the
+    input in bf16), so the CPU check is in fp32.
+    """
     from .builder import RECOMPUTE_MODULES, SELECTIVE_RECOMPUTE
 
     etp = tp if etp is None else etp
     e = 2 if precision == "bf16" else 4
     h, n, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
     kvh, k, f = cfg.num_query_groups, cfg.moe_router_topk, cfg.moe_ffn_hidden_size
+    a, kv = n * d, kvh * d
     T = seq_len * micro_batch  # tokens of a micro-batch
     Tl = T // tp  # tokens of this rank under sequence parallelism
     if recompute == "full":
@@ -209,31 +219,28 @@ def activation_bytes(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: in
         mods = (set() if recompute is None else
                 set(SELECTIVE_RECOMPUTE[backend] if recompute == "selective" else recompute.split(",")))
         assert mods <= set(RECOMPUTE_MODULES), mods
-        dp_ = -(-d // 8) * 8 if backend == "torch" else d
-        attn = Tl * h * 2  # input norm's input + the QKV input (kept sharded under SP)
-        core = T * (n + 2 * kvh) * dp_ // tp + T * n * dp_ // tp  # q, k, v and the output (padded for torch)
-        if backend == "local":  # unfused: softmax output [b, n, s, s] (+ scores' input copies)
-            core += micro_batch * (n // tp) * seq_len * seq_len
+        qkv = T * (a + 2 * kv) // tp
         if "core_attn" in mods:
-            core = T * (n + 2 * kvh) * d // tp  # only the core's inputs stay
-        attn += core + T * n * d // tp  # linear_proj's input
-        Te = Tl * k * etp  # expert tokens on this rank (balanced routing; capacity factor 1 caps it)
-        moe = Tl * h * 2 + Tl * cfg.num_experts * 4 // e  # norm input, router input, router logits (fp32)
+            core = 2 * qkv * e  # the checkpoint's inputs: the QKV output and the rotated q and k
+        elif backend == "torch":
+            dp_ = -(-d // 8) * 8
+            core = T * (2 * n + 2 * kvh) * dp_ // tp * e  # padded q, k, v and output
+        else:  # QKV output, the bmm's copies of q, k, v, the scores and the softmax (fp32)
+            core = 2 * qkv * e + micro_batch * (n // tp) * seq_len * seq_len * (e + 4)
+        attn = (3 * Tl * h + T * a // tp) * e + core
+        Te = Tl * k * etp
         if "moe" in mods:
-            moe = Tl * h * 2
+            moe = 3 * Tl * h
         else:
-            moe += Te * h + Te * 2 * f // etp  # fc1 input, fc1 output (the SwiGLU's input)
+            moe = 3 * Tl * h + Te * h + Te * 2 * f // etp
             if "moe_act" not in mods:
-                moe += Te * f // etp  # the SwiGLU output (fc2's input)
-            moe += Te * h  # expert output before the weighted un-permute
-        per_layer = (attn + moe) * e
+                moe += Te * 3 * f // etp
+        per_layer = attn + moe * e
     layers = cfg.num_layers // pp
     in_flight = (pp - stage) if in_flight is None else in_flight
     total = per_layer * layers * in_flight
     if stage == pp - 1:
-        total += T * (cfg.padded_vocab_size // tp) * (e + 4)  # logits + the loss's fp32 softmax
-    if stage == 0:
-        total += Tl * h * e * in_flight  # embedding output
+        total += 3 * Tl * h * e + T * (cfg.padded_vocab_size // tp) * 4
     return total
 
 
