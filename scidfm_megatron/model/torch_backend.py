@@ -128,6 +128,18 @@ def _grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+GROUP_ALIGN = 16  # rows per expert group in the grouped GEMM are padded to a multiple of this
+
+
+def _aligned_rows(counts: tuple, padded: tuple, device) -> torch.Tensor:
+    """Row of each token in the padded layout where expert i's group starts at sum(padded[:i])."""
+    parts, p = [], 0
+    for c, pc in zip(counts, padded):
+        parts.append(torch.arange(p, p + c))
+        p += pc
+    return torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
 def grouped_linear(x: torch.Tensor, weights: list, counts: list, offsets: Optional[torch.Tensor] = None,
                    grouped: Optional[bool] = None) -> torch.Tensor:
     """Rows of ``x`` grouped by expert (``counts[i]`` rows for expert i, in order) times each expert's
@@ -139,10 +151,18 @@ def grouped_linear(x: torch.Tensor, weights: list, counts: list, offsets: Option
     if grouped is None:
         grouped = _grouped_mm_supported(x.device, x.dtype)
     if grouped:
-        if offsets is None:
-            offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-        w = torch.stack(weights).transpose(1, 2)  # [E, in, out]
-        return torch._grouped_mm(x, w, offs=offsets)
+        w = torch.stack(weights).transpose(1, 2)  # [E, in, out], column-major as the kernel wants
+        padded = [-(-c // GROUP_ALIGN) * GROUP_ALIGN for c in counts]
+        if padded == list(counts):
+            if offsets is None:
+                offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+            return torch._grouped_mm(x, w, offs=offsets)
+        # Every group starts at a multiple of GROUP_ALIGN rows (the weight-gradient GEMM runs over the token
+        # dimension, which the kernel wants aligned; torchtitan pads the same way): zero rows, exact.
+        rows = _aligned_rows(tuple(counts), tuple(padded), x.device)
+        xp = x.new_zeros(sum(padded), x.shape[1]).index_copy(0, rows, x)
+        offs = torch.tensor(padded, device=x.device).cumsum(0).to(torch.int32)
+        return torch._grouped_mm(xp, w, offs=offs).index_select(0, rows)
     parts = torch.split(x, counts)
     return torch.cat([torch.matmul(p, w.t()) for p, w in zip(parts, weights)], dim=0)
 
