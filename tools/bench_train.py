@@ -5,7 +5,11 @@ overhead over a bare megatron-core loop.
     python tools/bench_train.py
     # the trainer's step time beside a bare megatron-core loop on the same model, optimizer and data
     python tools/bench_train.py --overhead
-    # GPU: a 2-layer slice of scidfm-18b at full width (d 3200, 8 experts x 8640), bf16, TE if installed
+    # GPU, one device: the 2-layer scidfm-18b slice at full width (d 3200, 32 x 100 heads, 8 experts x 8640,
+    # seq 8192, bf16) per backend present (local, torch, te), attention fused vs unfused, kernels
+    python tools/bench_train.py --gpu-slice [--json FILE]     # --dry-run: the same code on CPU, toy width
+    python tools/bench_train.py --kernels-only --seq-length 2048  # RMSNorm / SwiGLU / cross-entropy, any device
+    # GPU: the same slice through the trainer in parallel layouts (torchrun, sample data)
     python tools/bench_train.py --gpu-slice --layouts dp,ep2,tp2,tp2ep2 --nproc 2
 
 Layouts: each is one torchrun launch of scidfm_megatron.pretrain on the sample corpus (prepared by
