@@ -26,14 +26,12 @@ which of ``local`` / ``torch`` / ``te`` trained them.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-_log = logging.getLogger("scidfm.model")
 
 
 def padded_head_dim(d: int, multiple: int = 8) -> int:
