@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def padded_head_dim(d: int, multiple: int = 8) -> int:
     """The head dimension the fused kernels accept: the next multiple of ``multiple``."""
     return -(-d // multiple) * multiple
