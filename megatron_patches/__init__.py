@@ -18,8 +18,8 @@ from __future__ import annotations
 import functools
 import os
 
-from . import (cpu_device, cpu_rng, cpu_streams, cpu_tensor_type, distopt_torch_adam_load, distopt_torch_adam_step,
-               gloo_uneven_all_gather, moe_cpu_split_sizes, te_general_gemm_missing)
+from . import (cpu_device, cpu_rng, cpu_sharded_tensor_init, cpu_streams, cpu_tensor_type, distopt_torch_adam_load,
+               distopt_torch_adam_step, gloo_uneven_all_gather, moe_cpu_split_sizes, te_general_gemm_missing)
 from ._base import Patch, Target
 
 SUPPORTED_MEGATRON_CORE = ("0.16.1",)
@@ -31,6 +31,7 @@ PATCHES: tuple[Patch, ...] = (
     cpu_device.PATCH,
     cpu_rng.PATCH,
     cpu_streams.PATCH,
+    cpu_sharded_tensor_init.PATCH,
     cpu_tensor_type.PATCH,
     moe_cpu_split_sizes.PATCH,
     gloo_uneven_all_gather.PATCH,
