@@ -82,9 +82,9 @@ def test_router_statistics_reach_the_host_once_per_step(one_rank, monkeypatch):
 
 def entry(capsys, *args) -> subprocess.CompletedProcess:
     """``python -m scidfm_megatron.train ARGS`` in this process: the module's whole body is
-    ``sys.exit(entry.main())``, and each subprocess would pay the ~5 s import again. The command line itself
-    (exit status 2, message on stderr) is run as a subprocess by test_a_bad_recipe_fails_before_anything_is_built
-    and by the launchers' checks (tests/test_launch.py)."""
+    ``sys.exit(entry.main())``, and a valid recipe's check imports megatron-core (~5 s a subprocess). The
+    command line itself (exit status 2, message on stderr) runs as a subprocess in
+    test_a_bad_recipe_fails_before_anything_is_built and in the launchers' checks (tests/test_launch.py)."""
     from scidfm_megatron.entry import main
 
     capsys.readouterr()
@@ -124,27 +124,19 @@ def test_the_log_names_the_implementations(one_rank):
     assert "ColumnParallelLinear" in impl["linear"] and "RowParallelLinear" in impl["linear"]
 
 
-BAD_RECIPES = [
+@pytest.mark.parametrize("override,message", [
     ("train.warmup_iters=100", "train.warmup_iters (100) must be smaller than the decay length"),
     ("train.global_batch_size=12", "must be a multiple of micro_batch_size x DP = 4 x 2"),
     ("parallel.ep=3", "ETP*EP*PP=3 must divide world size=2"),
     ("model.vocab_size=1000", "model.vocab_size is 1000 but"),
     ("engine.overlap_param_gather=true", "engine.overlap_param_gather needs train.use_distributed_optimizer"),
     ("checkpoint.resume_from=/nonexistent/ckpt", "checkpoint.resume_from: /nonexistent/ckpt does not exist"),
-]
-
-
-@pytest.mark.parametrize("override,message", BAD_RECIPES)
-def test_a_bad_recipe_fails_before_anything_is_built(runs, capsys, override, message):
+])
+def test_a_bad_recipe_fails_before_anything_is_built(runs, override, message):
     """What used to surface after ~40 s of model and data building fails in the config check, with the
-    key named, in --check, in --print-config, and (the same function) at the start of every rank. The first
-    case runs the real command line (a subprocess); the others call its main() in this process."""
+    key named, in --check, in --print-config, and (the same function) at the start of every rank."""
     for flag in ("--check", "--print-config"):
-        args = ["--config", RECIPES / "tiny_stage1.yaml", flag, "--world-size", "2",
-                f"data.tokenizer_model={runs / 'tokenizer' / 'tokenizer.model'}", override]
-        if override == BAD_RECIPES[0][0]:
-            r = subprocess.run([sys.executable, "-m", "scidfm_megatron.train", *map(str, args)], cwd=ROOT,
-                               capture_output=True, text=True, timeout=120, env=cpu_env())
-        else:
-            r = entry(capsys, *args)
+        args = [sys.executable, "-m", "scidfm_megatron.train", "--config", str(RECIPES / "tiny_stage1.yaml"), flag,
+                "--world-size", "2", f"data.tokenizer_model={runs / 'tokenizer' / 'tokenizer.model'}", override]
+        r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=cpu_env())
         assert r.returncode == 2 and message in r.stderr, (flag, r.stdout, r.stderr)

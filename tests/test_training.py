@@ -1,7 +1,6 @@
 """Trainer acceptance (issue 4): exact resume, resharded resume, signals, stages, logging, guards."""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -85,8 +84,9 @@ def test_sigkill_then_resume_is_bitwise_identical(runs, tmp_path, layout):
 
 
 def test_checkpoint_resumes_in_another_layout(runs, tmp_path):
-    """Saved at TP2 x EP2 (DP2), resumed at PP2 x DP2 (EP2): the next step's loss matches (dropless, fp32).
-    EP stays > 1: megatron-core organises optimizer state differently for EP=1 (checked below)."""
+    """Saved at TP2 x EP2 (DP2), resumed at PP2 x DP2 (EP2) by a new run through checkpoint.resume_from: the
+    next step's loss matches (dropless, fp32). Every other degree change, EP=1 <-> EP>1 included, and the
+    refusal of older checkpoints across EP: tests/test_resume.py (one launch for the whole matrix)."""
     a = tmp_path / "a"
     common = {"train.train_iters": 4, "checkpoint.save_interval": 3, "model.moe_capacity_factor": "null"}
     train(4, overrides(runs, a, **common) + ["parallel.tp=2", "parallel.ep=2"])
@@ -96,11 +96,6 @@ def test_checkpoint_resumes_in_another_layout(runs, tmp_path):
     assert f"resumed from {a / 'ckpt' / 'iter_0000003'}: iteration 3" in r.stdout
     assert "RNG states start fresh" in r.stdout + r.stderr
     assert abs(losses(b)[4] - losses(a)[4]) <= 1e-5, (losses(a), losses(b))
-    c = tmp_path / "c"
-    (c / "ckpt").mkdir(parents=True)
-    shutil.copytree(a / "ckpt" / "iter_0000003", c / "ckpt" / "iter_0000003")
-    r = train(2, overrides(runs, c, **common) + ["parallel.tp=1", "parallel.pp=2", "parallel.ep=1"], check=False)
-    assert r.returncode != 0 and "a full resume must keep EP>1" in r.stdout + r.stderr
 
 
 def test_sigterm_saves_a_complete_checkpoint_and_exits_0(runs, tmp_path):
@@ -216,7 +211,7 @@ def test_distributed_optimizer_checkpoint_resumes(runs, tmp_path):
     """The distributed optimizer (the 18B recipes' choice) on EP2 x DP2 saves, is SIGKILLed and resumes without
     apex/TE, exactly: every step after the resume equals the uninterrupted run's, bitwise, and the optimizer's
     own state agrees (Adam's step equals the iteration). Without the distopt_torch_adam_load patch the resume
-    dies with KeyError: 'step'; without distopt_torch_adam_step all parameters share one step counter, which
+    dies with one of the two failures it documents; without distopt_torch_adam_step all parameters share one step counter, which
     each step advances once per parameter, and the losses part from the second step after the resume."""
     common = {"train.train_iters": 6, "train.use_distributed_optimizer": "true"}
     ref = tmp_path / "ref"
@@ -230,7 +225,10 @@ def test_distributed_optimizer_checkpoint_resumes(runs, tmp_path):
     sigkill_after_checkpoint(args, run, 2, 6)
     broken = subprocess.run(cmd(2, "tiny_stage1.yaml", args), cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env=cpu_env({"SCIDFM_DISABLE_PATCHES": "distopt_torch_adam_load"}))
-    assert broken.returncode != 0 and "KeyError: 'step'" in broken.stdout + broken.stderr
+    # megatron_patches/distopt_torch_adam_load.py: KeyError: 'step', or (fp32, where the copy reaches a leaf
+    # view first) the in-place copy into a view of a leaf that requires grad
+    assert broken.returncode != 0 and any(s in broken.stdout + broken.stderr for s in (
+        "KeyError: 'step'", "a view of a leaf Variable that requires grad is being used in an in-place operation"))
     r = train(2, args)
     assert "resumed from" in r.stdout and "iteration 2" in r.stdout
     assert [losses(run)[i] for i in range(3, 7)] == [losses(ref)[i] for i in range(3, 7)]  # 4 steps, bitwise
