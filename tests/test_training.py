@@ -88,12 +88,18 @@ def test_checkpoint_resumes_in_another_layout(runs, tmp_path):
     next step's loss matches (dropless, fp32). Every other degree change, EP=1 <-> EP>1 included, and the
     refusal of older checkpoints across EP: tests/test_resume.py (one launch for the whole matrix)."""
     a = tmp_path / "a"
-    common = {"train.train_iters": 4, "checkpoint.save_interval": 3, "model.moe_capacity_factor": "null"}
-    train(4, overrides(runs, a, **common) + ["parallel.tp=2", "parallel.ep=2"])
+    common = {"train.train_iters": 6, "checkpoint.save_interval": 3, "model.moe_capacity_factor": "null"}
+    # train.exit_after_iters: a stops after 4 of its 6 steps with a complete checkpoint, b after 1
+    r = train(4, overrides(runs, a, **common, **{"train.exit_after_iters": 4}) + ["parallel.tp=2", "parallel.ep=2"])
+    assert "done at iteration 4" in r.stdout and sorted(losses(a)) == [1, 2, 3, 4]
+    from scidfm_megatron.training.checkpoint import complete_checkpoints
+
+    assert [it for it, _ in complete_checkpoints(a / "ckpt")] == [3, 4]
     b = tmp_path / "b"  # a new run continuing from a chosen checkpoint of another run (checkpoint.resume_from)
-    r = train(4, overrides(runs, b, **common, **{"checkpoint.resume_from": a / "ckpt" / "iter_0000003"})
+    r = train(4, overrides(runs, b, **common, **{"checkpoint.resume_from": a / "ckpt" / "iter_0000003",
+                                                 "train.exit_after_iters": 1})
               + ["parallel.tp=1", "parallel.pp=2", "parallel.ep=2"])
-    assert f"resumed from {a / 'ckpt' / 'iter_0000003'}: iteration 3" in r.stdout
+    assert f"resumed from {a / 'ckpt' / 'iter_0000003'}: iteration 3" in r.stdout and sorted(losses(b)) == [4]
     assert "RNG states start fresh" in r.stdout + r.stderr
     assert abs(losses(b)[4] - losses(a)[4]) <= 1e-5, (losses(a), losses(b))
 
