@@ -1,9 +1,9 @@
 """Resume anything, exactly (issue 12): the resume matrix for both optimizers, EP=1 <-> EP>1 included,
 Adam's own state checked; bad checkpoints refused before any step, naming the file and the fix.
 
-One 4-rank launch runs the whole matrix (tests/workers/resume_worker.py): each layout is saved once after
-K=3 steps, and every pair resumes it at another layout for N=3 steps, compared with the uninterrupted
-run to 1e-5 (fp32, dropless). A resume that lost the optimizer's moments is off by 1e-2 at the second
+Two launches (2 and 4 ranks) run the whole matrix (tests/workers/resume_worker.py): each layout is saved
+once after K=3 steps, and every pair resumes it at another layout for N=3 steps, compared with the
+uninterrupted run to 1e-5 (fp32, dropless). A resume that lost the optimizer's moments is off by 1e-2 at the second
 step after it (checked by hand: zeroing exp_avg/exp_avg_sq after the load gives 0.011 and 0.023)."""
 
 import json
@@ -16,27 +16,41 @@ from scidfm_megatron.testing.distributed import run_torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "resume_worker.py")
 K, N = 3, 3
-# Every degree changes at least once in each direction: TP up (1, 4) and down (2, 5, 6), PP up (1, 3) and
-# down (2, 4), EP 1 -> 2 (1, 5) and 2 -> 1 (2, 3, 6), VPP on (3) and off (4); DP changes in most.
-# The distributed optimizer (the 18B recipes') takes every pair; the plain one the first four, which
-# already change every degree in both directions.
-# "tp2+dp>tp2": the periodic save's fast dp_reshardable format, resumed at its own layout.
-PAIRS = ["dp>tp2pp2ep2etp1", "tp2pp2ep2etp1>dp", "ep2>pp2vpp2", "pp2vpp2>tp2", "tp2>ep2", "tp2pp2ep2etp1>pp2",
-         "tp2+dp>tp2"]
-PLAIN = PAIRS[:4]
+# Two launches. On 2 ranks, for both optimizers: every degree changes in both directions (TP up in 2 and
+# down in 3, PP up in 1 and down in 2, EP 2 -> 1 in 1 and 1 -> 2 in 3, VPP on in 1 and off in 2; DP2
+# wherever TP and PP are 1), plus, for the distributed optimizer, the fast dp_reshardable format at its own
+# layout (4). On 4 ranks: DP4 <-> TP2 x PP2 x EP2 (ETP1) and on to PP2 x DP2.
+TWO = ["ep2>pp2vpp2", "pp2vpp2>tp2", "tp2>ep2", "tp2+dp>tp2"]
+FOUR = ["dp>tp2pp2ep2etp1", "tp2pp2ep2etp1>dp", "tp2pp2ep2etp1>pp2"]
+PLAIN = {2: TWO[:3], 4: FOUR[:2]}
+CASES = [(2, "dist", p) for p in TWO] + [(2, "plain", p) for p in PLAIN[2]] + \
+        [(4, "dist", p) for p in FOUR] + [(4, "plain", p) for p in PLAIN[4]]
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
+def matrices(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
-    run_torchrun(WORKER, 4, ["--pairs", ",".join(PAIRS), "--plain-pairs", ",".join(PLAIN), "--save-after", K, "--resumed-steps", N, "--workdir", d / "work",
-                             "--out", d / "report.json", "--keep", d / "kept"], timeout=900)
-    return json.loads((d / "report.json").read_text()), d / "kept"
+    out = {}
+
+    def launch(n):
+        if n not in out:
+            pairs = TWO if n == 2 else FOUR
+            run_torchrun(WORKER, n, ["--pairs", ",".join(pairs), "--plain-pairs", ",".join(PLAIN[n]),
+                                     "--save-after", K, "--resumed-steps", N, "--workdir", d / f"work{n}",
+                                     "--out", d / f"report{n}.json", "--keep", d / f"kept{n}"], timeout=900)
+            out[n] = (json.loads((d / f"report{n}.json").read_text()), d / f"kept{n}")
+        return out[n]
+    return launch
 
 
-@pytest.mark.parametrize("optimizer,pair", [("dist", p) for p in PAIRS] + [("plain", p) for p in PLAIN])
-def test_resume_matrix(matrix, optimizer, pair):
-    r = matrix[0][optimizer]
+@pytest.fixture(scope="module")
+def matrix(matrices):
+    return matrices(2)
+
+
+@pytest.mark.parametrize("nproc,optimizer,pair", CASES)
+def test_resume_matrix(matrices, nproc, optimizer, pair):
+    r = matrices(nproc)[0][optimizer]
     got, want = r["pairs"][pair], r["ref"]
     assert len(got) == N and max(abs(a - b) for a, b in zip(got, want)) <= 1e-5, (pair, got, want)
     assert r["adam_steps"][pair] == [K + N], "Adam's step after the resumed steps is not the iteration"
