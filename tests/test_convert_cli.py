@@ -72,7 +72,20 @@ def imported(work, llama_mixtral):
     return out
 
 
-def test_llama_mixtral_round_trips_bitwise_with_its_tokenizer_and_config(capsys, work, llama_mixtral, imported):
+@pytest.fixture(scope="module")
+def exported(work, imported):
+    """mcore-to-hf --verify of ``imported``, no --dtype: (folder, exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    back, out, err = work / "back", io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = convert(["--direction", "mcore-to-hf", "--load", str(imported), "--save", str(back), "--verify",
+                      "--max-shard-size", "4MB"])
+    return back, rc, out.getvalue(), err.getvalue()
+
+
+def test_llama_mixtral_round_trips_bitwise_with_its_tokenizer_and_config(work, llama_mixtral, imported, exported):
     """Acceptance 2 + 3: HF (fp32, Llama tokenizer) -> megatron -> HF without --dtype: every tensor bit for
     bit and fp32, tokenizer files byte for byte, config.json identical to the one transformers wrote; the
     import is dropless and names its dtype."""
@@ -83,9 +96,7 @@ def test_llama_mixtral_round_trips_bitwise_with_its_tokenizer_and_config(capsys,
     for f in TOKENIZER_FILES:
         assert (imported / "tokenizer" / f).read_bytes() == (llama_mixtral / f).read_bytes(), f
 
-    back = work / "back"
-    rc, out, err = run(capsys, "--direction", "mcore-to-hf", "--load", imported, "--save", back, "--verify",
-                       "--max-shard-size", "4MB")
+    back, rc, out, err = exported
     assert rc == 0, err[-2000:]
     assert "dtype fp32 (the source's)" in out and "Hugging Face tokenizer folder" in out
     assert "verify: PASS" in out and "logits" in out
@@ -106,18 +117,19 @@ def test_llama_mixtral_round_trips_bitwise_with_its_tokenizer_and_config(capsys,
         spm.SentencePieceProcessor(model_file=str(BASE_MODEL)).encode(text)
 
 
-def test_config_is_what_transformers_writes(imported, work):
+def test_config_is_what_transformers_writes(exported):
     """config.json == MixtralConfig(same model).to_diff_dict() (+ architectures and dtype, as
     save_pretrained of a model adds them): no extra keys, no defaults spelled out beyond transformers'."""
     from transformers import MixtralConfig
 
-    got = json.loads((work / "back" / "config.json").read_text())
+    back = exported[0]
+    got = json.loads((back / "config.json").read_text())
     want = MixtralConfig(vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                          max_position_embeddings=128, architectures=["MixtralForCausalLM"],
                          dtype="float32").to_diff_dict()
     assert got == want
-    side = json.loads((work / "back" / "scidfm_megatron.json").read_text())
+    side = json.loads((back / "scidfm_megatron.json").read_text())
     assert side["model"]["moe_capacity_factor"] is None and side["model"]["make_vocab_size_divisible_by"] == 128
 
 
