@@ -40,6 +40,14 @@ def staged_dir(dst: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def decode_line(raw: bytes) -> tuple:
+    """(text, None) for a UTF-8 line, else (None, the reason naming the byte and the fix)."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, f"invalid UTF-8 at byte {e.start} ({raw[e.start:e.start + 4]!r}); re-encode the file as UTF-8"
+
+
 _SURROGATE = None
 
 

@@ -6,7 +6,6 @@ keys, span keys, SFT messages), the tokenizer build's --bracket-atoms-from, eval
 import json
 import os
 
-import numpy as np
 import pytest
 
 from scidfm_megatron.data.preprocess import PreprocessError, preprocess

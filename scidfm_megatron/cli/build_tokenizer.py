@@ -25,7 +25,7 @@ def _smiles_from(spec: str, rejects: list, strict: bool):
     a lone surrogate) is appended to ``rejects`` as "file:line: reason" and skipped; ``strict`` stops at
     the first one."""
     from ..tokenizer.core import MOL_END, MOL_START
-    from ..utils import lone_surrogate
+    from ..utils import decode_line, lone_surrogate
 
     path, _, key = spec.partition(":")
     p = Path(path)
@@ -33,12 +33,9 @@ def _smiles_from(spec: str, rejects: list, strict: bool):
         raise SystemExit(f"--bracket-atoms-from {spec}: no such file")
     with open(p, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            bad, value = None, None
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                bad = f"invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8"
-            else:
+            value = None
+            line, bad = decode_line(raw)
+            if line is not None:
                 if not line.strip():
                     continue
                 if not key:

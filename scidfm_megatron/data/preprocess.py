@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ..utils import atomic_write, lone_surrogate
+from ..utils import atomic_write, decode_line, lone_surrogate
 from .indexed import IndexedWriter, idx_path, optimal_dtype
 
 SPAN_KINDS = ("molecule", "protein")
@@ -159,11 +159,9 @@ def _encode_batch(batch: tuple[int, int, bytes]):
         if nul >= 0:
             rejects.append((lineno, f"NUL byte at byte {nul}; remove NUL bytes from the input"))
             continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            rejects.append((lineno, f"invalid UTF-8 at byte {e.start} ({raw[e.start:e.start + 4]!r}); "
-                                    f"re-encode the file as UTF-8"))
+        text, bad_utf8 = decode_line(raw)
+        if bad_utf8:
+            rejects.append((lineno, bad_utf8))
             continue
         try:
             obj = json.loads(text)

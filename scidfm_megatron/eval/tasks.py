@@ -119,19 +119,17 @@ def load_records(path: str | Path, kind: str, limit: Optional[int] = None, stric
     """Records of a task file, checked. A bad line (not JSON, not an object, a missing field or wrong type,
     text holding a lone surrogate) is skipped and reported as ``file:line: reason`` in ``rejected``
     (every good line is kept); ``strict`` raises TaskDataError at the first one instead."""
+    from ..utils import decode_line
+
     p = Path(path)
     if not p.exists():
         raise TaskDataError(f"{p}: no such data file")
     out = []
     with open(p, "rb") as f:
         for no, raw in enumerate(f, 1):
-            reason, rec = None, None
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                reason = f"invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8"
-                line = "x"
-            if not line.strip():
+            rec = None
+            line, reason = decode_line(raw)
+            if line is not None and not line.strip():
                 continue
             if reason is None:
                 try:

@@ -57,3 +57,18 @@ def run_torchrun(script: str | Path, nproc: int, args: list[str], *, timeout: fl
         raise TorchrunError(f"torchrun {Path(script).name} {' '.join(map(str, args))} on {nproc} processes "
                             f"exited {proc.returncode}; root cause: {root_cause(out)}\n{tail}", out)
     return out
+
+
+def write_report(path: str, report) -> None:
+    """Workers: rank 0 writes ``report`` as JSON at ``path`` (temporary name, then rename); every rank
+    waits for it, then the process group ends."""
+    import json
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(f"{path}.tmp", path)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -54,7 +54,7 @@ class TrainConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"train.lr_decay_style must be cosine, linear or constant")
+            raise ConfigError("train.lr_decay_style must be cosine, linear or constant")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) exceeds train.lr ({self.lr})")
 

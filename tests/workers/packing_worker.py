@@ -17,7 +17,6 @@ Rank 0 writes the largest differences per layout to --out (JSON).
 
 import argparse
 import json
-import os
 
 import torch
 
@@ -125,12 +124,9 @@ def main():
         report[name] = r
         del chunks
         ps.destroy_model_parallel()
-    if dist.get_rank() == 0:
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
-    dist.barrier()
-    dist.destroy_process_group()
+    from scidfm_megatron.testing.distributed import write_report
+
+    write_report(args.out, report)
 
 
 def padding(model_cfg, par, chunks, RouterRecorder, clear_tracker, tracker):

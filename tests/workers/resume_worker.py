@@ -60,8 +60,6 @@ def batches(step, dp, dp_rank, vocab):
 
 def main():
     args = p.parse_args()
-    import torch.distributed as dist
-
     from scidfm_megatron.model.presets import get_preset
 
     model_cfg = get_preset("scidfm-debug", moe_capacity_factor=None)
@@ -73,12 +71,9 @@ def main():
         pairs = [tuple(x.split(">")) for x in spec.split(",")]
         sources = list(dict.fromkeys(a for a, _ in pairs))
         report[optimizer] = matrix(args, optimizer, model_cfg, pairs, sources, sources[0], weights)
-    if dist.get_rank() == 0:
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
-    dist.barrier()
-    dist.destroy_process_group()
+    from scidfm_megatron.testing.distributed import write_report
+
+    write_report(args.out, report)
 
 
 def adam_steps(opt) -> list:
