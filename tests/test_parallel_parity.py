@@ -65,10 +65,9 @@ def assert_weights_match(got, ref):
         assert float(diff.max()) <= 1e-2 * LR, f"{k}: weights differ after the step (near-zero grads)"
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_matches_single_process(reference, layout):
-    d, paths, ref = reference
-    got = run_layout(d, paths, layout)
+def assert_matches_reference(got, ref):
+    """One global batch at a layout equals the single process: loss, every gradient, the grad norm and
+    the weights after one AdamW step."""
     assert got["tokens"] == ref["tokens"] == 8 * 32
     assert abs(got["loss"] - ref["loss"]) <= 1e-5, (got["loss"], ref["loss"])
     assert got["grads"].keys() == ref["grads"].keys()
@@ -76,6 +75,13 @@ def test_layout_matches_single_process(reference, layout):
         torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-7, msg=lambda m: f"grad {k}: {m}")
     assert abs(got["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"]
     assert_weights_match(got, ref)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_matches_single_process(reference, layout):
+    d, paths, ref = reference
+    got = run_layout(d, paths, layout)
+    assert_matches_reference(got, ref)
 
 
 def test_overlapped_grad_reduce_and_param_gather_match_single_process(reference):
@@ -114,13 +120,7 @@ def test_torch_backend_matches_single_process(reference):
     plan = memory_plan(get_preset("scidfm-debug"), tp=2, ep=2, world_size=4, precision="fp32",
                        distributed_optimizer=False)
     assert got["memory"] == [dict(weights=plan.weights, grads=plan.grads, optimizer=plan.optimizer)] * 4
-    assert got["tokens"] == ref["tokens"] == 8 * 32
-    assert abs(got["loss"] - ref["loss"]) <= 1e-5, (got["loss"], ref["loss"])
-    assert got["grads"].keys() == ref["grads"].keys()
-    for k, g in ref["grads"].items():
-        torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-7, msg=lambda m: f"grad {k}: {m}")
-    assert abs(got["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"]
-    assert_weights_match(got, ref)
+    assert_matches_reference(got, ref)
 
 
 def test_distributed_optimizer_matches_single_process(reference):
