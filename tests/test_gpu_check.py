@@ -10,7 +10,7 @@ import sys
 from conftest import ROOT
 from scidfm_megatron.testing.distributed import cpu_env
 
-CHECKS = ["environment", "gpu_tests", "sample_data", "train_resume", "stage2", "sft", "convert", "bench"]
+CHECKS = ["environment", "gpu_tests", "sample_data", "train_resume", "stage2", "sft", "convert", "kernels", "bench"]
 
 
 def test_dry_run_passes_every_check(runs, tmp_path):
@@ -52,6 +52,8 @@ def test_dry_run_passes_every_check(runs, tmp_path):
     assert conv["hf_class"] == "MixtralForCausalLM" and conv["device"] == "cpu"
     assert conv["max_abs_diff"] <= 1e-4 and conv["decisive_disagreements"] == 0 and conv["greedy_agree_last"]
 
+    kern = checks["kernels"]["figures"]["slice"]  # the slice benchmark's code path, at a toy width on CPU
+    assert {b["backend"] for b in kern["backends"]} >= {"local", "torch"} and kern["attention"] and kern["kernels"]
     bench = checks["bench"]["figures"]
     assert bench["table"] and any(line.startswith("dp ") for line in bench["table"].splitlines())
 

@@ -19,6 +19,8 @@ Checks, in order (each runs even when an earlier one failed, unless it needs an 
   sft           tiny SFT in bf16 (and fp32) from stage 2 at near-zero LR: finite, twin-equal, level losses
   convert       stage 1 -> Hugging Face (fp32); transformers' logits vs scidfm_megatron.inference.MegatronLM
                 on the device, TF32 off: max |diff| <= 1e-3, greedy next tokens agree
+  kernels       tools/bench_train.py --gpu-slice: the scidfm-18b slice per backend (MFU, tokens/s, peak
+                memory), attention at seq 8192 padded-fused vs unfused, kernel timings (dry run: toy width)
   bench         tools/bench_train.py (GPU: the scidfm-18b 2-layer slice, bf16): its table, stored
 
 Results: one JSON file (``--out``): per check its name, ok, seconds, figures and error text; written after
@@ -56,14 +58,16 @@ RECIPES = ROOT / "examples" / "recipes"
 PROFILES = {
     "gpu": dict(budget=450.0, s1_iters=12, s1_save=4, s2_iters=4, sft_iters=3, sft_gbs=8,
                 bench=["--gpu-slice", "--seq-length", "4096", "--global-batch", "8", "--micro-batch", "1",
-                       "--iters", "6", "--warmup", "2"]),
+                       "--iters", "6", "--warmup", "2"],
+                kernels=["--gpu-slice", "--iters", "6", "--warmup", "2"]),
     "dry-run": dict(budget=600.0, s1_iters=8, s1_save=4, s2_iters=4, sft_iters=3, sft_gbs=4,
                     bench=["--seq-length", "64", "--global-batch", "8", "--micro-batch", "2", "--iters", "3",
-                           "--warmup", "1"]),
+                           "--warmup", "1"],
+                    kernels=["--gpu-slice", "--dry-run", "--iters", "2", "--warmup", "1"]),
 }
 # Per-check caps (seconds); every subprocess also stops at the global deadline.
 CAPS = dict(environment=90, gpu_tests=150, sample_data=120, train_resume=240, stage2=150, sft=150, convert=180,
-            bench=240)
+            kernels=300, bench=240)
 
 NEED_DATA = {"train_resume", "stage2", "sft", "convert", "bench"}  # checks that need sample_data
 
@@ -566,6 +570,17 @@ class Checker:
             raise CheckFailed(f"bench_train exited {pr.p.returncode}{'' if start is not None else ', no table'}:"
                               f"\n{pr.tail()}")
 
+    # f. the scidfm-18b slice per backend (local, torch, te if present), attention at seq 8192 and the
+    #    kernel measurements (issue 13; docs/kernels.md). Dry run: the same code on CPU at a toy width.
+    def kernels(self, fig: dict):
+        out_json = self.work / "slice.json"
+        cmd = [self.py, str(ROOT / "tools" / "bench_train.py"), *self.prof["kernels"], "--json", str(out_json)]
+        pr = run(cmd, self.log("kernels"), self.budget, CAPS["kernels"], check=False)
+        fig.update(command=" ".join(map(str, cmd[1:])), returncode=pr.p.returncode)
+        if pr.p.returncode != 0 or not out_json.exists():
+            raise CheckFailed(f"bench_train --gpu-slice exited {pr.p.returncode}:\n{pr.tail()}")
+        fig["slice"] = json.loads(out_json.read_text())
+
     def run_all(self) -> bool:
         print(f"[gpu_check] {self.mode}: work dir {self.work}, results {self.out}, budget "
               f"{self.budget.left():.0f} s", flush=True)
@@ -573,7 +588,7 @@ class Checker:
         for name, fn in (("environment", self.environment), ("gpu_tests", self.gpu_tests),
                          ("sample_data", self.sample_data), ("train_resume", self.train_resume),
                          ("stage2", self.stage2), ("sft", self.sft), ("convert", self.convert),
-                         ("bench", self.bench)):
+                         ("kernels", self.kernels), ("bench", self.bench)):
             only = self.args.only.split(",") if self.args.only else None
             if only and name not in only and not (name == "sample_data" and set(only) & NEED_DATA):
                 continue
