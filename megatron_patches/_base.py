@@ -73,6 +73,18 @@ class Patch:
         return [msg for msg in (t.check() for t in self.targets) if msg]
 
 
+def wrap_once(owner, name: str, make: Callable):
+    """Replace ``owner.name`` by ``make(original)``, once: the replacement is marked, and a second call
+    (``apply()`` is idempotent) finds the mark and leaves it. Returns the installed callable."""
+    orig = getattr(owner, name)
+    if getattr(orig, "__scidfm_patched__", False):
+        return orig
+    new = make(orig)
+    new.__scidfm_patched__ = True
+    setattr(owner, name, new)
+    return new
+
+
 def caller_is_megatron(depth: int = 2) -> bool:
     """True when the frame ``depth`` levels above the caller belongs to megatron-core.
 

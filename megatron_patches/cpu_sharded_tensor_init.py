@@ -12,7 +12,7 @@ through the fully-parallel strategy).
 
 import torch
 
-from ._base import Patch, Target
+from ._base import Patch, Target, wrap_once
 
 MODULE = "megatron.core.dist_checkpointing.mapping"
 
@@ -22,15 +22,12 @@ def _apply():
 
     from .cpu_device import is_cuda_device
 
-    orig = ShardedTensor.init_data
-    if getattr(orig, "__scidfm_patched__", False):
-        return
+    def make(orig):
+        def init_data(self, device, init_fn=torch.empty):
+            return orig(self, "cpu" if is_cuda_device(device) else device, init_fn)
+        return init_data
 
-    def init_data(self, device, init_fn=torch.empty):
-        return orig(self, "cpu" if is_cuda_device(device) else device, init_fn)
-
-    init_data.__scidfm_patched__ = True
-    ShardedTensor.init_data = init_data
+    wrap_once(ShardedTensor, "init_data", make)
 
 
 PATCH = Patch(

@@ -10,24 +10,21 @@ import functools
 
 import torch
 
-from ._base import Patch, Target, caller_is_megatron
+from ._base import Patch, Target, caller_is_megatron, wrap_once
 
 
 def _apply():
-    orig = torch.Tensor.type
-    if getattr(orig, "__scidfm_patched__", False):
-        return
+    def make(orig):
+        @functools.wraps(orig)
+        def type_(self, dtype=None, non_blocking=False, **kwargs):
+            name = orig(self, dtype, non_blocking, **kwargs)
+            if dtype is None and not kwargs and isinstance(name, str) and name.startswith("torch.") \
+                    and not name.startswith("torch.cuda.") and caller_is_megatron():
+                return "torch.cuda." + name[len("torch."):]
+            return name
+        return type_
 
-    @functools.wraps(orig)
-    def type_(self, dtype=None, non_blocking=False, **kwargs):
-        name = orig(self, dtype, non_blocking, **kwargs)
-        if dtype is None and not kwargs and isinstance(name, str) and name.startswith("torch.") \
-                and not name.startswith("torch.cuda.") and caller_is_megatron():
-            return "torch.cuda." + name[len("torch."):]
-        return name
-
-    type_.__scidfm_patched__ = True
-    torch.Tensor.type = type_
+    wrap_once(torch.Tensor, "type", make)
 
 
 PATCH = Patch(

@@ -12,7 +12,7 @@ grad is being used in an in-place operation". The patch supplies the missing key
 
 import torch
 
-from ._base import Patch, Target
+from ._base import Patch, Target, wrap_once
 
 MODULE = "megatron.core.optimizer.distrib_optimizer"
 
@@ -20,23 +20,20 @@ MODULE = "megatron.core.optimizer.distrib_optimizer"
 def _apply():
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as DO
 
-    orig = DO._set_main_param_and_optimizer_states
-    if getattr(orig, "__scidfm_patched__", False):
-        return
+    def make(orig):
+        @torch.no_grad()
+        def _set_main_param_and_optimizer_states(self, model_param, tensors):
+            if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+                group_index, group_order = self.model_param_group_index_map[model_param]
+                main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+                live = self.optimizer.state[main_param]
+                missing = {k: v for k, v in live.items() if k not in tensors}
+                if missing:
+                    tensors = {**tensors, **missing}
+            return orig(self, model_param, tensors)
+        return _set_main_param_and_optimizer_states
 
-    @torch.no_grad()
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            live = self.optimizer.state[main_param]
-            missing = {k: v for k, v in live.items() if k not in tensors}
-            if missing:
-                tensors = {**tensors, **missing}
-        return orig(self, model_param, tensors)
-
-    _set_main_param_and_optimizer_states.__scidfm_patched__ = True
-    DO._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    wrap_once(DO, "_set_main_param_and_optimizer_states", make)
 
 
 PATCH = Patch(

@@ -19,7 +19,7 @@ dp_reshardable, tests/test_resume.py::test_async_save_killed_mid_write_is_never_
 
 import torch
 
-from ._base import Patch, Target
+from ._base import Patch, Target, wrap_once
 
 MODULE = "megatron.core.optimizer.distrib_optimizer"
 
@@ -57,18 +57,15 @@ def restore_common_step(optimizer: torch.optim.Optimizer, state_dict: dict) -> N
 def _apply():
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as DO
 
-    orig = DO.load_state_dict
-    if getattr(orig, "__scidfm_patched__", False):
-        return
+    def make(orig):
+        def load_state_dict(self, state_dict):
+            out = orig(self, state_dict)
+            unshare_steps(self.optimizer)
+            restore_common_step(self.optimizer, state_dict)
+            return out
+        return load_state_dict
 
-    def load_state_dict(self, state_dict):
-        out = orig(self, state_dict)
-        unshare_steps(self.optimizer)
-        restore_common_step(self.optimizer, state_dict)
-        return out
-
-    load_state_dict.__scidfm_patched__ = True
-    DO.load_state_dict = load_state_dict
+    wrap_once(DO, "load_state_dict", make)
 
 
 PATCH = Patch(

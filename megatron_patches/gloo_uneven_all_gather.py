@@ -11,7 +11,7 @@ Every other call goes straight to torch.
 import torch
 import torch.distributed as dist
 
-from ._base import Patch, Target
+from ._base import Patch, Target, wrap_once
 
 
 class _Completed:
@@ -23,25 +23,22 @@ class _Completed:
 
 
 def _apply():
-    orig = dist.all_gather
-    if getattr(orig, "__scidfm_patched__", False):
-        return
+    def make(orig):
+        def all_gather(tensor_list, tensor, group=None, async_op=False):
+            if len({tuple(t.shape) for t in tensor_list} | {tuple(tensor.shape)}) <= 1 \
+                    or dist.get_backend(group) != "gloo":
+                return orig(tensor_list, tensor, group=group, async_op=async_op)
+            rows = max(t.shape[0] for t in tensor_list)
+            padded = tensor.new_zeros((rows,) + tuple(tensor.shape[1:]))
+            padded[: tensor.shape[0]].copy_(tensor)
+            buffers = [torch.empty_like(padded) for _ in tensor_list]
+            orig(buffers, padded, group=group)
+            for out, buf in zip(tensor_list, buffers):
+                out.copy_(buf[: out.shape[0]])
+            return _Completed() if async_op else None
+        return all_gather
 
-    def all_gather(tensor_list, tensor, group=None, async_op=False):
-        if len({tuple(t.shape) for t in tensor_list} | {tuple(tensor.shape)}) <= 1 \
-                or dist.get_backend(group) != "gloo":
-            return orig(tensor_list, tensor, group=group, async_op=async_op)
-        rows = max(t.shape[0] for t in tensor_list)
-        padded = tensor.new_zeros((rows,) + tuple(tensor.shape[1:]))
-        padded[: tensor.shape[0]].copy_(tensor)
-        buffers = [torch.empty_like(padded) for _ in tensor_list]
-        orig(buffers, padded, group=group)
-        for out, buf in zip(tensor_list, buffers):
-            out.copy_(buf[: out.shape[0]])
-        return _Completed() if async_op else None
-
-    all_gather.__scidfm_patched__ = True
-    dist.all_gather = all_gather
+    wrap_once(dist, "all_gather", make)
 
 
 PATCH = Patch(

@@ -9,7 +9,7 @@ function by name, so both module attributes are replaced.
 
 import torch
 
-from ._base import Patch, Target
+from ._base import Patch, Target, wrap_once
 
 UTILS = "megatron.core.transformer.moe.moe_utils"
 DISPATCHER = "megatron.core.transformer.moe.token_dispatcher"
@@ -19,18 +19,14 @@ def _apply():
     import megatron.core.transformer.moe.moe_utils as mu
     import megatron.core.transformer.moe.token_dispatcher as td
 
-    orig = mu.maybe_move_tensor_to_cpu
-    if getattr(orig, "__scidfm_patched__", False):
-        return
+    def make(orig):
+        def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+            if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+                return tensor.detach().numpy()
+            return orig(tensor, as_numpy=as_numpy, record_stream=record_stream)
+        return maybe_move_tensor_to_cpu
 
-    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
-        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
-            return tensor.detach().numpy()
-        return orig(tensor, as_numpy=as_numpy, record_stream=record_stream)
-
-    maybe_move_tensor_to_cpu.__scidfm_patched__ = True
-    mu.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
-    td.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    td.maybe_move_tensor_to_cpu = wrap_once(mu, "maybe_move_tensor_to_cpu", make)  # imported there by name
 
 
 PATCH = Patch(
