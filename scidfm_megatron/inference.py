@@ -10,7 +10,6 @@ Hugging Face's Mixtral does, so scores compare across the two.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +26,7 @@ class MegatronLM:
         from .training import checkpoint as ckpt
 
         self.path = resolve_checkpoint_dir(checkpoint)
-        self.meta = json.loads((self.path / "scidfm_meta.json").read_text())
+        self.meta = ckpt.read_meta(self.path)
         cfg = from_dict(ModelConfig, self.meta["config"]["model"], "model")
         self.config = dataclasses.replace(cfg, moe_capacity_factor=capacity_factor)
         par = ParallelConfig()

@@ -99,30 +99,35 @@ def document_layout(conv_lengths, seq_length: int) -> tuple[np.ndarray, np.ndarr
     return doc, pos
 
 
+def missing_sft_file(prefix: str) -> str | None:
+    """The first file of an SFT dataset that is not there, with the fix; None when all are. Data written
+    before packing became isolated has no ``<prefix>_convlens``."""
+    import os
+
+    for part in ("tokens", "lossmask", "convlens"):
+        if not os.path.exists(f"{prefix}_{part}.idx"):
+            return (f"{prefix}_{part}.idx does not exist; write the SFT data with scidfm-preprocess --sft-seq-length "
+                    f"(conversation boundaries, <prefix>_convlens, are stored since packing became isolated)")
+    return None
+
+
 class SFTDataset:
     """Map-style dataset of padded SFT sequences: dict(tokens, labels, loss_mask, position_ids,
-    document_ids). ``isolate=False`` gives the old behaviour (one causal sequence, positions 0..S-1, no
-    document ids): only for comparisons."""
+    document_ids)."""
 
-    def __init__(self, prefix: str, seq_length: int, pad_id: int, isolate: bool = True):
-        import os
-
+    def __init__(self, prefix: str, seq_length: int, pad_id: int):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+        missing = missing_sft_file(prefix)
+        if missing:
+            raise ValueError(missing)
         self.tokens = IndexedDataset(f"{prefix}_tokens")
         self.mask = IndexedDataset(f"{prefix}_lossmask")
-        if len(self.tokens) != len(self.mask):
-            raise ValueError(f"{prefix}: tokens ({len(self.tokens)}) and lossmask ({len(self.mask)}) differ in length")
-        self.lens = None
-        if isolate:
-            if not os.path.exists(f"{prefix}_convlens.idx"):
-                raise ValueError(f"{prefix}_convlens.idx is missing: these SFT sequences were written before "
-                                 f"conversation boundaries were stored; re-run scidfm-preprocess --sft-seq-length "
-                                 f"on the instruction data")
-            self.lens = IndexedDataset(f"{prefix}_convlens")
-            if len(self.lens) != len(self.tokens):
-                raise ValueError(f"{prefix}: tokens ({len(self.tokens)}) and convlens ({len(self.lens)}) differ "
-                                 f"in length; re-run scidfm-preprocess")
+        self.lens = IndexedDataset(f"{prefix}_convlens")
+        for name, ds in (("lossmask", self.mask), ("convlens", self.lens)):
+            if len(ds) != len(self.tokens):
+                raise ValueError(f"{prefix}: tokens ({len(self.tokens)}) and {name} ({len(ds)}) differ in length; "
+                                 f"re-run scidfm-preprocess")
         self.seq_length, self.pad_id = seq_length, pad_id
 
     def __len__(self) -> int:
@@ -137,11 +142,7 @@ class SFTDataset:
         if pad:
             ids = np.concatenate([ids, np.full(pad, self.pad_id, dtype=np.int64)])
             mask = np.concatenate([mask, np.zeros(pad, dtype=np.float32)])
-        out = dict(tokens=torch.from_numpy(ids[:-1].copy()), labels=torch.from_numpy(ids[1:].copy()),
-                   loss_mask=torch.from_numpy(mask[1:].copy()))
-        if self.lens is None:
-            out["position_ids"] = torch.arange(self.seq_length, dtype=torch.long)
-            return out
         doc, pos = document_layout(np.asarray(self.lens[i]), self.seq_length)
-        out["position_ids"], out["document_ids"] = torch.from_numpy(pos), torch.from_numpy(doc)
-        return out
+        return dict(tokens=torch.from_numpy(ids[:-1].copy()), labels=torch.from_numpy(ids[1:].copy()),
+                    loss_mask=torch.from_numpy(mask[1:].copy()), position_ids=torch.from_numpy(pos),
+                    document_ids=torch.from_numpy(doc))

@@ -370,14 +370,19 @@ def _materialize_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def read_meta(path: str | Path) -> dict:
+    """A checkpoint's ``scidfm_meta.json``: iteration, layout, formats, weights_only, the run config."""
+    return json.loads((Path(path) / "scidfm_meta.json").read_text())
+
+
 def saved_config(path: str | Path) -> Optional[dict]:
     """The run config a checkpoint was written with (None for converted checkpoints)."""
-    return json.loads((Path(path) / "scidfm_meta.json").read_text()).get("config")
+    return read_meta(path).get("config")
 
 
 def is_weights_only(path: str | Path) -> bool:
     """True for a checkpoint without optimizer state (e.g. converted from Hugging Face)."""
-    return bool(json.loads((Path(path) / "scidfm_meta.json").read_text()).get("weights_only"))
+    return bool(read_meta(path).get("weights_only"))
 
 
 def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only: bool = False) -> dict:
@@ -387,17 +392,16 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only:
     path = Path(path)
     check_files(path)
     check_model_shapes(path, chunks)
-    meta = json.loads((path / "scidfm_meta.json").read_text())
+    meta = read_meta(path)
     if meta.get("weights_only") and not weights_only:
         raise CheckpointMismatch(f"{path} holds model weights only (no optimizer state); start from it with "
                                  f"checkpoint.init_from={path.parent}")
-    here = _layout_tag()
-    same_layout = meta.get("layout") == here
-    saved_ep = (meta.get("layout") or {}).get("ep", here["ep"])
+    here, saved_layout = _layout_tag(), meta.get("layout") or {}
+    same_layout = saved_layout == here
+    saved_ep = saved_layout.get("ep", here["ep"])
     by_param = meta.get("optimizer_keys") == "by_param"
     fmt = meta.get("optimizer_format", "fully_reshardable")
     cross_ep = not weights_only and (saved_ep > 1) != (here["ep"] > 1)
-    saved_layout = meta.get("layout") or {}
     if not weights_only and fmt != "fully_reshardable" and any(saved_layout.get(k) != here[k] for k in ("tp", "pp", "ep")):
         raise CheckpointMismatch(
             f"{path} holds the distributed optimizer in the {fmt} format (each rank's buffers as they were, the "
@@ -422,7 +426,7 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only:
     if cross_ep:
         # EP=1 <-> EP>1: one optimizer on one side, megatron's chain of two (dense, expert) on the other. The
         # state tensors were found by parameter key; the rest is rebuilt in this run's structure.
-        steps = _saved_steps({k: v for k, v in loaded["optimizer"].items()}, set())
+        steps = _saved_steps(loaded["optimizer"], set())
         if len(steps) != 1:
             raise CheckpointMismatch(f"{path}: optimizer step counts {sorted(steps)}; expected one common step")
         template = optimizer.sharded_state_dict(_model_sharded(chunks), is_loading=True,

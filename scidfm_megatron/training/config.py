@@ -200,11 +200,11 @@ def validate_run(cfg: RunConfig, world_size: int):
     if t.stage == "sft":
         if not d.sft_prefix:
             raise ConfigError("data.sft_prefix is required for train.stage: sft")
-        for part in ("tokens", "lossmask", "convlens"):
-            if not os.path.exists(f"{d.sft_prefix}_{part}.idx"):
-                raise ConfigError(f"data.sft_prefix: {d.sft_prefix}_{part}.idx does not exist; write the SFT data "
-                                  f"with scidfm-preprocess --sft-seq-length (conversation boundaries, "
-                                  f"<prefix>_convlens, are stored since packing became isolated)")
+        from ..data.sft import missing_sft_file
+
+        missing = missing_sft_file(d.sft_prefix)
+        if missing:
+            raise ConfigError(f"data.sft_prefix: {missing}")
         from ..model.builder import resolve_backend
 
         if resolve_backend(cfg.model.backend) == "te":

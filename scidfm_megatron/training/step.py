@@ -115,7 +115,8 @@ def train_step(chunks: list, optimizer, batches: Sequence[dict], *, seq_length: 
 
     batches = list(batches)
     iterators = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
-    with aux_token_scale(_loss_per_real_token(batches)):
+    # (no aux loss without a backward pass: a forward-only step needs no scale and no all-reduce for it)
+    with aux_token_scale(None if forward_only else _loss_per_real_token(batches)):
         losses = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators, model=chunks,
             num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=micro_batch_size,

@@ -48,10 +48,8 @@ class Trainer:
         """Build the run from its parts: process groups, tokenizer, engine (model + DDP + optimizer), data,
         schedule, then restore a checkpoint, then the reporter (which needs to know about a resume).
         ``validated``: the caller already ran ``validate_run`` on this config (the entry point does)."""
-        from ..parallel import init_distributed
+        from ..parallel import env_world_size, init_distributed
         from .config import validate_run
-
-        from ..parallel import env_world_size
 
         cfg = self.cfg
         if not validated:  # the vocabulary, schedule, batch and layout checks live there, once
@@ -233,8 +231,8 @@ class Trainer:
         if fmt == "auto":
             fmt = "dp_reshardable" if self.cfg.train.use_distributed_optimizer and not final else "fully_reshardable"
         queue = None if final else self._async_queue()
-        if final and self.async_queue is not None:
-            self.async_queue.maybe_finalize_async_calls(blocking=True)
+        if final:  # a save still in flight is published first: `latest` never goes back
+            self._finalize_saves(blocking=True)
         common = dict(consumed_samples=self.consumed, stage=self.cfg.train.stage, config=self.cfg.to_dict())
         with self.engine.synced_params():
             path = ckpt.save(c.save, self.iteration, self.chunks, self.optimizer, self.scheduler, common,
