@@ -34,8 +34,13 @@ def main(argv=None) -> int:
                    help="wrap that key's values in molecule / protein span markers")
     s.add_argument("--strict", action="store_true", help="stop at the first bad line; write nothing")
     s.add_argument("--sft-seq-length", type=int, default=None, metavar="S",
-                   help="instruction data: records hold a 'messages' list; write packed SFT sequences of S+1 "
+                   help="instruction data: records are conversations (--sft-format); write packed SFT sequences of S+1 "
                         "tokens with assistant-only loss masks (<prefix>_tokens / <prefix>_lossmask)")
+    s.add_argument("--sft-format", default="auto",
+                   choices=("auto", "messages", "sharegpt", "alpaca", "query_response"),
+                   help="SFT record format: messages [{role, content}], sharegpt (conversations [{from, value}]), "
+                        "alpaca (instruction/input/output), query_response (MetaMathQA); auto (default) chooses "
+                        "per file from its first record and prints the choice")
     s.add_argument("--no-pack", action="store_true", help="SFT: one conversation per sequence")
     s.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -53,7 +58,7 @@ def main(argv=None) -> int:
         summary = preprocess(args.input, args.output_prefix, args.tokenizer_model, json_keys=args.json_keys,
                              spans=spans, append_eod=args.append_eod, workers=args.workers, strict=args.strict,
                              progress=not args.no_progress, sft_seq_length=args.sft_seq_length,
-                             sft_pack=not args.no_pack)
+                             sft_pack=not args.no_pack, sft_format=args.sft_format)
     except PreprocessError as exc:
         print(f"scidfm-preprocess: error: {exc}", file=sys.stderr)
         return 2 if type(exc).__name__ == "PreprocessUsageError" else 1

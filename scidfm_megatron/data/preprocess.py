@@ -84,6 +84,9 @@ class Summary:
                              f"{out}_{{tokens,lossmask,convlens}}.{{bin,idx}}")
             else:
                 lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens -> {out}.{{bin,idx}}")
+        if self.sft.get("formats"):
+            counts = collections.Counter(self.sft["formats"].values())
+            lines.append("  SFT record formats: " + ", ".join(f"{f} ({n} file{'s' * (n > 1)})" for f, n in counts.items()))
         lines.append(f"  rejected lines: {self.rejected:,}; empty documents skipped: {self.empty:,}; "
                      f"blank lines: {self.blank_lines:,}")
         for r in self.rejections[:max_listed]:
@@ -112,7 +115,7 @@ _W: dict = {}
 
 
 def _init_worker(model_file: str, keys: list[str], spans: dict, append_eod: bool, dtype: str, mode: str = "text",
-                 in_pool: bool = True) -> None:
+                 sft_formats: tuple = (), in_pool: bool = True) -> None:
     if in_pool:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides how to stop
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # forked workers must not run the parent's handler
@@ -122,7 +125,7 @@ def _init_worker(model_file: str, keys: list[str], spans: dict, append_eod: bool
 
         tok = load_tokenizer(model_file)  # the science tokenizer, or any SentencePiece model (tokenizer/plain.py)
         tok.num_threads = 1  # one SentencePiece thread per worker process: the workers are the parallelism
-        _W.update(tok=tok, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype), mode=mode,
+        _W.update(tok=tok, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype), mode=mode, sft_formats=sft_formats,
                   wrap={k: (wrap_molecule if v == "molecule" else wrap_protein) for k, v in spans.items()})
     except BaseException as exc:  # surface it on the first batch: a Pool would respawn failing workers forever
         _W["init_error"] = f"{type(exc).__name__}: {exc}"
@@ -171,18 +174,19 @@ def _encode_batch(batch: tuple[int, int, bytes]):
         if not isinstance(obj, dict):
             rejects.append((lineno, f"expected a JSON object, got {_type_name(obj)}"))
             continue
-        if _W["mode"] == "chat":
+        if _W["mode"] == "chat":  # messages, ShareGPT, Alpaca or query/response records (sft_formats.py)
             from ..tokenizer.core import encode_chat
+            from .sft_formats import main_key, record_messages
 
-            bad = lone_surrogate(obj.get(keys[0]), keys[0])
+            fmt = _W["sft_formats"][file_idx]
+            messages, bad = record_messages(obj, fmt, keys[0])
             if bad:
-                rejects.append((lineno, bad + SURROGATE_FIX))
+                rejects.append((lineno, bad + (SURROGATE_FIX if "lone surrogate" in bad else "")))
                 continue
             try:
-                chats.append(encode_chat(tok, obj.get(keys[0]) if keys[0] in obj else None))
+                chats.append(encode_chat(tok, messages))
             except ValueError as exc:
-                reason = f"missing key {keys[0]!r}" if keys[0] not in obj else f"key {keys[0]!r}: {exc}"
-                rejects.append((lineno, reason))
+                rejects.append((lineno, f"key {main_key(fmt, keys[0])!r}: {exc}"))
             continue
         bad = None
         values = []
@@ -286,11 +290,12 @@ class _Terminate(Exception):
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, json_keys=("text",),
                spans: Optional[dict] = None, append_eod: bool = True, workers: int = 1, strict: bool = False,
                block_bytes: int = 1 << 20, progress: bool = True, max_listed: int = 20,
-               sft_seq_length: Optional[int] = None, sft_pack: bool = True) -> Summary:
+               sft_seq_length: Optional[int] = None, sft_pack: bool = True, sft_format: str = "auto") -> Summary:
     """Tokenize ``inputs`` into one Megatron dataset per json key. Returns the summary.
 
     With ``sft_seq_length``, records are conversations (``json_keys[0]``, default ``messages``: a list
-    of {role, content}) and the output is a packed SFT dataset (see :mod:`.sft`)."""
+    of {role, content}; or ShareGPT / Alpaca / query-response records, ``sft_format``, chosen per file
+    when ``"auto"``: :mod:`.sft_formats`) and the output is a packed SFT dataset (see :mod:`.sft`)."""
     from ..tokenizer.plain import PlainSentencePieceTokenizer, load_tokenizer
 
     spans = dict(spans or {})
@@ -318,9 +323,13 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
             keys = ["messages"]
         if len(keys) != 1 or spans:
             raise PreprocessError("SFT preprocessing takes one --json-keys (the messages list) and no --span")
+        file_formats = _sft_formats(files, sft_format, keys[0])
         prefixes = {keys[0]: output_prefix}
         writers = {keys[0]: SFTPacker(output_prefix, sft_seq_length, dtype, pack=sft_pack)}
     else:
+        if sft_format != "auto":
+            raise PreprocessUsageError(f"--sft-format {sft_format} applies to SFT data: add --sft-seq-length")
+        file_formats = ()
         prefixes = {k: output_prefix_for(output_prefix, k) for k in keys}
         writers = {k: IndexedWriter(p, dtype) for k, p in prefixes.items()}
     rejected_path = Path(f"{output_prefix}_rejected.jsonl")
@@ -340,7 +349,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
     prev_term = signal.signal(signal.SIGTERM, on_term) if _is_main_thread() else None
     pool = None
     start = time.perf_counter()
-    init_args = (str(tokenizer_model), keys, spans, append_eod, np.dtype(dtype).name, mode)
+    init_args = (str(tokenizer_model), keys, spans, append_eod, np.dtype(dtype).name, mode, tuple(file_formats))
     try:
         with open(rejected_tmp, "w") as rej_file:
             if workers > 1:
@@ -402,12 +411,42 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
     summary.seconds = time.perf_counter() - start
-    extra = writers[keys[0]].stats() if mode == "chat" else {}
+    extra = dict(writers[keys[0]].stats(), formats=dict(zip(files, file_formats))) if mode == "chat" else {}
     summary.sft = extra
     write_json_atomic(Path(f"{output_prefix}_summary.json"),
                       dict(asdict(summary), mb_per_s=summary.mb_per_s, rejections=[asdict(r) for r in summary.rejections],
                            **({"sft": extra} if extra else {})))
     return summary
+
+
+def _sft_formats(files: list[str], requested: str, key: str) -> list[str]:
+    """The SFT record format of each input file (``--sft-format``, or detected from its first record), printed."""
+    from .sft_formats import CHOICES, SFTFormatError, choose
+
+    if requested not in CHOICES:
+        raise PreprocessUsageError(f"--sft-format {requested}: choose one of {', '.join(CHOICES)}")
+    if requested not in ("auto", "messages") and key != "messages":
+        raise PreprocessUsageError(f"--json-keys {key} names the messages key; --sft-format {requested} reads its own "
+                                   f"keys (docs/data.md): drop --json-keys")
+    out = []
+    for k, path in enumerate(files):
+        def lines():
+            with open_binary(path) as f:
+                yield from enumerate(f, 1)
+        try:
+            fmt, how = choose(lines(), path, requested, key)
+        except SFTFormatError as exc:
+            raise PreprocessUsageError(str(exc)) from None
+        except (OSError, EOFError) as exc:
+            raise PreprocessError(f"{path}: cannot read ({exc})") from None
+        out.append(fmt)
+        if k < 20:
+            print(f"[scidfm] {path}: SFT records read as {fmt} ({how})", file=sys.stderr)
+    if len(files) > 20:
+        counts = collections.Counter(out)
+        print(f"[scidfm] ... {len(files) - 20} more files; in all: "
+              + ", ".join(f"{f} {n} file(s)" for f, n in counts.items()), file=sys.stderr)
+    return out
 
 
 class _Done:
