@@ -62,7 +62,9 @@ def evaluate(model, tasks: list[tuple[str, str]], *, limit: Optional[int] = None
         scores, samples = run_task(model, task, recs, batch_size=batch_size, progress=progress,
                                    max_new_tokens=max_new_tokens, prompt_format=prompt_format,
                                    molecule_convention=molecule_convention)
+        splits = sorted({str(r["split"]) for r in recs if r.get("split")})  # e.g. PubMedQA's test / all labelled
         out[name] = dict(kind=task.kind, paper_table=task.paper_table, data=str(data), n=len(recs),
+                         split=", ".join(splits) or None,
                          prompt_format=prompt_format, metrics=scores, samples=samples, rejected=rejected,
                          seconds=round(time.time() - t0, 2))
     return out
@@ -96,7 +98,8 @@ def format_table(results: dict) -> str:
         head = ["Table 4 (acc %)"] + [TASKS[n].paper_name for n in t4]
         rows = [["SciDFM (paper)"] + [f"{PAPER['Table 4'][n]:.2f}" for n in t4],
                 ["this model"] + [_table4_cell(results[n]) for n in t4],
-                ["n"] + [str(results[n]["n"]) for n in t4]]
+                ["n"] + [str(results[n]["n"]) + (f" ({results[n]['split']})" if results[n].get("split") else "")
+                         for n in t4]]
         lines += _grid("Table 4: general and domain benchmarks, zero-shot accuracy % (GSM8K: lm-eval "
                        "strict-match/flexible-extract)", head, rows)
     t7 = [n for n in PAPER["Table 7"] if n in results]

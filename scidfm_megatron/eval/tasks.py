@@ -16,6 +16,10 @@ protein_understanding instruction, input (sequence), output (text)              
 moleculenet           smiles, question, label (0/1), optional task (assay name)    auc_roc (%), per task
 ====================  ===========================================================  =========================
 
+Any kind may carry an optional ``split`` field (``scidfm-eval-data pubmedqa`` writes ``"test"`` with
+``--test-ids``, else ``"all <n> of <file>"``): the harness records the splits in each task's result
+(``split``) and the Table 4 ``n`` row.
+
 Prompt formats (``prompt_format``; recorded in the results): ``"chat"`` wraps the task text as one user
 turn of the chat template the SFT data is trained with (``tokenizer.core.chat_segments``:
 ``<s><|user|>{text}\n<|assistant|>``) and the answer is the assistant's text; ``"raw"`` is plain text
