@@ -181,7 +181,7 @@ def test_expert_choice_analysis(both_models, tmp_path):
 
     mg, hf = both_models
     groups = domain_texts(ROOT / "examples" / "sample_corpus", per_domain=6)
-    assert {"molecule", "protein", "paper: chemistry", "paper: math"} <= set(groups)
+    assert {"molecules", "proteins", "papers: chemistry", "papers: math"} <= set(groups)
     summary = analyze(mg, groups, tmp_path / "experts", max_tokens=64, progress=False)
     data = np.load(tmp_path / "experts" / "expert_choice.npz")
     E = data["E_T"]
@@ -192,7 +192,7 @@ def test_expert_choice_analysis(both_models, tmp_path):
     assert -1 <= summary["silhouette_et"] <= 1 and summary["num_layers"] == 4
     for png in ("expert_choice_tsne.png", "expert_usage_heatmaps.png"):
         assert (tmp_path / "experts" / png).read_bytes()[:4] == b"\x89PNG"
-    text = groups["protein"][0]
+    text = groups["proteins"][0]
     np.testing.assert_allclose(expert_choice_vector(mg, text, 64), expert_choice_vector(hf, text, 64), atol=1e-5)
     # E_T follows its definition: softmax over experts of the summed gate logits, per layer
     from scidfm_megatron.eval.experts import gate_logit_sums

@@ -13,6 +13,8 @@ number that says how well they separate; also in the t-SNE space) and per-layer 
 usage per domain.
 
     scidfm-analyze-experts --model hf/tiny --corpus examples/sample_corpus --out runs/experts
+    scidfm-analyze-experts --model hf/tiny --corpus my_domains/ --out runs/experts   # chem.jsonl, bio.txt, ...
+    scidfm-analyze-experts --model hf/tiny --corpus mixed.jsonl --domain-key field --out runs/experts
 """
 
 from __future__ import annotations
@@ -27,28 +29,119 @@ import numpy as np
 import torch
 
 
-def domain_texts(corpus: str | Path, per_domain: int = 30, min_chars: int = 20) -> "OrderedDict[str, list[str]]":
-    """Texts of the sample corpus by domain: papers by discipline (their ``domain`` field), molecules,
-    proteins and code (wrapped in the span markers, as in pretraining). First ``per_domain`` of each."""
+class CorpusError(ValueError):
+    """A corpus folder the analysis cannot use (the CLI prints it as one line, exit 2)."""
+
+
+CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
+MIN_TEXTS = 3  # a domain with fewer texts is left out (and said so)
+
+
+def _corpus_files(corpus: Path) -> list[Path]:
+    if corpus.is_file():
+        return [corpus]
+    if not corpus.is_dir():
+        raise CorpusError(f"--corpus {corpus}: no such folder or file")
+    files = sorted(p for p in corpus.iterdir() if p.is_file() and p.name.endswith(CORPUS_SUFFIXES))
+    if not files:
+        raise CorpusError(f"--corpus {corpus}: no *.jsonl or *.txt files in it; put one file per domain there "
+                          f"(the domain is the file name), or one jsonl with a domain field (--domain-key)")
+    return files
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for suf in CORPUS_SUFFIXES:
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return p.stem
+
+
+def domain_texts(corpus: str | Path, per_domain: int = 30, min_chars: int = 20, *, text_key: str = "text",
+                 domain_key: str = "domain", log=None) -> "OrderedDict[str, list[str]]":
+    """Texts of a corpus by domain, the first ``per_domain`` of each (``min_chars`` or longer).
+
+    ``corpus`` is a folder of ``*.jsonl`` / ``*.txt`` files (``.gz`` too) or one such file. The domain is
+    the file's name without its suffix; a jsonl record holding ``domain_key`` is grouped by
+    ``"<file>: <value>"`` (by the value alone when the corpus is one file or the value is the file's name). A jsonl record's text is its
+    ``text_key`` value; a record without one but with ``smiles`` / ``sequence`` (the sample corpus's
+    molecules and proteins) is wrapped in the molecule / protein span markers, as in pretraining. A
+    ``.txt`` file holds one text per line. Domains with fewer than 3 texts, and files whose records hold
+    no text (e.g. SFT conversations), are left out and logged; fewer than 2 usable domains raise
+    :class:`CorpusError` naming the file, line and fix (the first file left out, if any)."""
+    import gzip
+
     from ..tokenizer.core import wrap_molecule, wrap_protein
 
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     root = Path(corpus)
+    files = _corpus_files(root)
     groups: "OrderedDict[str, list[str]]" = OrderedDict()
+    seen: dict[str, int] = {}
+    problems: list[str] = []
 
     def add(domain, text):
+        seen[domain] = seen.get(domain, 0) + 1
         if len(text) >= min_chars and len(groups.setdefault(domain, [])) < per_domain:
             groups[domain].append(text)
 
-    for line in open(root / "papers.jsonl", encoding="utf-8"):
-        r = json.loads(line)
-        add(f"paper: {r.get('domain', 'unknown')}", r["text"])
-    for line in open(root / "molecules.jsonl", encoding="utf-8"):
-        add("molecule", wrap_molecule(json.loads(line)["smiles"]))
-    for line in open(root / "proteins.jsonl", encoding="utf-8"):
-        add("protein", wrap_protein(json.loads(line)["sequence"]))
-    for line in open(root / "code.jsonl", encoding="utf-8"):
-        add("code", json.loads(line)["text"])
-    return OrderedDict((k, v) for k, v in groups.items() if len(v) >= 3)
+    for f in files:
+        stem = _stem(f)
+        found, bad, first_bad = 0, 0, None
+        opener = gzip.open if f.name.endswith(".gz") else open
+        with opener(f, "rt", encoding="utf-8", errors="replace") as fh:
+            for no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                if ".txt" in f.name:
+                    add(stem, line.rstrip("\n"))
+                    found += 1
+                    continue
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    r = None
+                if not isinstance(r, dict):
+                    bad += 1
+                    first_bad = first_bad or (no, "not a JSON object")
+                    continue
+                if isinstance(r.get(text_key), str):
+                    text = r[text_key]
+                elif isinstance(r.get("smiles"), str):
+                    text = wrap_molecule(r["smiles"])
+                elif isinstance(r.get("sequence"), str):
+                    text = wrap_protein(r["sequence"])
+                else:
+                    bad += 1
+                    first_bad = first_bad or (no, f"no string {text_key!r} key (keys: {sorted(r)[:8]})")
+                    continue
+                dom = r.get(domain_key)
+                domain = stem if dom is None or str(dom) == stem else (str(dom) if len(files) == 1 else f"{stem}: {dom}")
+                add(domain, text)
+                found += 1
+                if all(len(v) >= per_domain for v in groups.values()) and len(groups) and domain_key not in r:
+                    break  # one domain per file, and it is full: the rest of a large file is not needed
+        if not found and first_bad:
+            problem = (f"{f}:{first_bad[0]}: {first_bad[1]}; name the text field with --text-key "
+                       f"(a record may instead hold 'smiles' or 'sequence')")
+            if len(files) == 1:
+                raise CorpusError(problem)
+            problems.append(problem)
+            log(f"[scidfm] {problem}: file left out")
+        elif bad:
+            log(f"[scidfm] {f}: {bad} line(s) skipped, the first at line {first_bad[0]}: {first_bad[1]}")
+    kept = OrderedDict((k, v) for k, v in groups.items() if len(v) >= MIN_TEXTS)
+    for k, v in groups.items():
+        if k not in kept:
+            log(f"[scidfm] domain {k!r}: {len(v)} text(s) of >= {min_chars} characters, fewer than {MIN_TEXTS}: "
+                f"left out")
+    if len(kept) < 2 and problems:
+        raise CorpusError(problems[0])
+    if len(kept) < 2:
+        raise CorpusError(f"--corpus {root}: {len(kept)} domain(s) with >= {MIN_TEXTS} texts of >= {min_chars} "
+                          f"characters ({dict((k, len(v)) for k, v in groups.items()) or 'none'}); the analysis "
+                          f"compares domains: give at least 2 (one file each, or a --domain-key field)")
+    return kept
 
 
 @torch.no_grad()
@@ -149,17 +242,28 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scidfm-analyze-experts", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--model", required=True, help="Hugging Face folder or megatron checkpoint")
-    ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "examples" / "sample_corpus"))
-    ap.add_argument("--per-domain", type=int, default=30)
+    ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "examples" / "sample_corpus"),
+                    help="a folder of *.jsonl / *.txt files, one domain per file (the file name), or one jsonl "
+                         "file whose records carry --domain-key (default: the sample corpus)")
+    ap.add_argument("--text-key", default="text", help="jsonl: the key holding each text (default text)")
+    ap.add_argument("--domain-key", default="domain",
+                    help="jsonl: records with this key are grouped by its value within their file (default domain)")
+    ap.add_argument("--per-domain", type=int, default=30, help="texts per domain (the first N)")
     ap.add_argument("--max-tokens", type=int, default=256, help="first N tokens of each text")
     ap.add_argument("--out", required=True, help="output directory (PNGs, summary.json, expert_choice.npz)")
-    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the model's")
     args = ap.parse_args(argv)
     from .models import load_model
 
+    try:  # the corpus is checked before the model is loaded
+        groups = domain_texts(args.corpus, args.per_domain, text_key=args.text_key, domain_key=args.domain_key)
+    except (CorpusError, OSError) as exc:
+        print(f"scidfm-analyze-experts: error: {exc}", file=sys.stderr)
+        return 2
+    print("[scidfm] domains: " + ", ".join(f"{k} ({len(v)})" for k, v in groups.items()), file=sys.stderr)
     model = load_model(args.model, tokenizer=args.tokenizer)
     try:
-        summary = analyze(model, domain_texts(args.corpus, args.per_domain), args.out, max_tokens=args.max_tokens)
+        summary = analyze(model, groups, args.out, max_tokens=args.max_tokens)
     finally:
         model.close()
     print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=1))
