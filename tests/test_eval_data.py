@@ -101,6 +101,14 @@ def test_converter_details(tmp_path):
     assert [r["answer"] for r in recs[1:]] == [0, 2]  # yes, maybe
 
 
+def test_an_unexpected_shape_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "arc.jsonl"  # a choice without its text
+    bad.write_text(json.dumps({"id": "x", "question": {"stem": "q", "choices": [{"label": "A"}]}, "answerKey": "A"}))
+    rc, _, err = _cli(capsys, "arc_easy", bad, "-o", tmp_path / "x.jsonl")
+    assert rc == 2 and err.strip() == (f"scidfm-eval-data: error: {bad}: not in arc_easy's published format (KeyError: "
+                                       "'text'); scidfm-eval-data --help lists the formats (docs/evaluation.md)")
+
+
 def test_cli_rejects_a_wrong_file(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scidfm_megatron.eval.converters", "sciq", str(OFF / "gsm8k_test.jsonl"),
                         "-o", str(tmp_path / "x.jsonl")], capture_output=True, text=True, cwd=ROOT)

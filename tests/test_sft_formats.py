@@ -31,9 +31,10 @@ def _read(prefix):
 
 def test_every_format_gives_the_messages_ids_and_loss_mask(tmp_path, science_tokenizer_dir, capsys):
     convs = _conversations()
-    # ShareGPT as SlimOrca publishes it (system/human/gpt, a weight on each turn)
+    # ShareGPT as SlimOrca publishes it (system/human/gpt; weight null on system, 0.0 on human, 1.0 on gpt)
+    weight = {"system": None, "user": 0.0, "assistant": 1.0}
     sharegpt = [{"conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"],
-                                    "weight": 1 if m["role"] == "assistant" else None} for m in c]} for c in convs]
+                                    "weight": weight[m["role"]]} for m in c]} for c in convs]
     # Alpaca: instruction + input (joined by a newline), output, optional system; earlier turns as history
     alpaca, alpaca_msgs = [], []
     for k, c in enumerate(convs):
@@ -102,7 +103,7 @@ def test_records_in_the_wrong_shape_are_bad_lines(tmp_path, science_tokenizer_di
     assert reasons[1].startswith("missing key 'conversations'")
     assert "missing key 'conversations'" in reasons[3] and "this record is Alpaca" in reasons[3]
     assert "turn 1: 'from' must be one of" in reasons[4] and "'bing'" in reasons[4]
-    assert "weight 0" in reasons[5] and "set its weight to 1" in reasons[5]
+    assert "turn 1: weight 0 on an assistant turn" in reasons[5] and "set its weight to 1" in reasons[5]
     assert reasons[6] == "key 'conversations': conversation has no assistant turn to learn from"
     assert "turn 0: 'value' must be a string" in reasons[7]
     # Alpaca: a missing or non-string field names its key

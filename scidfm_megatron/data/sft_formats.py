@@ -11,7 +11,8 @@ messages        ``{"messages": [{"role": "system|user|assistant", "content": ...
                 (the key is ``--json-keys``, default ``messages``)
 sharegpt        ``{"conversations": [{"from": "system|human|gpt", "value": ...}]}``      SlimOrca, ShareGPT
                 (``user``/``assistant`` and ``chatgpt`` are read as user/assistant;
-                a turn's ``weight`` may be null or 1, not 0)
+                SlimOrca's per-turn ``weight``: an assistant turn's
+                must be null or 1 (0 is refused), others are ignored)
 alpaca          ``{"instruction", "input" (optional, may be ""), "output"}`` and       Stanford Alpaca
                 optional ``system`` and ``history`` ([[instruction, output], ...]);
                 the user turn is ``instruction``, then ``"\\n"`` and ``input`` when
@@ -103,9 +104,9 @@ def _sharegpt(turns) -> list[dict]:
             raise ValueError(f"{where}: 'from' must be one of {sorted(SHAREGPT_ROLES)}, got {t.get('from')!r}")
         if not isinstance(t.get("value"), str):
             raise ValueError(f"{where}: 'value' must be a string, got {_type_name(t.get('value'))}")
-        if t.get("weight", 1) not in (None, 1):
-            raise ValueError(f"{where}: weight {t['weight']!r} (a turn not to train on) is not supported: "
-                             "drop the turn, or set its weight to 1")
+        if role == "assistant" and t.get("weight", 1) not in (None, 1):  # user / system turns are never trained
+            raise ValueError(f"{where}: weight {t['weight']!r} on an assistant turn (a turn not to train on) is not "
+                             "supported: drop the turn, or set its weight to 1")
         out.append({"role": role, "content": t["value"]})
     return out
 

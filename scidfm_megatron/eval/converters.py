@@ -470,14 +470,20 @@ def convert(benchmark: str, src: str | Path, dst: str | Path, *, test_ids: Optio
     if not src.exists():
         raise ConvertError(f"{src}: no such file")
     rep = report if report is not None else Report()
+    kw = {}
     if test_ids is not None:
         if benchmark != "pubmedqa":
             raise ConvertError(f"--test-ids applies to pubmedqa (its test_ground_truth.json), not {benchmark}")
         if not Path(test_ids).exists():
             raise ConvertError(f"--test-ids {test_ids}: no such file")
-        recs = CONVERTERS[benchmark](src, rep, test_ids=Path(test_ids))
-    else:
-        recs = CONVERTERS[benchmark](src, rep)
+        kw["test_ids"] = Path(test_ids)
+    try:
+        recs = CONVERTERS[benchmark](src, rep, **kw)
+    except ConvertError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:  # a shape no check above names
+        raise ConvertError(f"{src}: not in {benchmark}'s published format ({type(exc).__name__}: {exc}); "
+                           f"scidfm-eval-data --help lists the formats (docs/evaluation.md)") from None
     if not recs:
         why = "; ".join(f"{n} {r}" for r, n in rep.skipped.most_common()) or "the file holds none"
         raise ConvertError(f"{src}: no records to write ({rep.read} read, all skipped: {why}); wrong split or file?")
