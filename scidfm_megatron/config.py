@@ -46,6 +46,17 @@ class ModelConfig:
     moe_token_drop_policy: str = "probs"
     moe_token_dispatcher: str = "alltoall"
     moe_router_dtype: Optional[str] = "fp32"  # router logits/softmax in fp32 even when training bf16
+    # Router settings, by megatron-core's names (its TransformerConfig documents each). Defaults = Mixtral's
+    # routing: softmax over the top-k logits. moe_router_pre_softmax null = on exactly for top-1 softmax
+    # routing (megatron refuses top-1 without it: a softmax over one logit has no gradient), off otherwise.
+    moe_router_pre_softmax: Optional[bool] = None
+    moe_router_score_function: str = "softmax"  # softmax | sigmoid
+    moe_router_num_groups: Optional[int] = None  # group-limited routing: experts in this many groups ...
+    moe_router_group_topk: Optional[int] = None  # ... of which each token may use this many
+    moe_router_topk_scaling_factor: Optional[float] = None
+    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | global_aux_loss | none
+    moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3; sigmoid scores)
+    moe_router_bias_update_rate: float = 1e-3
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -58,6 +69,13 @@ class ModelConfig:
     # SDPA attention, grouped-GEMM experts); "local" = megatron-core's unfused pure-torch modules. The
     # checkpoint keys are the same for all.
     backend: str = "auto"
+
+    @property
+    def router_pre_softmax(self) -> bool:
+        """moe_router_pre_softmax as applied: null -> on for top-1 softmax routing only."""
+        if self.moe_router_pre_softmax is not None:
+            return self.moe_router_pre_softmax
+        return self.moe_router_topk == 1 and self.moe_router_score_function == "softmax"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -91,6 +109,12 @@ class ModelConfig:
         if self.backend not in ("auto", "te", "torch", "local"):
             raise ConfigError(f"model.backend must be 'auto', 'te' or 'local' (unfused) or 'torch' (PyTorch's fused "
                               f"kernels), got {self.backend!r}")
+        if self.moe_router_score_function not in ("softmax", "sigmoid"):
+            raise ConfigError(f"model.moe_router_score_function must be 'softmax' or 'sigmoid', "
+                              f"got {self.moe_router_score_function!r}")
+        if self.moe_router_load_balancing_type not in ("aux_loss", "seq_aux_loss", "global_aux_loss", "none"):
+            raise ConfigError(f"model.moe_router_load_balancing_type must be aux_loss, seq_aux_loss, global_aux_loss "
+                              f"or none, got {self.moe_router_load_balancing_type!r}")
         if self.moe_router_dtype not in (None, "fp32", "fp64"):
             raise ConfigError(f"model.moe_router_dtype must be null, 'fp32' or 'fp64', got {self.moe_router_dtype!r}")
 

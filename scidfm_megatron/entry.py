@@ -47,6 +47,9 @@ def main(stage: Optional[str] = None, argv=None) -> int:
     ap.add_argument("--print-config", action="store_true", help="validate, print the resolved config and exit")
     ap.add_argument("--check", action="store_true",
                     help="validate the whole config for --world-size processes, print the layout and exit")
+    ap.add_argument("--layout-only", action="store_true",
+                    help="with --check: check the layout, model and megatron-core's config only, opening no "
+                         "file (data, tokenizer, checkpoints): for a cluster recipe on a machine without its paths")
     ap.add_argument("--world-size", type=int, default=None,
                     help="with --check: the number of processes to validate for (default: $WORLD_SIZE or 1)")
     args = ap.parse_args(argv)
@@ -62,15 +65,22 @@ def main(stage: Optional[str] = None, argv=None) -> int:
         from .parallel import env_world_size
 
         world = args.world_size or env_world_size()
-        layout = validate_run(cfg, world)
+        if args.layout_only and not args.check:
+            raise ConfigError("--layout-only goes with --check (a run needs its files)")
+        layout = validate_run(cfg, world, layout_only=args.layout_only)
         if args.print_config:
             import yaml
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
         if args.check:
+            from .training.megatron_check import applied_defaults
+
+            for note in applied_defaults(cfg.model):
+                print(f"[scidfm] {note}", flush=True)
             print(f"[scidfm] {args.config}: {cfg.train.stage} of {cfg.model.name} on {layout} "
-                  f"(backend {cfg.model.backend}, precision {cfg.train.precision}): configuration OK", flush=True)
+                  f"(backend {cfg.model.backend}, precision {cfg.train.precision}): "
+                  f"{'layout and model (no file opened)' if args.layout_only else 'configuration'} OK", flush=True)
             return 0
         from .training.trainer import run
 

@@ -44,7 +44,8 @@ class MegatronLM:
         self.device = next(self.model.parameters()).device
         ckpt.load(self.path, [self.model], weights_only=True)
         self.model.eval()
-        tok = (self.meta.get("config", {}).get("data") or {}).get("tokenizer_model")
+        kept = ckpt.tokenizer_file(self.path, self.meta)  # the copy a training run keeps in its checkpoints
+        tok = str(kept) if kept else (self.meta.get("config", {}).get("data") or {}).get("tokenizer_model")
         self.tokenizer_model = tok
 
     @property

@@ -165,6 +165,25 @@ _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_pr
 SIDECAR = "scidfm_megatron.json"  # next to config.json: the run's ModelConfig, for the way back
 
 
+def check_mixtral_routing(cfg: ModelConfig, source: str) -> None:
+    """Mixtral routes by a softmax over all experts, the top-k, renormalised over those k: megatron's default
+    (softmax over the top-k logits), nothing else. A model trained with other router settings would load in
+    transformers and compute something else, so the export refuses it, naming the key."""
+    from ..config import ConfigError
+
+    other = [f"{k}={v}" for k, v, plain in (
+        ("moe_router_pre_softmax", cfg.router_pre_softmax, False),
+        ("moe_router_score_function", cfg.moe_router_score_function, "softmax"),
+        ("moe_router_num_groups", cfg.moe_router_num_groups, None),
+        ("moe_router_topk_scaling_factor", cfg.moe_router_topk_scaling_factor, None),
+        ("moe_router_enable_expert_bias", cfg.moe_router_enable_expert_bias, False)) if v != plain]
+    if other:
+        raise ConfigError(f"{source}: model.{', model.'.join(other)}: a Hugging Face Mixtral routes by softmax over "
+                          f"the top-k (megatron's defaults; top-1 gives every token weight 1), so this model would "
+                          f"compute something else there; evaluate the megatron checkpoint itself (scidfm-evaluate "
+                          f"--model CHECKPOINT)")
+
+
 def hf_config(cfg: ModelConfig, *, dtype: str, token_ids: Optional[dict] = None):
     """transformers' own ``MixtralConfig`` for this model: ``save_pretrained`` writes it exactly as
     transformers writes any Mixtral (only the values that differ from its defaults). ``token_ids``:

@@ -36,11 +36,16 @@ def parse_size(text: str | int) -> int:
 
 def resolve_tokenizer(ckpt: McoreCheckpoint, tokenizer: Optional[str]) -> tokfiles.Tokenizer:
     """``--tokenizer`` (a folder, a .model file or ``none``), else what the checkpoint records: the
-    ``tokenizer/`` folder of a conversion, or the run's ``data.tokenizer_model``; else none."""
+    ``tokenizer.model`` copy a training run keeps in each checkpoint, the ``tokenizer/`` folder of a
+    conversion, or the run's ``data.tokenizer_model`` (absolute since recipes' paths are); else none."""
     if tokenizer:
         return tokfiles.inspect(tokenizer)
     rec = ckpt.meta.get("tokenizer")
-    if isinstance(rec, dict):  # written by hf-to-mcore: a folder next to iter_*, or none
+    if isinstance(rec, dict) and rec.get("file"):  # written by the trainer: a copy inside the checkpoint
+        kept = ckpt.dir / rec["file"]
+        if kept.is_file():
+            return tokfiles.inspect(str(kept))
+    elif isinstance(rec, dict):  # written by hf-to-mcore: a folder next to iter_*, or none
         if not rec.get("dir"):
             return tokfiles.NONE
         d = ckpt.dir.parent / rec["dir"]
@@ -83,6 +88,7 @@ def convert_mcore_to_hf(src: str | Path, dst: str | Path, *, dtype: Optional[str
         raise FileExistsError(f"{dst} exists; remove it or pass --force")
     ckpt = McoreCheckpoint(src)
     cfg = ckpt.model_config
+    mapping.check_mixtral_routing(cfg, str(ckpt.dir / "scidfm_meta.json"))
     why = "--dtype"
     if dtype is None:
         dtype, why = source_dtype(ckpt), "the source's"

@@ -143,13 +143,18 @@ def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision:
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
-        # Mixture of experts, Mixtral-style: top-k over logits, softmax over the k chosen.
+        # Mixture of experts; by default Mixtral-style: top-k over logits, softmax over the k chosen.
         num_moe_experts=model.num_experts,
         moe_ffn_hidden_size=model.moe_ffn_hidden_size,
         moe_router_topk=model.moe_router_topk,
-        moe_router_pre_softmax=False,
-        moe_router_score_function="softmax",
-        moe_router_load_balancing_type="aux_loss",
+        moe_router_pre_softmax=model.router_pre_softmax,  # null: on for top-1 softmax routing only
+        moe_router_score_function=model.moe_router_score_function,
+        moe_router_num_groups=model.moe_router_num_groups,
+        moe_router_group_topk=model.moe_router_group_topk,
+        moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
+        moe_router_load_balancing_type=model.moe_router_load_balancing_type,
+        moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=model.moe_router_bias_update_rate,
         moe_aux_loss_coeff=model.moe_aux_loss_coeff,
         moe_expert_capacity_factor=model.moe_capacity_factor,
         moe_token_drop_policy=model.moe_token_drop_policy,

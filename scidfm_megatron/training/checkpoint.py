@@ -37,6 +37,18 @@ class CheckpointMismatch(RuntimeError):
     pass
 
 
+TOKENIZER_FILE = "tokenizer.model"  # the run's tokenizer, copied into every checkpoint it saves
+
+
+def tokenizer_file(path: str | Path, meta: Optional[dict] = None) -> Optional[Path]:
+    """The tokenizer a checkpoint keeps (its copy inside the checkpoint directory), else None."""
+    meta = read_meta(path) if meta is None else meta
+    rec = meta.get("tokenizer")
+    if isinstance(rec, dict) and rec.get("file") and (Path(path) / rec["file"]).is_file():
+        return Path(path) / rec["file"]
+    return None
+
+
 def iter_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
@@ -219,7 +231,8 @@ def _save_strategy():
 
 
 def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common: dict, keep_last: int = 2,
-         with_optimizer: bool = True, optimizer_format: str = "fully_reshardable", async_queue=None) -> Path:
+         with_optimizer: bool = True, optimizer_format: str = "fully_reshardable", async_queue=None,
+         files: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory (with ``async_queue``, the
     directory it will have once the queue finalizes the save).
 
@@ -230,7 +243,8 @@ def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common:
     ``async_queue`` (megatron's ``AsyncCallsQueue``): the tensors are staged and written by a forked
     process while training goes on; the checkpoint is renamed into place and ``latest`` moved only when
     every rank's write has finished (the queue's finalize step), so a process killed mid-write leaves an
-    ``iter_N.tmp`` that resume ignores. ``with_optimizer=False`` writes model weights only (checkpoint
+    ``iter_N.tmp`` that resume ignores. ``files`` ({name: source path}): copied into the checkpoint
+    directory before it is published (the run's tokenizer). ``with_optimizer=False`` writes model weights only (checkpoint
     conversion): marked ``weights_only``, a run resuming from it starts a fresh optimizer and schedule."""
     from megatron.core import dist_checkpointing
 
@@ -256,6 +270,8 @@ def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common:
     def publish():
         torch.distributed.barrier()
         if rank == 0:
+            for name, src in (files or {}).items():
+                shutil.copyfile(src, tmp / name)
             atomic_write(tmp / "scidfm_meta.json", json.dumps({k: v for k, v in common.items() if k != "rng"},
                                                               indent=1, default=str))
             if final.exists():

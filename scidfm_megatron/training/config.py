@@ -125,11 +125,35 @@ class RunConfig:
         return to_dict(self)
 
 
+# Recipe keys that hold file or directory paths (resolved by load_run_config; docs/training.md, "Paths").
+PATH_KEYS = (("data", "tokenizer_model"), ("data", "mixture"), ("data", "data_root"), ("data", "cache_dir"),
+             ("data", "sft_prefix"), ("checkpoint", "save"), ("checkpoint", "init_from"),
+             ("checkpoint", "resume_from"), ("logging", "tensorboard_dir"), ("logging", "metrics_file"))
+
+
+def resolve_paths(raw: dict, base) -> dict:
+    """Make the relative PATH_KEYS values of a raw recipe absolute against ``base`` (``~`` expanded)."""
+    import os
+
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for section, key in PATH_KEYS:
+        sec = out.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str) and sec[key]:
+            sec[key] = os.path.normpath(os.path.join(base, os.path.expanduser(sec[key])))
+    return out
+
+
 def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None) -> RunConfig:
+    """Recipe + overrides -> RunConfig. Paths: relative ones written in the recipe file are relative to the
+    recipe file's folder (as a mixture's data_root is to the mixture's); relative ones in overrides (and in
+    ``base``) to the working directory. All are absolute afterwards, so a checkpoint's saved config, and
+    everything that reads it, works from any working directory."""
+    import os
+
     raw = dict(base or {})
     if path:
-        raw.update(load_yaml(path))
-    raw = apply_overrides(raw, list(overrides or []))
+        raw.update(resolve_paths(load_yaml(path), os.path.dirname(os.path.abspath(path))))
+    raw = resolve_paths(apply_overrides(raw, list(overrides or [])), os.getcwd())
     model_raw = dict(raw.get("model") or {})
     preset = model_raw.pop("preset", None)
     if preset is None:
@@ -176,9 +200,12 @@ def train_iters_of(cfg: RunConfig) -> int:
     return math.ceil(cfg.data.sft_epochs * sft_sequences(cfg.data.sft_prefix)) // t.global_batch_size
 
 
-def validate_run(cfg: RunConfig, world_size: int):
+def validate_run(cfg: RunConfig, world_size: int, layout_only: bool = False):
     """Everything about a run that can be checked without building anything, on every rank, in about a
-    second: layout against the world size, batch divisibility, schedule, files, backend. Returns the
+    second: layout against the world size, batch divisibility, schedule, files, backend, megatron-core's own
+    config checks (training/megatron_check.py), the checkpoint it resumes (training/resume_check.py).
+    ``layout_only``: no file is opened (data, tokenizer, checkpoints): the layout, model and megatron checks
+    only, for a recipe whose paths exist on the cluster alone. Returns the
     :class:`~scidfm_megatron.parallel.Layout`. Raises ConfigError / ParallelConfigError naming the key."""
     import os
 
@@ -191,6 +218,8 @@ def validate_run(cfg: RunConfig, world_size: int):
                           f"micro_batch_size x DP = {t.micro_batch_size} x {layout.dp} on {world_size} processes")
     if t.seq_length > cfg.model.max_seq_length:
         raise ConfigError(f"train.seq_length ({t.seq_length}) exceeds model.max_seq_length ({cfg.model.max_seq_length})")
+    if layout_only:
+        return _validate_layout_only(cfg, layout)
     if not d.tokenizer_model:
         raise ConfigError("data.tokenizer_model is required (build it with scidfm-build-tokenizer)")
     if not os.path.exists(d.tokenizer_model):
@@ -245,4 +274,36 @@ def validate_run(cfg: RunConfig, world_size: int):
     from ..model.builder import resolve_backend
 
     resolve_backend(cfg.model.backend)  # 'te' without TransformerEngine fails here, with the import error
+    from .megatron_check import check_megatron_configs
+    from .resume_check import check_resume
+
+    check_megatron_configs(cfg, layout)
+    check_resume(cfg)
+    return layout
+
+
+def _validate_layout_only(cfg: RunConfig, layout):
+    """validate_run's checks that need no file: formats, switches, schedule (when train_iters is given),
+    the SFT backend choice, and megatron-core's own config checks."""
+    from ..model.builder import resolve_backend
+    from .megatron_check import check_megatron_configs
+
+    t, c = cfg.train, cfg.checkpoint
+    if c.format not in ("auto", "fully_reshardable", "dp_reshardable"):
+        raise ConfigError(f"checkpoint.format must be auto, fully_reshardable or dp_reshardable, got {c.format!r}")
+    if c.init_from and c.resume_from:
+        raise ConfigError("checkpoint.init_from and checkpoint.resume_from exclude each other")
+    if cfg.engine.overlap_param_gather and not t.use_distributed_optimizer:
+        raise ConfigError("engine.overlap_param_gather needs train.use_distributed_optimizer: true")
+    if t.stage == "pretrain" and not t.train_iters:
+        raise ConfigError("train.train_iters is required for pretraining")
+    if t.train_iters and t.warmup_iters >= (t.lr_decay_iters or t.train_iters):
+        raise ConfigError(f"train.warmup_iters ({t.warmup_iters}) must be smaller than the decay length "
+                          f"({t.lr_decay_iters or t.train_iters} = train.lr_decay_iters or train.train_iters)")
+    if t.stage == "sft" and resolve_backend(cfg.model.backend) == "te":
+        if cfg.model.backend == "te":
+            raise ConfigError("model.backend: te cannot isolate packed SFT conversations yet; use model.backend: "
+                              "local for SFT")
+        cfg.model.backend = "local"
+    check_megatron_configs(cfg, layout)
     return layout

@@ -93,6 +93,10 @@ class Trainer:
         if self.rank0:
             print(f"[scidfm] {self.cfg.model.name} ({'bf16' if engine.config.bf16 else 'fp32'}, backend "
                   f"{resolve_backend(self.cfg.model.backend)}): {engine.describe()}", flush=True)
+            from .megatron_check import applied_defaults
+
+            for note in applied_defaults(self.cfg.model):
+                print(f"[scidfm] {note}", flush=True)
             from ..model.accounting import startup_memory_line
 
             print(f"[scidfm] {startup_memory_line(self.cfg, self.layout, engine)}", flush=True)
@@ -233,15 +237,26 @@ class Trainer:
         queue = None if final else self._async_queue()
         if final:  # a save still in flight is published first: `latest` never goes back
             self._finalize_saves(blocking=True)
-        common = dict(consumed_samples=self.consumed, stage=self.cfg.train.stage, config=self.cfg.to_dict())
-        with self.engine.synced_params():
+        common = dict(consumed_samples=self.consumed, stage=self.cfg.train.stage, config=self.cfg.to_dict(),
+                      tokenizer=self._tokenizer_record())
+        with self.engine.synced_params():  # the tokenizer travels with the checkpoint (a copy + its fingerprint)
             path = ckpt.save(c.save, self.iteration, self.chunks, self.optimizer, self.scheduler, common,
-                             keep_last=c.keep_last, optimizer_format=fmt, async_queue=queue)
+                             keep_last=c.keep_last, optimizer_format=fmt, async_queue=queue,
+                             files={ckpt.TOKENIZER_FILE: self.cfg.data.tokenizer_model})
         if queue is None:
             self.last_checkpoint = path
         if self.rank0:
             print(f"[scidfm] {'writing' if queue else 'saved'} checkpoint {path} ({fmt}"
                   f"{', asynchronously' if queue else ''})", flush=True)
+
+    def _tokenizer_record(self) -> dict:
+        if getattr(self, "_tok_record", None) is None:
+            from ..tokenizer.fingerprint import tokenizer_fingerprint
+
+            fp = tokenizer_fingerprint(self.cfg.data.tokenizer_model)
+            self._tok_record = dict(kind=fp["kind"], file=ckpt.TOKENIZER_FILE, fingerprint=fp,
+                                    source=str(self.cfg.data.tokenizer_model))
+        return self._tok_record
 
     def _async_queue(self):
         if not self.cfg.checkpoint.async_save:
