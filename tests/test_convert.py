@@ -113,7 +113,8 @@ def test_bf16_output_verified(trained_tiny, hf_tiny, tmp_path):
     got, want = hf_tensors(out), hf_tensors(hf_tiny)
     assert all(got[n].dtype == torch.bfloat16 and torch.equal(got[n], want[n].to(torch.bfloat16)) for n in want)
     gen = json.loads((out / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 1
+    eod = json.loads((out / "science_tokens.json").read_text())["specials"]["<|eod|>"]
+    assert gen["eos_token_id"] == [2, eod] and gen["bos_token_id"] == 1  # </s>, and <|eod|> ends documents
 
 
 def test_converted_tokenizer_matches_and_renders_chat(hf_tiny, science_tokenizer):

@@ -42,6 +42,11 @@ def test_megatron_core_reads_what_we_write(tmp_path, science_tokenizer_dir, scie
     summary = json.loads((tmp_path / "papers_summary.json").read_text())
     assert summary["documents"]["text"] == len(texts) and summary["rejected"] == 0
     assert summary["tokens"]["text"] == int(ds.sequence_lengths.sum())
+    from scidfm_megatron.tokenizer.fingerprint import tokenizer_fingerprint
+
+    model = science_tokenizer_dir / "tokenizer.model"  # what training checks its recipe against
+    assert summary["tokenizer"] == dict(tokenizer_fingerprint(model), model_file=str(model.resolve()))
+    assert summary["largest_id"] == {"text": max(int(ds[i].max()) for i in range(len(ds)))}
     assert "documents" in r.stdout and "tokens" in r.stdout
 
 
@@ -67,7 +72,7 @@ BAD_LINES = [
     (b'', None),  # blank line: counted, not an error
     (b'{"body": "no text key"}', "missing key 'text'"),
     (b'{"text": ""}', None),  # empty document: skipped and counted
-    (b'{"text": "escaped nul \\u0000"}', "contains a NUL character"),
+    (b'{"text": "escaped nul \\u0000"}', None),  # valid JSON: kept with its NUL, and counted
     (b'{"text": "raw nul \x00"}', "NUL byte at byte"),
     (b'["a list"]', "expected a JSON object, got a list"),
     (b'{"text": "good two"}', None),
@@ -91,9 +96,11 @@ def test_bad_lines_are_reported_with_line_numbers(tmp_path, science_tokenizer_di
         assert why in x["reason"]
         assert f"{src}:{n}: " in r.stdout  # listed in the printed summary too
     ds = megatron_dataset(tmp_path / "m_text_document")
-    assert [science_tokenizer.decode(ds[i][:-1]) for i in range(len(ds))] == ["good one", "good two"]
+    assert [science_tokenizer.decode(ds[i][:-1]) for i in range(len(ds))] == ["good one", "escaped nul \x00",
+                                                                              "good two"]
     s = json.loads((tmp_path / "m_summary.json").read_text())
-    assert (s["rejected"], s["empty"], s["blank_lines"], s["lines"]) == (7, 1, 1, len(BAD_LINES))
+    assert (s["rejected"], s["empty"], s["blank_lines"], s["lines"]) == (6, 1, 1, len(BAD_LINES))
+    assert s["nul_documents"] == 1 and "documents kept with an escaped NUL (\\u0000): 1" in r.stdout
 
 
 def test_strict_mode_stops_at_the_first_bad_line_and_writes_nothing(tmp_path, science_tokenizer_dir):

@@ -141,6 +141,9 @@ def convert_mcore_to_hf(src: str | Path, dst: str | Path, *, dtype: Optional[str
             dict(model=to_dict(cfg), source=str(ckpt.dir), iteration=ckpt.meta.get("iteration"),
                  stage=ckpt.meta.get("stage")), indent=2, default=str) + "\n")
         gen = {f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad") if ids.get(k) is not None}
+        if tok.eod_id is not None and isinstance(gen.get("eos_token_id"), int) and tok.eod_id != gen["eos_token_id"]:
+            # pretraining ends every document with <|eod|>: a base model stops there too
+            gen["eos_token_id"] = [gen["eos_token_id"], tok.eod_id]
         GenerationConfig(do_sample=False, max_new_tokens=256, **gen).save_pretrained(tmp)
         if verify:
             from .verify import verify_conversion

@@ -6,8 +6,10 @@ Four kinds:
   markers), e.g. the one a training run recorded. Written as ``tokenizer.model`` (+
   ``science_tokens.json``) plus the Hugging Face files generated for it (``tokenization_scidfm.py``,
   ``tokenizer_config.json`` with the chat template; ``AutoTokenizer`` needs ``trust_remote_code``).
-* ``sentencepiece``: a plain SentencePiece model (Llama / Mistral style ``tokenizer.model``). Copied
-  byte for byte, with a ``tokenizer_config.json`` naming ``LlamaTokenizer`` so ``AutoTokenizer`` loads it.
+* ``sentencepiece``: a plain SentencePiece model (Llama / Mistral style ``tokenizer.model``, or one a user
+  trained). Copied byte for byte, with a ``tokenizer.json`` built from it whose ids are SentencePiece's
+  (``tokenizer/hf_plain.py``, checked on probe texts before it is written) and a ``tokenizer_config.json``
+  naming the generic ``PreTrainedTokenizerFast``, so ``AutoTokenizer`` loads it without remote code.
 * ``hf``: a folder that already holds Hugging Face tokenizer files (``tokenizer.json`` and/or
   ``tokenizer_config.json``, with or without ``tokenizer.model``). Every tokenizer file is copied byte
   for byte; nothing is generated.
@@ -47,6 +49,7 @@ class Tokenizer:
     bos_id: Optional[int] = None
     eos_id: Optional[int] = None
     pad_id: Optional[int] = None
+    eod_id: Optional[int] = None  # <|eod|>, which pretraining appends to every document (None: not in the vocabulary)
 
     def describe(self) -> str:
         if self.kind == "none":
@@ -93,22 +96,25 @@ def _sp_tokenizer(model: Path) -> Tokenizer:
     def sid(i):
         return i if 0 <= i < len(proto.pieces) else None
 
+    from ..tokenizer.core import EOD
+
+    eod = next((i for i, p in enumerate(proto.pieces) if p.piece == EOD), None)
     if _is_science(proto):
         from ..tokenizer.core import PAD
 
         pad = next(i for i, p in enumerate(proto.pieces) if p.piece == PAD)
         files = [model] + ([model.parent / "science_tokens.json"] if (model.parent / "science_tokens.json").exists()
                            else [])
-        return Tokenizer("science", model, len(proto.pieces), files, sid(spec.bos_id), sid(spec.eos_id), pad)
+        return Tokenizer("science", model, len(proto.pieces), files, sid(spec.bos_id), sid(spec.eos_id), pad, eod)
     return Tokenizer("sentencepiece", model, len(proto.pieces), [model], sid(spec.bos_id), sid(spec.eos_id),
-                     sid(spec.pad_id))
+                     sid(spec.pad_id), eod)
 
 
 def _hf_folder(d: Path) -> Tokenizer:
     files = [d / f for f in HF_TOKENIZER_FILES if (d / f).is_file()]
     files += sorted(p for p in d.glob("tokenization_*.py") if p.is_file())
     ids: list[int] = []
-    bos = eos = pad = None
+    bos = eos = pad = eod = None
     if (d / "tokenizer.json").is_file():
         try:
             tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
@@ -123,7 +129,7 @@ def _hf_folder(d: Path) -> Tokenizer:
     elif (d / "tokenizer.model").is_file():
         sp = _sp_tokenizer(d / "tokenizer.model")
         ids.append(sp.vocab_size - 1)
-        bos, eos, pad = sp.bos_id, sp.eos_id, sp.pad_id
+        bos, eos, pad, eod = sp.bos_id, sp.eos_id, sp.pad_id, sp.eod_id
     elif (d / "vocab.json").is_file():
         ids += [int(v) for v in json.loads((d / "vocab.json").read_text(encoding="utf-8")).values()]
     cfg_file = d / "tokenizer_config.json"
@@ -133,7 +139,7 @@ def _hf_folder(d: Path) -> Tokenizer:
         except ValueError as exc:
             raise TokenizerError(f"{cfg_file}: not valid JSON ({exc})") from None
         ids += [int(k) for k in (cfg.get("added_tokens_decoder") or {})]
-    return Tokenizer("hf", d, (max(ids) + 1) if ids else None, files, bos, eos, pad)
+    return Tokenizer("hf", d, (max(ids) + 1) if ids else None, files, bos, eos, pad, eod)
 
 
 def inspect(path: str | Path) -> Tokenizer:
@@ -182,17 +188,14 @@ def write(tok: Tokenizer, dst: Path, *, model_max_length: int, hf_files: bool = 
 
         write_hf_tokenizer_files(dst, ScienceTokenizer(str(tok.path)), model_max_length=model_max_length)
     else:
-        proto = _sp_proto(tok.path)
-        name = {i: proto.pieces[i].piece for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None}
-        config = {"tokenizer_class": "LlamaTokenizer", "model_max_length": model_max_length,
-                  "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False}
-        for key, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("pad_token", tok.pad_id)):
-            if i is not None:
-                config[key] = name[i]
-        unk = proto.trainer_spec.unk_id
-        if 0 <= unk < len(proto.pieces):
-            config["unk_token"] = proto.pieces[unk].piece
-        (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        from ..tokenizer import hf_plain
+
+        try:
+            notes = hf_plain.write(dst, tok.path, model_max_length)
+        except hf_plain.PlainExportError as exc:
+            raise TokenizerError(str(exc)) from None
+        for note in notes:
+            print(f"[scidfm] tokenizer: {note}", flush=True)
 
 
 def encode(tok: Tokenizer, text: str) -> Optional[list[int]]:

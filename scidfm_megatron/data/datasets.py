@@ -15,7 +15,7 @@ class MegatronTokenizerAdapter:
         self.vocab_size = tok.vocab_size
         self.eod = tok.eod_id
         self.pad = tok.pad_id
-        self.unique_identifiers = {"class": "ScienceTokenizer", "model_file": str(tok.model_file),
+        self.unique_identifiers = {"class": type(tok).__name__, "model_file": str(tok.model_file),
                                    "vocab_size": tok.vocab_size}
 
     def detokenize(self, ids):

@@ -5,11 +5,14 @@ decode, wrap and tokenize batches of lines. At most ``4 x workers`` batches are 
 bounded whatever the input size (``multiprocessing.Pool.imap`` would read the whole input ahead). Nothing
 here imports torch: workers stay small and start fast.
 
-Bad input is never dropped silently. Each bad line (invalid UTF-8, NUL bytes, invalid JSON, not an
+Bad input is never dropped silently. Each bad line (invalid UTF-8, raw NUL bytes, invalid JSON, not an
 object, missing key, non-string value, text holding an escaped lone surrogate such as ``"\ud800"``) is counted and listed with its file, line number and reason in
 the summary and in ``<prefix>_rejected.jsonl``; ``strict=True`` stops at the first one with that
-message and writes nothing. Empty documents are skipped and counted. Outputs are written under
-temporary names and renamed only when everything is complete.
+message and writes nothing. Empty documents are skipped and counted. An escaped NUL (``"\u0000"``) is a
+valid JSON string: the document is kept with its NUL (SentencePiece encodes it, as a byte with byte
+fallback) and counted (``nul_documents``). Outputs are written under temporary names and renamed only
+when everything is complete. The summary records the tokenizer's fingerprint and the largest id written
+per output (``tokenizer``, ``largest_id``), which training checks against its recipe (data/provenance.py).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class Summary:
     seconds: float = 0.0
     rejections: list[Rejection] = field(default_factory=list)  # the first ``max_listed``
     sft: dict = field(default_factory=dict)  # SFT packing statistics (SFT mode only)
+    nul_documents: int = 0  # documents kept that hold an escaped NUL (\u0000)
+    tokenizer: dict = field(default_factory=dict)  # tokenizer.fingerprint: sha256, vocab_size, kind
+    largest_id: dict = field(default_factory=dict)  # per output key: the largest token id written
 
     @property
     def mb_per_s(self) -> float:
@@ -88,7 +94,8 @@ class Summary:
             counts = collections.Counter(self.sft["formats"].values())
             lines.append("  SFT record formats: " + ", ".join(f"{f} ({n} file{'s' * (n > 1)})" for f, n in counts.items()))
         lines.append(f"  rejected lines: {self.rejected:,}; empty documents skipped: {self.empty:,}; "
-                     f"blank lines: {self.blank_lines:,}")
+                     f"blank lines: {self.blank_lines:,}" +
+                     (f"; documents kept with an escaped NUL (\\u0000): {self.nul_documents:,}" if self.nul_documents else ""))
         for r in self.rejections[:max_listed]:
             lines.append(f"    {r.file}:{r.line}: {r.reason}")
         if self.rejected > max_listed:
@@ -148,7 +155,7 @@ def _encode_batch(batch: tuple[int, int, bytes]):
     texts: dict[str, list[str]] = {k: [] for k in keys}
     rejects: list[tuple[int, str]] = []
     chats: list[tuple[list[int], list[int]]] = []
-    empty = blank = 0
+    empty = blank = nul = 0
     lines = block.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()
@@ -158,9 +165,9 @@ def _encode_batch(batch: tuple[int, int, bytes]):
         if not raw.strip():
             blank += 1
             continue
-        nul = raw.find(b"\x00")
-        if nul >= 0:
-            rejects.append((lineno, f"NUL byte at byte {nul}; remove NUL bytes from the input"))
+        at = raw.find(b"\x00")
+        if at >= 0:
+            rejects.append((lineno, f"NUL byte at byte {at}; remove NUL bytes from the input"))
             continue
         text, bad_utf8 = decode_line(raw)
         if bad_utf8:
@@ -198,9 +205,6 @@ def _encode_batch(batch: tuple[int, int, bytes]):
             if not isinstance(v, str):
                 bad = f"key {k!r} is {_type_name(v)}, expected a string"
                 break
-            if "\x00" in v:
-                bad = f"key {k!r} contains a NUL character (\\u0000)"
-                break
             bad = lone_surrogate(v, f"key {k!r}")
             if bad:
                 bad += SURROGATE_FIX
@@ -209,6 +213,7 @@ def _encode_batch(batch: tuple[int, int, bytes]):
         if bad:
             rejects.append((lineno, bad))
             continue
+        nul += any("\x00" in v for v in values)  # escaped NUL: valid JSON, kept (and counted)
         for k, v in zip(keys, values):
             if not v.strip():
                 empty += 1
@@ -220,7 +225,7 @@ def _encode_batch(batch: tuple[int, int, bytes]):
         flat = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in chats), dtype=_W["dtype"],
                            count=int(lengths.sum()))
         mask = np.fromiter(itertools.chain.from_iterable(m for _, m in chats), dtype=np.uint8, count=int(lengths.sum()))
-        return file_idx, {keys[0]: (flat, lengths, mask)}, rejects, empty, blank, len(block), len(lines)
+        return file_idx, {keys[0]: (flat, lengths, mask)}, rejects, empty, blank, len(block), len(lines), nul
     eod = _W["append_eod"]
     for k in keys:
         encoded = tok.encode_batch(texts[k]) if texts[k] else []
@@ -230,7 +235,7 @@ def _encode_batch(batch: tuple[int, int, bytes]):
         lengths = np.fromiter(map(len, encoded), dtype=np.int32, count=len(encoded))
         flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=_W["dtype"], count=int(lengths.sum()))
         out[k] = (flat, lengths)
-    return file_idx, out, rejects, empty, blank, len(block), len(lines)
+    return file_idx, out, rejects, empty, blank, len(block), len(lines), nul
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -314,6 +319,10 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
         what = "--span" if spans else "SFT preprocessing (--sft-seq-length: chat markers)"
         raise PreprocessUsageError(f"{what} needs the science tokenizer; {tokenizer_model} is a plain SentencePiece "
                               f"model: build one with scidfm-build-tokenizer --base-model {tokenizer_model}")
+    from ..tokenizer.fingerprint import Fingerprint, file_sha256
+
+    fingerprint = Fingerprint(sha256=file_sha256(tokenizer_model), vocab_size=int(tok.vocab_size),
+                              kind=getattr(tok, "kind", "science"))
     dtype = optimal_dtype(tok.vocab_size)
     mode = "chat" if sft_seq_length else "text"
     if mode == "chat":
@@ -334,7 +343,8 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
         writers = {k: IndexedWriter(p, dtype) for k, p in prefixes.items()}
     rejected_path = Path(f"{output_prefix}_rejected.jsonl")
     rejected_tmp = Path(f"{rejected_path}.tmp")
-    summary = Summary(inputs=files, outputs=prefixes, documents={k: 0 for k in keys}, tokens={k: 0 for k in keys})
+    summary = Summary(inputs=files, outputs=prefixes, documents={k: 0 for k in keys}, tokens={k: 0 for k in keys},
+                      tokenizer=dict(fingerprint, model_file=os.path.abspath(tokenizer_model)))
     total_bytes = sum(os.path.getsize(f) for f in files)
     bar = None
     if progress:
@@ -364,7 +374,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
             compressed = [f.endswith((".gz", ".zst")) for f in files]
 
             def drain_one():
-                fi, out, rejects, empty, blank, nbytes, nlines = inflight.popleft().get()
+                fi, out, rejects, empty, blank, nbytes, nlines, nul = inflight.popleft().get()
                 for lineno, reason in rejects:
                     r = Rejection(files[fi], lineno, reason)
                     if strict:
@@ -378,9 +388,11 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
                         writers[k].add_documents(flat, lengths, *mask)
                         summary.documents[k] += len(lengths)
                         summary.tokens[k] += int(flat.size)
+                        summary.largest_id[k] = max(summary.largest_id.get(k, -1), int(flat.max()))
                 summary.lines += nlines
                 summary.empty += empty
                 summary.blank_lines += blank
+                summary.nul_documents += nul
                 summary.bytes_read += nbytes
                 if bar is not None:
                     bar.update(nbytes if not compressed[fi] else 0)

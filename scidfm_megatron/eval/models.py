@@ -23,7 +23,7 @@ import torch
 class LanguageModel:
     """Subclasses implement ``_logits(ids [b, s]) -> [b, s, vocab]``; the rest is shared."""
 
-    tokenizer = None  # ScienceTokenizer
+    tokenizer = None  # ScienceTokenizer, or PlainSentencePieceTokenizer (tokenizer/plain.py)
     max_length: int = 2048
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -82,11 +82,12 @@ class LanguageModel:
 
 
 def _science_tokenizer(path: Path):
-    from ..tokenizer.core import ScienceTokenizer
+    """The model's tokenizer: the science tokenizer, or a plain SentencePiece model (raw prompts only)."""
+    from ..tokenizer.plain import load_tokenizer
 
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {path} not found")
-    return ScienceTokenizer(str(path))
+    return load_tokenizer(str(path))
 
 
 class HFModel(LanguageModel):

@@ -163,6 +163,9 @@ class Prompter:
         if prompt_format not in PROMPT_FORMATS:
             raise TaskDataError(f"prompt format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
         self.model, self.tok, self.format = model, model.tokenizer, prompt_format
+        if prompt_format == "chat" and getattr(self.tok, "kind", "science") == "plain":
+            raise TaskDataError(f"--prompt-format chat needs the chat markers of a science tokenizer; this model's "
+                                f"tokenizer ({self.tok.model_file}) is a plain SentencePiece model: use --prompt-format raw")
 
     def prompt(self, text: str, raw_suffix: str = "", answer_prefix: str = "") -> list[int]:
         """raw: ``<s>{text}{raw_suffix}{answer_prefix}``; chat: the user turn ``text`` then ``<|assistant|>``
@@ -234,11 +237,11 @@ def _math(pr: Prompter, recs, bs, progress, style, max_new):
 
 def _molgen(pr: Prompter, recs, bs, progress, max_new, convention="mol_instructions"):
     tok = pr.tok
-    end = tok.special_ids["[END_I_SMILES]"]
+    end = tok.special_ids.get("[END_I_SMILES]")  # a plain tokenizer has no span tokens: cut at the text below
     prompts = [pr.prompt(f"{r['instruction']}\n{r['input']}", raw_suffix="\nAnswer: ",
                          answer_prefix="[START_I_SMILES]") for r in recs]
-    outs = _generate(pr.model, prompts, max_new, [end] + pr.stop_ids(), bs, progress)
-    preds = [tok.decode(o, skip_special=True).strip() for o in outs]
+    outs = _generate(pr.model, prompts, max_new, ([end] if end is not None else []) + pr.stop_ids(), bs, progress)
+    preds = [tok.decode(o, skip_special=True).split("[END_I_SMILES]")[0].strip() for o in outs]
     refs = [r["output"] for r in recs]
     scores = metrics.molecule_generation_scores(preds, refs, convention=convention)
     scores["convention"] = convention

@@ -5,7 +5,9 @@ preprocess with the plain model their base LLM ships (``--tokenizer-model tokeni
 file Megatron-LM's ``tools/preprocess_data.py`` takes). The ids are Megatron-LM's: a document's ids are
 ``SentencePieceProcessor.encode_as_ids(text)`` (no BOS), and the end-of-document id is ``</s>``
 (``eos_id()``) unless the model has an ``<|eod|>`` piece, which then is the EOD. Span wrapping and chat
-markers need the science tokenizer (:mod:`.core`).
+markers need the science tokenizer (:mod:`.core`): SFT data and chat prompts are refused with a plain
+model. For evaluation it takes the science tokenizer's ``encode``/``decode`` keywords (``bos``,
+``continuation``; ``allow_special`` and ``skip_special`` concern markers a plain model does not have).
 """
 
 from __future__ import annotations
@@ -23,20 +25,29 @@ class PlainSentencePieceTokenizer:
         if not os.path.exists(self.model_file):
             raise OSError(f"{self.model_file}: no such file")
         self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto.FromString(self.sp.serialized_model_proto())
+        proto.normalizer_spec.add_dummy_prefix = False  # text that continues a document: no dummy "▁"
+        self.sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self.vocab_size = self.sp.get_piece_size()
         eod = self.sp.piece_to_id("<|eod|>")
         self.eod_id = eod if eod != self.sp.unk_id() else self.sp.eos_id()
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
         self.num_threads = -1
+        # the only special a plain model can have that the trainer or evaluation uses by name
+        self.special_ids = {"<|eod|>": eod} if eod != self.sp.unk_id() else {}
 
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode_as_ids(text)
+    def encode(self, text: str, *, allow_special: bool = False, bos: bool = False, eos: bool = False,
+               continuation: bool = False) -> list[int]:
+        ids = (self.sp_cont if continuation else self.sp).encode_as_ids(text)
+        return ([self.bos_id] if bos and self.bos_id >= 0 else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(list(texts), num_threads=self.num_threads)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, *, skip_special: bool = False) -> str:
         return self.sp.decode_ids([int(i) for i in ids])
 
 

@@ -224,6 +224,9 @@ def validate_run(cfg: RunConfig, world_size: int, layout_only: bool = False):
         raise ConfigError("data.tokenizer_model is required (build it with scidfm-build-tokenizer)")
     if not os.path.exists(d.tokenizer_model):
         raise ConfigError(f"data.tokenizer_model: {d.tokenizer_model} does not exist")
+    from ..data.provenance import check_run_data, run_tokenizer
+
+    fp = run_tokenizer(cfg)  # the science tokenizer or a plain SentencePiece model (SFT: science only)
     if c.format not in ("auto", "fully_reshardable", "dp_reshardable"):
         raise ConfigError(f"checkpoint.format must be auto, fully_reshardable or dp_reshardable, got {c.format!r}")
     if t.stage == "sft":
@@ -248,12 +251,11 @@ def validate_run(cfg: RunConfig, world_size: int, layout_only: bool = False):
             raise ConfigError("data.mixture is required for train.stage: pretrain")
         if not os.path.exists(d.mixture):
             raise ConfigError(f"data.mixture: {d.mixture} does not exist")
-    from ..tokenizer import ScienceTokenizer
-
-    vocab = ScienceTokenizer(d.tokenizer_model).vocab_size
+    vocab = fp["vocab_size"]
     if vocab != cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but {d.tokenizer_model} has {vocab} tokens: "
                           f"set model.vocab_size={vocab}")
+    check_run_data(cfg, fp)  # every dataset made with this tokenizer, its ids inside the vocabulary
     iters = train_iters_of(cfg)
     if iters < 1:
         raise ConfigError(f"the run has no iteration: {t.stage} data gives {iters} global batches of "

@@ -80,9 +80,9 @@ class Trainer:
         self.expert_load = self._expert_load()
 
     def _tokenizer(self):
-        from ..tokenizer import ScienceTokenizer
+        from ..tokenizer.plain import load_tokenizer
 
-        return ScienceTokenizer(self.cfg.data.tokenizer_model)  # its size matches the model: validate_run
+        return load_tokenizer(self.cfg.data.tokenizer_model)  # science or plain; size and data: validate_run
 
     def _engine(self):
         from .engine import build_engine

@@ -1,0 +1,169 @@
+"""A Hugging Face ``tokenizer.json`` that gives a plain SentencePiece model's ids exactly.
+
+A plain model (Llama / Mistral style, or one a user trained) has no span vocabulary, so its HF export
+needs no custom code: ``AutoTokenizer.from_pretrained(DIR)`` loads ``tokenizer.json`` through the generic
+``PreTrainedTokenizerFast``. The pipeline is built here from the model's own proto, because the generic
+conversions differ from SentencePiece (transformers 5.23 on a user's model: ``"The"`` -> ``T``, ``he``; on
+Mistral's: merges in id order, so whitespace runs in code split differently, and a leading space loses
+its dummy-prefix ``▁``). What SentencePiece does, and the pipeline that matches it:
+
+* normalisation: the precompiled character map (``nmt_nfkc``...) if any, then ``remove_extra_whitespaces``
+  (runs of spaces -> one, leading/trailing spaces dropped), the dummy prefix ``▁`` (always: also before
+  a text that starts with a space), spaces -> ``▁``. No pre-tokenizer: SentencePiece's BPE merges across
+  the whole normalised text, and so does this.
+* BPE: at each step SentencePiece merges the adjacent pair whose union has the highest score, leftmost
+  on ties; the merges here are ranked by that score, and among equal scores by longer left then longer
+  right part (which is leftmost-first for whitespace runs: ``▁▁▁`` + ``▁Run``, not ``▁▁▁▁`` + ``Run``).
+  Unigram: the same pieces and scores (Viterbi); unused pieces never match text. One known difference:
+  a control piece's own string in raw text (a literal ``<s>``) is that piece in ``tokenizers``' lattice
+  and text in SentencePiece's, so unigram models are checked without those probes and the export says so.
+* control pieces (``<s>``, ``</s>``...) in raw text are text, as in SentencePiece and Megatron-LM's
+  ``GPTSentencePieceTokenizer``: they are special tokens with ``split_special_tokens``.
+
+:func:`check_ids` encodes probe texts both ways; an export is written only when every probe agrees.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# SentencePiece piece types (sentencepiece_model.proto)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Text that exercises what differs between tokenizer pipelines: leading/trailing/inner whitespace runs,
+# tabs and newlines, code indentation, digits, punctuation, non-ASCII, characters no vocabulary has
+# (byte fallback or unk), and the control pieces' strings as plain text.
+PROBES = (
+    "The", " leading space", "  two leading spaces", "trailing space ", "a  b   c    d", "\tTabbed\tline\n",
+    "line one\nline two\n\n  indented", "def f(x):\n    return x  # four spaces\n        eight",
+    "function Res = dfm(X,Spec)\n%DFM()    Runs the model", "pH 7.4, 37 °C, 1.5e-3 mol/L, ΔG = −12 kJ",
+    "Caffeine (C8H10N4O2) blocks adenosine receptors.", "chloroform [START_I_SMILES]CC(=O)O[END_I_SMILES] ok",
+    "<s> and </s> and <unk> are text here", "naïve café Straße résumé", "質量分析 タンパク質 단백질",
+    "emoji 🧪🧬 and ∑∫√ symbols", "x" * 40, "    ", " ", "",
+)
+
+
+class PlainExportError(ValueError):
+    pass
+
+
+def _proto(model_file):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    return proto
+
+
+def _merges(proto) -> list[tuple[str, str]]:
+    """BPE merges from piece scores: every split of a normal piece into two normal pieces, ranked by the
+    piece's score (high first), then longer left part, then longer right part."""
+    normal = {p.piece: p.score for p in proto.pieces if p.type == NORMAL}
+    ranked = []
+    for piece, score in normal.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in normal and right in normal:
+                ranked.append((-score, -len(left), -len(right), left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def build(model_file):
+    """The ``tokenizers.Tokenizer`` equivalent of a plain SentencePiece ``model_file``."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE, Unigram
+
+    proto = _proto(model_file)
+    ns, ts = proto.normalizer_spec, proto.trainer_spec
+    if ts.treat_whitespace_as_suffix or not ns.escape_whitespaces:
+        raise PlainExportError(f"{model_file}: treat_whitespace_as_suffix / escape_whitespaces=false SentencePiece "
+                               f"models have no Hugging Face tokenizer.json equivalent here")
+    pieces = list(proto.pieces)
+    unk_piece = pieces[ts.unk_id].piece if 0 <= ts.unk_id < len(pieces) else None
+    if ts.model_type == 2:  # BPE
+        model = BPE(vocab={p.piece: i for i, p in enumerate(pieces)}, merges=_merges(proto), unk_token=unk_piece,
+                    fuse_unk=True, byte_fallback=ts.byte_fallback, dropout=None)
+    elif ts.model_type == 1:  # Unigram: only normal and user pieces can match text
+        vocab = [(p.piece, p.score if p.type in (NORMAL, USER_DEFINED) else -1e30) for p in pieces]
+        model = Unigram(vocab, unk_id=ts.unk_id, byte_fallback=ts.byte_fallback)
+    else:
+        raise PlainExportError(f"{model_file}: SentencePiece model_type {ts.model_type} (not BPE or unigram) has no "
+                               f"Hugging Face tokenizer.json equivalent here")
+    tok = Tokenizer(model)
+    norm = []
+    if ns.precompiled_charsmap:
+        norm.append(normalizers.Precompiled(ns.precompiled_charsmap))
+    if ns.remove_extra_whitespaces:
+        norm += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex("^ | $"), "")]
+    if ns.add_dummy_prefix:
+        norm.append(normalizers.Prepend("▁"))
+    norm.append(normalizers.Replace(" ", "▁"))
+    tok.normalizer = normalizers.Sequence(norm)
+    dec = [decoders.Replace("▁", " ")]
+    if ts.byte_fallback:
+        dec.append(decoders.ByteFallback())
+    dec.append(decoders.Fuse())
+    if ns.add_dummy_prefix:
+        dec.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(dec)
+    tok.add_tokens([AddedToken(p.piece, normalized=False, special=p.type in (CONTROL, UNKNOWN))
+                    for p in pieces if p.type in (CONTROL, UNKNOWN, USER_DEFINED)])
+    if 0 <= ts.bos_id < len(pieces):
+        bos = pieces[ts.bos_id].piece
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, ts.bos_id)])
+    return tok
+
+
+def tokenizer_config(model_file, model_max_length: int) -> dict:
+    """``tokenizer_config.json`` for :func:`build`'s tokenizer: the generic fast class, SentencePiece's
+    special pieces, control strings in text tokenized as text."""
+    proto = _proto(model_file)
+    ts, pieces = proto.trainer_spec, proto.pieces
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+           "add_bos_token": 0 <= ts.bos_id < len(pieces), "add_eos_token": False,
+           "clean_up_tokenization_spaces": False, "split_special_tokens": True}
+    for key, i in (("bos_token", ts.bos_id), ("eos_token", ts.eos_id), ("unk_token", ts.unk_id),
+                   ("pad_token", ts.pad_id)):
+        if 0 <= i < len(pieces):
+            cfg[key] = pieces[i].piece
+    return cfg
+
+
+CONTROL_PROBES = ("<s> and </s> and <unk> are text here",)
+
+
+def write(dst, model_file, model_max_length: int) -> list[str]:
+    """``tokenizer.json`` + ``tokenizer_config.json`` into ``dst`` (which already holds tokenizer.model),
+    after :func:`check_ids` passed on the probes. Returns notes for the console (unigram's one limit)."""
+    tok = build(model_file)
+    unigram = _proto(model_file).trainer_spec.model_type == 1
+    check_ids(tok, model_file, [t for t in PROBES if not unigram or t not in CONTROL_PROBES])
+    notes = ["unigram model: a literal control string in text (e.g. '<s>') is one token in the Hugging Face "
+             "tokenizer but text in SentencePiece; every other probe gives the same ids"] if unigram else []
+    dst = Path(dst)
+    tok.save(str(dst / "tokenizer.json"))
+    (dst / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(model_file, model_max_length), indent=2)
+                                               + "\n")
+    return notes
+
+
+def mismatches(tok, model_file, texts) -> list[str]:
+    """The texts whose ids differ between ``tok`` (no special tokens added) and SentencePiece."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    texts = list(texts)
+    tok.encode_special_tokens = True
+    got = tok.encode_batch(texts, add_special_tokens=False)
+    return [t for t, g, want in zip(texts, got, sp.encode(texts)) if g.ids != want]
+
+
+def check_ids(tok, model_file, texts=PROBES) -> None:
+    bad = mismatches(tok, model_file, texts)
+    if bad:
+        raise PlainExportError(f"{model_file}: the Hugging Face tokenizer.json built for it gives other ids than "
+                               f"SentencePiece on {len(bad)} of {len(texts)} probe texts (e.g. {bad[0]!r}); not "
+                               f"written. Export with --tokenizer none and ship tokenizer.model with the model")
