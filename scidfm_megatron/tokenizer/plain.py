@@ -29,22 +29,31 @@ class PlainSentencePieceTokenizer:
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
         self.num_threads = -1
+        self.fast = None  # tokenizer/fast.py: GigaToken with the same ids
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode_as_ids(text)
+        return self.fast.encode(text) if self.fast is not None else self.sp.encode_as_ids(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.fast is not None:
+            return self.fast.encode_batch(list(texts))
         return self.sp.encode(list(texts), num_threads=self.num_threads)
 
     def decode(self, ids) -> str:
         return self.sp.decode_ids([int(i) for i in ids])
 
 
-def load_tokenizer(model_file: str | os.PathLike):
-    """The science tokenizer when ``model_file`` is one, else the plain SentencePiece model."""
+def load_tokenizer(model_file: str | os.PathLike, fast: bool = False):
+    """The science tokenizer when ``model_file`` is one, else the plain SentencePiece model.
+    ``fast``: GigaToken where it gives SentencePiece's ids (tokenizer/fast.py), else SentencePiece."""
     from .core import NotScienceTokenizer, ScienceTokenizer
 
     try:
-        return ScienceTokenizer(model_file)
+        tok = ScienceTokenizer(model_file)
     except NotScienceTokenizer:
-        return PlainSentencePieceTokenizer(model_file)
+        tok = PlainSentencePieceTokenizer(model_file)
+    if fast:
+        from .fast import accelerate
+
+        accelerate(tok)
+    return tok
