@@ -26,6 +26,10 @@ EXTRAS = {
              "matplotlib==3.11.2", "lm-eval==0.4.13",
              "accelerate==1.15.0"],  # lm-eval's hf model imports accelerate without declaring it
     "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
+    # Preprocessing: GigaToken for the base BPE (ids checked equal to SentencePiece's; without it,
+    # SentencePiece), parquet inputs. Never required.
+    "fast": ["gigatoken==0.10.0"],
+    "parquet": ["pyarrow==26.0.1"],
 }
 EXTRAS["all-cpu"] = sorted({r for k, v in EXTRAS.items() if k != "gpu" for r in v})
 

@@ -130,9 +130,14 @@ def _init_worker(model_file: str, keys: list[str], spans: dict, append_eod: bool
         from ..tokenizer.core import wrap_molecule, wrap_protein
         from ..tokenizer.plain import load_tokenizer
 
-        tok = load_tokenizer(model_file)  # the science tokenizer, or any SentencePiece model (tokenizer/plain.py)
+        # The science tokenizer, or any SentencePiece model (tokenizer/plain.py); GigaToken where it gives
+        # SentencePiece's ids (tokenizer/fast.py).
+        tok = load_tokenizer(model_file, fast=True)
         tok.num_threads = 1  # one SentencePiece thread per worker process: the workers are the parallelism
-        _W.update(tok=tok, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype), mode=mode, sft_formats=sft_formats,
+        from ..tokenizer.fast import encode_arrays
+
+        _W.update(tok=tok, encode_arrays=encode_arrays, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype), mode=mode,
+                  sft_formats=sft_formats,
                   wrap={k: (wrap_molecule if v == "molecule" else wrap_protein) for k, v in spans.items()})
     except BaseException as exc:  # surface it on the first batch: a Pool would respawn failing workers forever
         _W["init_error"] = f"{type(exc).__name__}: {exc}"
@@ -228,13 +233,11 @@ def _encode_batch(batch: tuple[int, int, bytes]):
         return file_idx, {keys[0]: (flat, lengths, mask)}, rejects, empty, blank, len(block), len(lines), nul
     eod = _W["append_eod"]
     for k in keys:
-        encoded = tok.encode_batch(texts[k]) if texts[k] else []
-        if eod:
-            for ids in encoded:
-                ids.append(tok.eod_id)
-        lengths = np.fromiter(map(len, encoded), dtype=np.int32, count=len(encoded))
-        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=_W["dtype"], count=int(lengths.sum()))
-        out[k] = (flat, lengths)
+        flat, lengths = _W["encode_arrays"](tok, texts[k])
+        if eod and len(lengths):
+            flat = np.insert(flat, np.cumsum(lengths), tok.eod_id)
+            lengths = lengths + 1
+        out[k] = (flat.astype(_W["dtype"], copy=False), lengths.astype(np.int32, copy=False))
     return file_idx, out, rejects, empty, blank, len(block), len(lines), nul
 
 
@@ -325,6 +328,10 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
                               kind=getattr(tok, "kind", "science"))
     dtype = optimal_dtype(tok.vocab_size)
     mode = "chat" if sft_seq_length else "text"
+    if mode == "text":
+        from ..tokenizer.fast import prepare
+
+        prepare(tok)  # GigaToken's model conversion, done once before the workers fork
     if mode == "chat":
         from .sft import SFTPacker
 

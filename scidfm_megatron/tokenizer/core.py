@@ -100,23 +100,24 @@ class ScienceTokenizer:
         self.pieces = [p.piece for p in proto.pieces]
         self.vocab_size = len(self.pieces)
         Type = pb.ModelProto.SentencePiece.Type
+        UNUSED, BYTE, CONTROL, UNKNOWN = Type.UNUSED, Type.BYTE, Type.CONTROL, Type.UNKNOWN  # enum lookups are slow
         self.mol_vocab: dict[str, int] = {}
         self.prot_vocab: dict[str, int] = {}
         self.special_ids: dict[str, int] = {}
         surface: list[bytes] = []
         for i, p in enumerate(proto.pieces):
-            if p.type == Type.UNUSED and p.piece.startswith(MOL_PREFIX):
+            if p.type == UNUSED and p.piece.startswith(MOL_PREFIX):
                 self.mol_vocab[p.piece[len(MOL_PREFIX):]] = i
                 surface.append(p.piece[len(MOL_PREFIX):].encode())
-            elif p.type == Type.UNUSED and p.piece.startswith(PROT_PREFIX):
+            elif p.type == UNUSED and p.piece.startswith(PROT_PREFIX):
                 self.prot_vocab[p.piece[len(PROT_PREFIX):]] = i
                 surface.append(p.piece[len(PROT_PREFIX):].encode())
-            elif p.type == Type.BYTE:
+            elif p.type == BYTE:
                 surface.append(bytes([int(p.piece[1:-1], 16)]))
             elif p.piece in SPAN_MARKERS or p.piece in SPECIALS:
                 self.special_ids[p.piece] = i
                 surface.append(p.piece.encode())
-            elif p.type in (Type.CONTROL, Type.UNKNOWN):
+            elif p.type in (CONTROL, UNKNOWN):
                 surface.append(b"")
             else:
                 surface.append(p.piece.replace("\u2581", " ").encode())
@@ -131,12 +132,14 @@ class ScienceTokenizer:
                                 min(self.special_ids.values()))
         self.num_threads = -1  # SentencePiece batch-encode threads (-1: all cores)
         self._marker_ids = dict(self.special_ids, **{BOS_TEXT: self.bos_id, EOS_TEXT: self.eos_id})
+        # Base-BPE encoders; tokenizer/fast.py swaps in GigaToken with the same ids (``self.fast``).
+        self._bpe_first, self._bpe_cont, self.fast = self.sp.encode, self.sp_cont.encode, None
 
     # ------------------------------------------------------------------ encoding
     def _bpe(self, text: str, first: bool) -> list[int]:
         if not text:
             return []
-        return (self.sp if first else self.sp_cont).encode(text)
+        return (self._bpe_first if first else self._bpe_cont)(text)
 
     def _molecule(self, smiles: str) -> list[int]:
         ids: list[int] = []
@@ -224,7 +227,10 @@ class ScienceTokenizer:
             plain = [k for k, t in enumerate(texts) if "[START_" not in t and "[END_" not in t]
         out: list = [None] * len(texts)
         if plain and not kw.get("bos") and not kw.get("eos"):
-            for k, ids in zip(plain, self.sp.encode([texts[k] for k in plain], num_threads=self.num_threads)):
+            batch = [texts[k] for k in plain]
+            encoded = self.fast.encode_batch(batch) if self.fast is not None else \
+                self.sp.encode(batch, num_threads=self.num_threads)
+            for k, ids in zip(plain, encoded):
                 out[k] = ids
         for k, t in enumerate(texts):
             if out[k] is None:

@@ -38,24 +38,36 @@ class PlainSentencePieceTokenizer:
         self.num_threads = -1
         # the only special a plain model can have that the trainer or evaluation uses by name
         self.special_ids = {"<|eod|>": eod} if eod != self.sp.unk_id() else {}
+        self.fast = None  # tokenizer/fast.py: GigaToken with the same ids
 
     def encode(self, text: str, *, allow_special: bool = False, bos: bool = False, eos: bool = False,
                continuation: bool = False) -> list[int]:
-        ids = (self.sp_cont if continuation else self.sp).encode_as_ids(text)
+        if continuation:
+            ids = self.sp_cont.encode_as_ids(text)
+        else:
+            ids = self.fast.encode(text) if self.fast is not None else self.sp.encode_as_ids(text)
         return ([self.bos_id] if bos and self.bos_id >= 0 else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.fast is not None:
+            return self.fast.encode_batch(list(texts))
         return self.sp.encode(list(texts), num_threads=self.num_threads)
 
     def decode(self, ids, *, skip_special: bool = False) -> str:
         return self.sp.decode_ids([int(i) for i in ids])
 
 
-def load_tokenizer(model_file: str | os.PathLike):
-    """The science tokenizer when ``model_file`` is one, else the plain SentencePiece model."""
+def load_tokenizer(model_file: str | os.PathLike, fast: bool = False):
+    """The science tokenizer when ``model_file`` is one, else the plain SentencePiece model.
+    ``fast``: GigaToken where it gives SentencePiece's ids (tokenizer/fast.py), else SentencePiece."""
     from .core import NotScienceTokenizer, ScienceTokenizer
 
     try:
-        return ScienceTokenizer(model_file)
+        tok = ScienceTokenizer(model_file)
     except NotScienceTokenizer:
-        return PlainSentencePieceTokenizer(model_file)
+        tok = PlainSentencePieceTokenizer(model_file)
+    if fast:
+        from .fast import accelerate
+
+        accelerate(tok)
+    return tok
