@@ -49,6 +49,7 @@ setup(
         "scidfm-build-tokenizer=scidfm_megatron.cli.build_tokenizer:main",
         "scidfm-preprocess=scidfm_megatron.cli.preprocess:main",
         "scidfm-mixture=scidfm_megatron.cli.mixture:main",
+        "scidfm-prepare-data=scidfm_megatron.data.prepare:main",
         "scidfm-train=scidfm_megatron.cli.stages:train",
         "scidfm-pretrain=scidfm_megatron.cli.stages:pretrain",
         "scidfm-sft=scidfm_megatron.cli.stages:sft",

@@ -6,7 +6,7 @@ It is idempotent, refuses a megatron-core it was not written for, and installs:
 * ``when="no_te"`` patches whenever TransformerEngine is absent (CPU, or GPUs without TE): upstream bugs
   that only show without TE;
 * ``when="cpu"`` patches only when CUDA is absent: the CPU/gloo runtime. On a GPU machine megatron-core
-  runs unchanged.
+  runs unchanged (apart from ``when="always"`` ones: the lean GPT document index).
 
 No patch changes numerics: the parallel-parity tests compare every layout against a single process.
 List them with ``python -m megatron_patches``. Disable one (to reproduce the failure it fixes) with
@@ -19,7 +19,8 @@ import functools
 import os
 
 from . import (cpu_device, cpu_rng, cpu_sharded_tensor_init, cpu_streams, cpu_tensor_type, distopt_torch_adam_load,
-               distopt_torch_adam_step, gloo_uneven_all_gather, moe_cpu_split_sizes, te_general_gemm_missing)
+               distopt_torch_adam_step, gloo_uneven_all_gather, gpt_lean_document_index, moe_cpu_split_sizes,
+               te_general_gemm_missing)
 from ._base import Patch, Target
 
 SUPPORTED_MEGATRON_CORE = ("0.16.1",)
@@ -35,6 +36,7 @@ PATCHES: tuple[Patch, ...] = (
     cpu_tensor_type.PATCH,
     moe_cpu_split_sizes.PATCH,
     gloo_uneven_all_gather.PATCH,
+    gpt_lean_document_index.PATCH,
 )
 
 _applied: list[str] = []

@@ -124,7 +124,10 @@ LAYOUT = {"moe_cpu_split_sizes": (1, 2), "gloo_uneven_all_gather": (2, 1)}
 # Patches whose failure needs a checkpoint round trip are checked where that happens.
 CHECKED_ELSEWHERE = {"cpu_sharded_tensor_init": "tests/test_resume.py::test_resume_matrix (fully-parallel load at DP2)",
                      "distopt_torch_adam_load": "tests/test_training.py::test_distributed_optimizer_checkpoint_resumes",
-                     "distopt_torch_adam_step": "tests/test_training.py::test_distributed_optimizer_checkpoint_resumes"}
+                     "distopt_torch_adam_step": "tests/test_training.py::test_distributed_optimizer_checkpoint_resumes",
+                     # memory, not a failure: its values are megatron's (tests/test_data_cache.py), its
+                     # peak is measured by tools/bench_data_cache.py
+                     "gpt_lean_document_index": "tests/test_data_cache.py::test_lean_document_index_equals_megatrons"}
 
 
 def test_every_patch_has_a_symptom_check():

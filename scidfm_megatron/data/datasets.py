@@ -46,13 +46,16 @@ def check_splits(prefixes: list[str], split: str, samples: tuple[int, int, int])
 
 
 def gpt_dataset_config(blend, tokenizer, *, seq_length: int, seed: int = 1234, split: str = "98,1,1",
-                       cache_dir: Optional[str] = None):
+                       cache_dir: Optional[str] = None, threads: int = 1):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
+    # create_attention_mask=False: megatron's GPTDataset would otherwise build a seq x seq causal mask on
+    # the first read of every source (8192^2 floats, ~2 GiB transient at 1/50 scale) that nothing here
+    # reads: the step passes no mask for pretraining (causal kernels), SFT packing builds its own.
     return GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=blend, split=split, path_to_cache=cache_dir,
         tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        mid_level_dataset_surplus=0.005)
+        create_attention_mask=False, mid_level_dataset_surplus=0.005, num_dataset_builder_threads=threads)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -65,23 +68,19 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def build_pretrain_datasets(mixture: Mixture, epoch: int, tokenizer, *, seq_length: int,
                             samples: tuple[int, int, int], seed: int = 1234, split: str = "98,1,1",
-                            cache_dir: Optional[str] = None, is_built_on_rank=None):
+                            cache_dir: Optional[str] = None, is_built_on_rank=None, threads: int = 1):
     """(train, valid, test) blended GPT datasets with ``samples`` sequences each (0 -> None), shuffled with
-    :func:`epoch_seed` of (``seed``, ``epoch``)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
+    :func:`epoch_seed` of (``seed``, ``epoch``).
 
-    import torch.distributed as dist
+    Every index megatron builds or loads lives under ``cache_dir`` (``None``: a temporary directory of
+    this call), never next to the data (:mod:`.index_cache`). ``threads`` sources are built in parallel."""
+    from . import index_cache
 
     if not isinstance(tokenizer, MegatronTokenizerAdapter):
         tokenizer = MegatronTokenizerAdapter(tokenizer)
     check_splits(mixture.blend(epoch)[0], split, samples)
-    if cache_dir and not dist.is_initialized():
-        # megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() unguarded when it
-        # writes its cache; a single process without a process group gains nothing from the cache.
-        cache_dir = None
+    if cache_dir is None:
+        cache_dir = index_cache.temporary_cache_dir()
     config = gpt_dataset_config(mixture.blend(epoch), tokenizer, seq_length=seq_length, seed=epoch_seed(seed, epoch),
-                                split=split,
-                                cache_dir=cache_dir)
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(samples), is_built_on_rank or (lambda: True), config)
-    return builder.build()
+                                split=split, cache_dir=str(cache_dir), threads=max(1, int(threads)))
+    return index_cache.build(config, list(samples), is_built_on_rank or (lambda: True))

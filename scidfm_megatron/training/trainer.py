@@ -149,19 +149,9 @@ class Trainer:
                 raise ConfigError("data.sft_prefix is required for train.stage: sft")
             base = SFTDataset(cfg.data.sft_prefix, t.seq_length, self.tokenizer.pad_id)
             return EpochShuffled(base, cfg.data.sft_epochs, t.seed), None
-        from ..data.datasets import build_pretrain_datasets
-        from ..data.mixture import Mixture
+        from ..data.prepare import build_run_datasets
 
-        if not cfg.data.mixture:
-            raise ConfigError("data.mixture is required for train.stage: pretrain")
-        if not t.train_iters:
-            raise ConfigError("train.train_iters is required for pretraining")
-        mix = Mixture.load(cfg.data.mixture, data_root=cfg.data.data_root)
-        n_eval = (t.train_iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
-        train, valid, _ = build_pretrain_datasets(
-            mix, cfg.data.epoch, self.tokenizer, seq_length=t.seq_length,
-            samples=(t.train_iters * t.global_batch_size, n_eval, 0), seed=t.seed, split=cfg.data.split,
-            cache_dir=cfg.data.cache_dir)
+        train, valid, _ = build_run_datasets(cfg, self.tokenizer)  # indices from data.cache_dir when prepared
         return train, valid
 
     def _restore(self) -> bool:
