@@ -228,26 +228,73 @@ def test_backend_and_recompute_choices(rank):
         get_preset("scidfm-debug", backend="flash")
 
 
-@pytest.mark.gpu
-def test_padded_attention_takes_flash_or_cudnn_on_gpu():
-    """bf16 at SciDFM's shape (32 heads x 100, seq 2048): with SDPA restricted to the flash and cuDNN
-    kernels the padded attention runs forward and backward (unpadded head_dim 100 has no such kernel)."""
+def test_sdpa_kernel_taken_names_the_kernel():
+    """The name the first log line prints: SDPA's fused CPU kernel here, "math" when SDPA is restricted to its
+    unfused kernel (the GPU names, flash / cudnn / efficient, are asserted by the GPU test below)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from scidfm_megatron.model.torch_backend import sdpa_padded
+    from scidfm_megatron.model.torch_backend import sdpa_kernel_taken
+
+    if not torch.cuda.is_available():
+        assert sdpa_kernel_taken(2, 100, seq=16) == "cpu-flash"
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert sdpa_kernel_taken(2, 100, seq=16, masked=True) == "math"
+
+
+@pytest.mark.gpu
+def test_padded_attention_runs_under_each_fused_kernel_on_gpu():
+    """bf16 at SciDFM's shape (32 heads x 100, seq 2048): the padded attention runs forward and backward with
+    SDPA restricted to each of the flash, cuDNN and memory-efficient kernels (causal; the efficient one also
+    with a document mask, as packed SFT gives it), the dispatch names that kernel, and output and gradients
+    equal the unfused math kernel's (fp32) within bf16 rounding (2e-2 of each tensor's scale). Which kernels
+    accept the *unpadded* head_dim 100 is recorded, not asserted (PyTorch's flash pads by itself; cuDNN and
+    efficient refuse): into $SCIDFM_GPU_FACTS/sdpa_kernels.json when set (the GPU check stores it)."""
+    import json
+    import os
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from scidfm_megatron.model.packing import document_attention_mask
+    from scidfm_megatron.model.torch_backend import sdpa_kernel_of, sdpa_padded
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, 32, 2048, 100, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-               for _ in range(3))
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-        out = sdpa_padded(q, k, v, is_causal=True)
-        out.float().sum().backward()
-        with pytest.raises(RuntimeError):
-            F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
-    assert out.shape == (1, 32, 2048, 100)
-    assert float((out.float() - ref).abs().max()) < 2e-2
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    s = 2048
+    q, k, v = (torch.randn(1, 32, s, 100, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    doc = torch.tensor([[0] * 700 + [1] * 1000 + [2] * 348])
+    keep = ~document_attention_mask(doc).cuda()  # SDPA's convention: True = attend
+
+    def fwd_bwd(dtype, mask=None, padded=True):
+        qq, kk, vv = (t.to(dtype).requires_grad_() for t in (q, k, v))
+        attn = sdpa_padded if padded else F.scaled_dot_product_attention
+        out = attn(qq, kk, vv, attn_mask=mask, is_causal=mask is None)
+        out.float().square().mean().backward()
+        return [out.float(), *(t.grad.float() for t in (qq, kk, vv))]
+
+    refs = {}
+    for masked in (False, True):
+        with sdpa_kernel([SDPBackend.MATH]):
+            refs[masked] = fwd_bwd(torch.float32, keep if masked else None)
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    facts = {"shape": [1, 32, s, 100], "dtype": "bf16", "capability": list(torch.cuda.get_device_capability()),
+             "torch": torch.__version__, "unpadded_head_dim_100": {}, "padded_104": {}}
+    for name, backend in kernels.items():
+        with sdpa_kernel([backend]):
+            try:
+                fwd_bwd(torch.bfloat16, padded=False)
+                facts["unpadded_head_dim_100"][name] = "accepted"
+            except RuntimeError as exc:
+                facts["unpadded_head_dim_100"][name] = "refused: " + str(exc).splitlines()[0][:200]
+            for masked in ((False, True) if name == "efficient" else (False,)):
+                res = []
+                taken = sdpa_kernel_of(lambda: res.extend(fwd_bwd(torch.bfloat16, keep if masked else None)))
+                assert taken == name, (name, masked, taken)
+                for what, got, ref in zip(("out", "dq", "dk", "dv"), res, refs[masked]):
+                    assert_within(got, ref, 2e-2, f"{name} masked={masked} {what}")
+                facts["padded_104"][name + (" + document mask" if masked else "")] = "ran, equals math"
+    if os.environ.get("SCIDFM_GPU_FACTS"):
+        with open(os.path.join(os.environ["SCIDFM_GPU_FACTS"], "sdpa_kernels.json"), "w") as f:
+            json.dump(facts, f, indent=1)
 
 
 @pytest.mark.gpu

@@ -331,8 +331,13 @@ class Checker:
         # The dry run collects only the file with GPU tests (collecting the whole suite costs ~10 s of CI);
         # on the GPU every GPU-marked test anywhere runs.
         where = str(ROOT / "tests" / "test_gpu.py") if self.mode == "dry-run" else "tests"
+        facts = self.work / "gpu_facts"  # what the GPU tests record (which SDPA kernels take head_dim 100...)
+        facts.mkdir(parents=True, exist_ok=True)
         pr = run([self.py, "-m", "pytest", where, "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"],
-                 self.log("gpu_tests"), self.budget, CAPS["gpu_tests"], check=False)
+                 self.log("gpu_tests"), self.budget, CAPS["gpu_tests"], check=False,
+                 env=child_env({"SCIDFM_GPU_FACTS": str(facts)}))
+        for f in sorted(facts.glob("*.json")):
+            fig.setdefault("recorded", {})[f.stem] = json.loads(f.read_text())
         out = pr.output()
         counts = {}
         for line in out.splitlines()[::-1]:

@@ -8,12 +8,15 @@ which of ``local`` / ``torch`` / ``te`` trained them.
 * :class:`PaddedSDPAttention` (core attention): ``torch.nn.functional.scaled_dot_product_attention`` with
   q, k and v zero-padded *inside the module* to the next multiple of 8 in the head dimension (SciDFM's
   head_dim 100 -> 104), the softmax scale kept at 1/sqrt(real head_dim), the output sliced back. Zero
-  columns change neither q.k nor the output, so the padding is exact; the weights stay unpadded. The flash
-  and cuDNN kernels refuse a head_dim that is not a multiple of 8: unpadded, SciDFM's attention falls back
-  to the unfused path that materialises the s x s scores of every head. Without a mask the kernel is told
-  ``is_causal`` (flash / cuDNN on GPU); a packed-SFT document mask (megatron's convention, True = masked
-  out, :func:`~scidfm_megatron.model.packing.document_attention_mask`) is passed as SDPA's boolean mask
-  (True = attend), which SDPA runs with its memory-efficient kernel on GPU.
+  columns change neither q.k nor the output, so the padding is exact; the weights stay unpadded. Which
+  fused kernels take an unpadded head_dim 100 (bf16, CUDA): PyTorch's flash kernel pads the head dim to a
+  multiple of 8 itself (``pad_last_dim<8>`` in aten's attention.cpp), but cuDNN attention, the
+  memory-efficient kernel (16-byte alignment: a multiple of 8 in bf16 on sm80+), FlashAttention-3 and
+  TransformerEngine's fused attention refuse it; padded to 104, all of PyTorch's run it (the GPU test
+  ``test_padded_attention_runs_under_each_fused_kernel_on_gpu`` records which accept 100 unpadded).
+  Without a mask the kernel is told ``is_causal``; a packed-SFT document mask (megatron's convention,
+  True = masked out, :func:`~scidfm_megatron.model.packing.document_attention_mask`) is passed as SDPA's
+  boolean mask (True = attend), which SDPA runs with its memory-efficient kernel on GPU.
 * :class:`GroupedExperts` (the local experts): one grouped GEMM over all local experts for fc1 and one for
   fc2 (``torch._grouped_mm``, on CUDA in bf16 at compute capability 9.0+), an exact per-expert loop
   elsewhere. It is megatron's ``SequentialMLP`` (same submodules, same ``local_experts.{i}.linear_fc1/2``
@@ -51,6 +54,52 @@ def sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                          scale=scale)
     return out[..., :d] if pad else out
+
+
+# aten ops that SDPA dispatches to, by kernel (scaled_dot_product_attention itself is a composite: a dispatch
+# mode sees the op of the kernel it chose; the math path decomposes into plain ops).
+_SDPA_OPS = (("_scaled_dot_product_flash_attention_for_cpu", "cpu-flash"), ("_scaled_dot_product_flash_attention", "flash"),
+             ("_flash_attention_forward", "flash"), ("_scaled_dot_product_cudnn_attention", "cudnn"),
+             ("_scaled_dot_product_efficient_attention", "efficient"), ("_efficient_attention_forward", "efficient"))
+
+
+def sdpa_kernel_of(fn) -> str:
+    """Run ``fn()`` and name the SDPA kernel it took: "flash", "cudnn", "efficient" (CUDA), "cpu-flash"
+    (PyTorch's fused CPU kernel) or "math" (the unfused path: s x s scores materialised)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.kernels = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0] if hasattr(func, "__name__") else str(func)
+            for op, kernel in _SDPA_OPS:
+                if name == op:
+                    self.kernels.append(kernel)
+                    break
+            return func(*args, **(kwargs or {}))
+
+    with _Spy() as spy:
+        fn()
+    return spy.kernels[0] if spy.kernels else "math"
+
+
+def sdpa_kernel_taken(heads: int, head_dim: int, *, device=None, dtype=None, masked: bool = False,
+                      seq: int = 256) -> str:
+    """The kernel :func:`sdpa_padded` takes here for [1, heads, seq, head_dim] (causal, or with a boolean
+    document mask): one small forward + backward on ``device`` (default: CUDA if present) in ``dtype``
+    (default bf16 on CUDA, fp32 on CPU). What the first log line of a run names."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    q, k, v = (torch.randn(1, heads, seq, head_dim, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.ones(seq, seq, dtype=torch.bool, device=dev).tril() if masked else None
+
+    def run():
+        sdpa_padded(q, k, v, attn_mask=mask, is_causal=not masked).sum().backward()
+
+    return sdpa_kernel_of(run)
 
 
 def _attention_class():
