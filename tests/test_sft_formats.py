@@ -134,6 +134,9 @@ def test_unknown_format_stops_in_one_line(tmp_path, science_tokenizer_dir, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["scidfm-preprocess: error: --sft-format sharegpt applies to SFT data: add "
                                "--sft-seq-length"]
+    with pytest.raises(PreprocessUsageError, match="--json-keys convs names the messages key; --sft-format sharegpt"):
+        preprocess([str(src)], str(tmp_path / "x"), tok, json_keys=("convs",), sft_seq_length=64, progress=False,
+                   sft_format="sharegpt")
     assert not list(tmp_path.glob("x*"))
 
 
