@@ -11,7 +11,8 @@ import pytest
 from scidfm_megatron.eval.experts import CorpusError, domain_texts, main
 
 TEXTS = {
-    "chemistry": [f"Reaction {i}: sodium hydroxide neutralises hydrochloric acid to give water and salt." for i in range(5)],
+    "chemistry": [f"Reaction {i}: sodium hydroxide neutralises hydrochloric acid to give water and salt."
+                  for i in range(5)],
     "biology": [f"Cell {i} divides by mitosis into two daughter cells with identical chromosomes." for i in range(4)],
     "physics": [f"Body {i} falls with an acceleration of about 9.8 metres per second squared." for i in range(4)],
 }
@@ -67,7 +68,8 @@ def test_unusable_corpus_is_one_line(tmp_path, corpus, capsys):
     rc, err = _cli(capsys, "--corpus", tmp_path / "empty")
     assert rc == 2 and len(err) == 1 and "no *.jsonl or *.txt files" in err[0] and "--domain-key" in err[0]
     rc, err = _cli(capsys, "--corpus", tmp_path / "missing")
-    assert rc == 2 and err == [f"scidfm-analyze-experts: error: --corpus {tmp_path / 'missing'}: no such folder or file"]
+    assert rc == 2 and err == [
+        f"scidfm-analyze-experts: error: --corpus {tmp_path / 'missing'}: no such folder or file"]
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps({"body": "x" * 40}) + "\n")
     rc, err = _cli(capsys, "--corpus", one)

@@ -134,4 +134,31 @@ def test_unknown_format_stops_in_one_line(tmp_path, science_tokenizer_dir, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["scidfm-preprocess: error: --sft-format sharegpt applies to SFT data: add "
                                "--sft-seq-length"]
+    with pytest.raises(PreprocessUsageError, match="--json-keys convs names the messages key; --sft-format sharegpt"):
+        preprocess([str(src)], str(tmp_path / "x"), tok, json_keys=("convs",), sft_seq_length=64, progress=False,
+                   sft_format="sharegpt")
     assert not list(tmp_path.glob("x*"))
+
+
+def test_json_array_releases_are_named_and_converted(tmp_path, science_tokenizer_dir, capsys):
+    """Alpaca's alpaca_data.json and MetaMathQA's release are one JSON array (indented), not JSON Lines:
+    refused in one line with the command that converts them; converted, they preprocess."""
+    from scidfm_megatron.cli.preprocess import main
+    from scidfm_megatron.data.sft_formats import main as to_jsonl
+
+    recs = [{"instruction": "Name the gas.", "input": "CO2", "output": "Carbon dioxide."},
+            {"instruction": "What is NaCl?", "input": "", "output": "Table salt."}]
+    src = tmp_path / "alpaca_data.json"
+    src.write_text(json.dumps(recs, indent=4))
+    tok = str(science_tokenizer_dir / "tokenizer.model")
+    args = ["--input", str(src), "--output-prefix", str(tmp_path / "a"), "--tokenizer-model", tok,
+            "--sft-seq-length", "64", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    fix = f"python -m scidfm_megatron.data.sft_formats {src} alpaca_data.jsonl"
+    assert len(err) == 1 and f"{src}:1: one JSON array" in err[0] and err[0].endswith(fix)
+    assert to_jsonl([str(src), str(tmp_path / "alpaca_data.jsonl")]) == 0
+    args[1] = str(tmp_path / "alpaca_data.jsonl")
+    assert main(args) == 0
+    assert "alpaca (1 file)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a_summary.json").read_text())["sft"]["conversations"] == 2

@@ -172,12 +172,17 @@ def choose(lines: Iterable[tuple[int, bytes]], path: str, requested: str, messag
     a known format raises SFTFormatError (one line: the file, the first record's keys, the fix)."""
     import json
 
-    if requested != "auto":
-        return requested, "--sft-format"
     first = None
     for no, raw in lines:
         if not raw.strip():
             continue
+        if first is None and raw.lstrip().startswith(b"["):
+            raise SFTFormatError(
+                f"{path}:{no}: one JSON array (as Alpaca's alpaca_data.json and MetaMathQA's release are), not JSON "
+                f"Lines; convert it once: python -m scidfm_megatron.data.sft_formats {path} "
+                f"{_jsonl_name(path)}")
+        if requested != "auto":
+            return requested, "--sft-format"
         try:
             obj = json.loads(raw)
         except ValueError:
@@ -188,7 +193,59 @@ def choose(lines: Iterable[tuple[int, bytes]], path: str, requested: str, messag
         if first is None:
             first = (no, sorted(obj)[:8] if isinstance(obj, dict) else _type_name(obj))
     if first is None:
-        return "messages", "no records"
+        return ("messages" if requested == "auto" else requested), "no records"
     raise SFTFormatError(
         f"{path}:{first[0]}: no record in a known SFT format (first record: {first[1]}); expected one of "
         f"{'; '.join(DESCRIPTION.values())}: convert the file, or name the messages key with --json-keys")
+
+
+def _jsonl_name(path: str) -> str:
+    import os
+
+    stem = os.path.basename(path)
+    for suf in (".json.gz", ".json", ".jsonl"):
+        if stem.endswith(suf):
+            stem = stem[: -len(suf)]
+            break
+    return stem + ".jsonl"
+
+
+def json_array_to_jsonl(src: str, dst: str) -> int:
+    """Write the records of a JSON array file (Alpaca's alpaca_data.json, MetaMathQA-395K.json) as JSON
+    Lines, under a temporary name renamed when complete. Returns the record count."""
+    import gzip
+    import json
+
+    from ..utils import atomic_write
+
+    with (gzip.open(src, "rt", encoding="utf-8") if src.endswith(".gz") else open(src, encoding="utf-8")) as f:
+        try:
+            data = json.load(f)
+        except ValueError as exc:
+            raise SFTFormatError(f"{src}: not one JSON document ({exc})") from None
+    if not isinstance(data, list):
+        raise SFTFormatError(f"{src}: expected a JSON array of records, got {_type_name(data)}")
+    atomic_write(dst, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data))
+    return len(data)
+
+
+def main(argv=None) -> int:
+    """python -m scidfm_megatron.data.sft_formats SRC.json DST.jsonl: a JSON array file as JSON Lines."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0].startswith("-"):
+        print("usage: python -m scidfm_megatron.data.sft_formats SRC.json DST.jsonl  (a JSON array file -> JSON "
+              "Lines, for scidfm-preprocess)", file=sys.stderr)
+        return 2
+    try:
+        n = json_array_to_jsonl(args[0], args[1])
+    except (SFTFormatError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[scidfm] {args[0]}: {n:,} records -> {args[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

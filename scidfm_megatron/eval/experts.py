@@ -63,9 +63,10 @@ def domain_texts(corpus: str | Path, per_domain: int = 30, min_chars: int = 20, 
 
     ``corpus`` is a folder of ``*.jsonl`` / ``*.txt`` files (``.gz`` too) or one such file. The domain is
     the file's name without its suffix; a jsonl record holding ``domain_key`` is grouped by
-    ``"<file>: <value>"`` (by the value alone when the corpus is one file or the value is the file's name). A jsonl record's text is its
-    ``text_key`` value; a record without one but with ``smiles`` / ``sequence`` (the sample corpus's
-    molecules and proteins) is wrapped in the molecule / protein span markers, as in pretraining. A
+    ``"<file>: <value>"`` (by the value alone when the corpus is one file or the value is the file's
+    name). A jsonl record's text is its ``text_key`` value; a record without one but with ``smiles`` /
+    ``sequence`` (the sample corpus's molecules and proteins) is wrapped in the molecule / protein span
+    markers, as in pretraining. A
     ``.txt`` file holds one text per line. Domains with fewer than 3 texts, and files whose records hold
     no text (e.g. SFT conversations), are left out and logged; fewer than 2 usable domains raise
     :class:`CorpusError` naming the file, line and fix (the first file left out, if any)."""
@@ -116,7 +117,10 @@ def domain_texts(corpus: str | Path, per_domain: int = 30, min_chars: int = 20, 
                     first_bad = first_bad or (no, f"no string {text_key!r} key (keys: {sorted(r)[:8]})")
                     continue
                 dom = r.get(domain_key)
-                domain = stem if dom is None or str(dom) == stem else (str(dom) if len(files) == 1 else f"{stem}: {dom}")
+                if dom is None or str(dom) == stem:
+                    domain = stem
+                else:
+                    domain = str(dom) if len(files) == 1 else f"{stem}: {dom}"
                 add(domain, text)
                 found += 1
                 if all(len(v) >= per_domain for v in groups.values()) and len(groups) and domain_key not in r:
