@@ -71,6 +71,11 @@ def main(stage: Optional[str] = None, argv=None) -> int:
         if args.check:
             print(f"[scidfm] {args.config}: {cfg.train.stage} of {cfg.model.name} on {layout} "
                   f"(backend {cfg.model.backend}, precision {cfg.train.precision}): configuration OK", flush=True)
+            from .training.schedule import check_report
+
+            report = check_report(cfg)  # a resume applies the recipe's LR schedule: show what changes
+            if report:
+                print(report, flush=True)
             return 0
         from .training.trainer import run
 
