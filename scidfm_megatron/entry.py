@@ -81,6 +81,12 @@ def main(stage: Optional[str] = None, argv=None) -> int:
             print(f"[scidfm] {args.config}: {cfg.train.stage} of {cfg.model.name} on {layout} "
                   f"(backend {cfg.model.backend}, precision {cfg.train.precision}): "
                   f"{'layout and model (no file opened)' if args.layout_only else 'configuration'} OK", flush=True)
+            if not args.layout_only:
+                from .training.schedule import check_report
+
+                report = check_report(cfg)  # a resume applies the recipe's LR schedule: show what changes
+                if report:
+                    print(report, flush=True)
             return 0
         from .training.trainer import run
 

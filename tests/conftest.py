@@ -163,3 +163,25 @@ def hf_tiny(trained_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf") / "tiny"
     convert_mcore_to_hf(trained_tiny, out, dtype="fp32", max_shard_size="8MB", progress=False)
     return out
+
+
+def small_source_mixture(tokenizer_model, data_root, out: Path) -> Path:
+    """A two-source mixture (equal weights): the sample corpus's papers and a small source of 60 molecules
+    (2,003 tokens; 27 samples of 64 tokens in its 90% train split). A run of 6 global batches of 8 reads
+    25 samples of the small source (one epoch planned), one of 8 batches 33 (two epochs planned): the case
+    where megatron's GPTDataset reorders a source when the run is lengthened (tests/test_mixture_sft.py)."""
+    import yaml
+
+    from scidfm_megatron.data.preprocess import preprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = open(SAMPLE / "molecules.jsonl", encoding="utf-8").readlines()[:60]
+    (out / "small.jsonl").write_text("".join(lines), encoding="utf-8")
+    preprocess([str(out / "small.jsonl")], str(out / "small"), str(tokenizer_model),
+               json_keys=["smiles"], spans={"smiles": "molecule"}, progress=False)
+    mix = out / "small_mixture.yaml"
+    mix.write_text(yaml.safe_dump({"name": "small-source", "unit": "tokens", "data_root": str(data_root), "sources": [
+        {"name": "papers", "domain": "papers", "category": "science", "tokens": 1, "data": "papers_text_document"},
+        {"name": "small", "domain": "chemistry", "category": "science", "tokens": 1,
+         "data": str(out / "small_smiles_document")}]}))
+    return mix

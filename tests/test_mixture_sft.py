@@ -164,3 +164,34 @@ def test_epoch_two_orders_a_source_differently(tmp_path, sample_datasets, scienc
     assert not np.array_equal(e1, e2)
     assert sum(np.array_equal(a, b) for a, b in zip(e1, e2)) <= 2  # not the same windows in the same order
     assert np.array_equal(e2, first(2))
+
+
+def test_a_longer_plan_keeps_every_sample_of_the_shorter(tmp_path, sample_datasets, science_tokenizer_dir,
+                                                         science_tokenizer):
+    """Issue 22: lengthening a run (6 -> 8 global batches of 8) keeps the first 48 samples, also when the
+    longer plan needs a second epoch of a small source (data/datasets.py: per-epoch shuffles). megatron's
+    own GPTDataset reorders that source from its first sample (the test's control); with one epoch planned
+    the index is megatron's, array for array. The same plans through the CLI, bitwise, with a resume:
+    tests/test_training.py::test_distributed_optimizer_checkpoint_resumes."""
+    from conftest import small_source_mixture
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    from scidfm_megatron.data.datasets import build_pretrain_datasets
+
+    mix = Mixture.load(small_source_mixture(science_tokenizer_dir / "tokenizer.model", sample_datasets["dir"], tmp_path))
+
+    def plan(n, cls=None):
+        train, _, _ = build_pretrain_datasets(mix, 1, science_tokenizer, seq_length=64, samples=(n, 0, 0),
+                                              split="90,10,0", gpt_class=cls)
+        epochs = [len(d.document_index) // len(d.indices) for d in train.datasets]
+        return epochs, np.stack([np.asarray(train[i]["tokens"]) for i in range(48)]), train.datasets
+
+    (e6, s6, d6), (e8, s8, _) = plan(48), plan(64)
+    assert e6 == [1, 1] and e8 == [1, 2]  # papers within its epoch; the small source gets a second one
+    assert np.array_equal(s6, s8)
+    (_, m6, g6), (_, m8, _) = plan(48, GPTDataset), plan(64, GPTDataset)
+    assert not np.array_equal(m6, m8)  # megatron's index: the small source reordered
+    assert np.array_equal(s6, m6)  # one epoch planned: megatron's order
+    for ours, theirs in zip(d6, g6):
+        for name in ("document_index", "sample_index", "shuffle_index"):
+            assert np.array_equal(getattr(ours, name), getattr(theirs, name)), name

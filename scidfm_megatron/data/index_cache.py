@@ -54,13 +54,12 @@ def _mapped(path: str) -> numpy.ndarray:
     return numpy.load(path, allow_pickle=False, mmap_mode="r")
 
 
-def _classes():
+def _classes(base):
     from megatron.core.datasets.blended_dataset import BlendedDataset
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
     from megatron.core.datasets.utils import Split
 
-    class LeanGPTDataset(GPTDataset):
+    class LeanGPTDataset(base):
         """megatron's GPTDataset over a :class:`DocumentSpan`; its indices mapped from the cache."""
 
         index_built = False
@@ -129,15 +128,17 @@ def _classes():
     return LeanGPTDataset, LeanBlendedDataset, LeanBuilder
 
 
-_CLASSES = None
+_CLASSES: dict = {}
 
 
-def classes():
-    """(LeanGPTDataset, LeanBlendedDataset, LeanBuilder), made once (megatron imported on first use)."""
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _classes()
-    return _CLASSES
+def classes(base=None):
+    """(LeanGPTDataset, LeanBlendedDataset, LeanBuilder) over the GPT dataset class ``base`` (megatron's
+    GPTDataset by default), made once per base (megatron imported on first use)."""
+    if base is None:
+        from megatron.core.datasets.gpt_dataset import GPTDataset as base
+    if base not in _CLASSES:
+        _CLASSES[base] = _classes(base)
+    return _CLASSES[base]
 
 
 @contextlib.contextmanager
@@ -189,12 +190,13 @@ def apply_lean_patch() -> None:
         gpt_lean_document_index.PATCH.apply()
 
 
-def build(config, sizes, is_built_on_rank):
-    """megatron's builder with the lean classes; logs how many indices were built and loaded."""
+def build(config, sizes, is_built_on_rank, base=None):
+    """megatron's builder with the lean classes over ``base`` (megatron's GPTDataset by default; the
+    trainer passes data/datasets.py's epoch-stable one); logs how many indices were built and loaded."""
     import torch.distributed as dist
 
     apply_lean_patch()
-    gpt, _, builder_cls = classes()
+    gpt, _, builder_cls = classes(base)
     t0 = time.perf_counter()
     with process_group():
         datasets = builder_cls(gpt, sizes, is_built_on_rank, config).build()

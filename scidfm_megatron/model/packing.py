@@ -15,7 +15,12 @@ micro-batch (the batch carries ``document_ids`` [b, s], -1 on padding; see :mod:
   tokens are routed nowhere (their MoE output is zero), take no expert capacity (the capacity is computed
   from the real tokens, as if the padding were not there) and do not enter the aux / z losses or the
   expert-load statistics. megatron-core 0.16.1 already keeps padding out of the aux and z losses but
-  still dispatches pad tokens and counts them in the capacity.
+  still dispatches pad tokens and counts them in the capacity. Under TP > 1 (sequence parallelism: each
+  TP rank routes its share of the sequence) a batch with a padding mask (every SFT batch) decides the
+  capacity over the real tokens of the whole micro-batch, gathered over the TP group
+  (:func:`_drop_over_sequence`), so padding changes no real token's routing at any TP, with a capacity
+  factor as without one (tests/test_packing.py at TP2). Batches without a padding mask (pretraining) keep
+  megatron's per-rank capacity; so does ``moe_pad_expert_input_to_capacity``.
 
 Aux-loss normalisation with the per-token SFT loss (``calculate_per_token_loss``): megatron multiplies each
 micro-batch's aux loss by its token count and divides every gradient by the global number of *loss*
@@ -116,7 +121,9 @@ def _router_class():
             real = ~pad
             routing_map = routing_map & real.unsqueeze(-1)
             probs = probs * real.unsqueeze(-1).to(probs.dtype)
-            if self.config.moe_expert_capacity_factor is not None:
+            if self.config.moe_expert_capacity_factor is not None and _sequence_parallel_group(self.config):
+                probs, routing_map = _drop_over_sequence(probs, routing_map, real, self.topk, self.config)
+            elif self.config.moe_expert_capacity_factor is not None:
                 # Capacity from the real tokens only: drop among them exactly as without the padding.
                 idx = real.nonzero().squeeze(-1)
                 p, m = apply_router_token_dropping(
@@ -149,6 +156,52 @@ def _router_class():
                 reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
 
     return PaddingAwareRouter
+
+
+def _sequence_parallel_group(config):
+    """The TP group when this rank routes only its share of the sequence (sequence parallelism, TP > 1)
+    and the capacity decision can be made over the whole sequence (not with experts padded to capacity,
+    whose dispatch expects every rank's own fixed capacity); else None."""
+    if not config.sequence_parallel or config.moe_pad_expert_input_to_capacity:
+        return None
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
+def _drop_over_sequence(probs, routing_map, real, topk: int, config):
+    """Capacity dropping decided over the real tokens of the whole micro-batch, as TP=1 decides it.
+
+    Under sequence parallelism each TP rank routes its own share of the sequence, and megatron computes
+    each expert's capacity per rank from that share. Padding at the end of a sample moves real tokens
+    between the ranks' shares, so the same real tokens would be dropped differently with and without
+    padding (1.1e-2 in the loss at TP2: tests/test_packing.py with this disabled). Here the ranks' routing
+    decisions (no gradient) are gathered over the TP group, in sequence order (rank r holds positions
+    [r*s/tp, (r+1)*s/tp) of every sample: the gathered rows are TP=1's rows), the capacity is applied to
+    the real tokens among them exactly as at TP=1, and each rank keeps its own rows of the result.
+    Gradients flow through this rank's probabilities, masked by the decision."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
+
+    group = ps.get_tensor_model_parallel_group()
+    world, rank = group.size(), ps.get_tensor_model_parallel_rank()
+
+    def gather(x):
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    n = probs.shape[0]
+    all_probs = gather(probs.detach())
+    all_map = gather(routing_map.to(torch.uint8)).bool()
+    all_real = gather(real.to(torch.uint8)).bool()
+    idx = all_real.nonzero().squeeze(-1)
+    _, kept = apply_router_token_dropping(
+        all_probs.index_select(0, idx), all_map.index_select(0, idx), router_topk=topk,
+        capacity_factor=config.moe_expert_capacity_factor, drop_policy=config.moe_token_drop_policy,
+        pad_to_capacity=False)
+    keep = torch.zeros_like(all_map).index_copy(0, idx, kept)[rank * n:(rank + 1) * n]
+    return probs * keep.to(probs.dtype), keep
 
 
 _CLASSES: dict = {}

@@ -288,9 +288,28 @@ def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common:
     else:
         request = dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(),
                                           async_sharded_save=True)
+        hold = os.environ.get("SCIDFM_TEST_HOLD_ASYNC_WRITE")
+        if hold and int(hold) == iteration:
+            request = _write_then_hold(request, tmp / f"written.rank{rank}")
         request.add_finalize_fn(publish)
         async_queue.schedule_async_request(request)
     return final
+
+
+def _write_then_hold(request, marker: Path):
+    """A fault point for tests (``SCIDFM_TEST_HOLD_ASYNC_WRITE=N``): the asynchronous write of iteration N
+    writes every byte, marks ``marker`` and then never returns, so the save is never finalized (renamed,
+    `latest` moved) and a test can kill the job at that exact point instead of racing the write."""
+    write = request.async_fn
+
+    def write_then_hold(*args, **kwargs):
+        import time
+
+        write(*args, **kwargs)
+        marker.touch()
+        while True:
+            time.sleep(60)
+    return request._replace(async_fn=write_then_hold)
 
 
 def _load_strategy(path):
@@ -384,6 +403,31 @@ def _materialize_optimizer_state(optimizer) -> None:
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(opt, DistributedOptimizer) and not any(len(s) for s in opt.optimizer.state.values()):
             opt._init_optimizer_states_with_dummy_values()
+
+
+def masters_reloaded(optimizer) -> Optional[bool]:
+    """Collective. None when the optimizer keeps no fp32 master copies of the weights (fp32 training);
+    else True only if on every rank each master equals its model parameter (rounded to the parameter's
+    dtype): the check, after a weights-only load, that the masters were reloaded from the loaded weights
+    (a bf16 optimizer whose masters kept the random init writes it back at the first step)."""
+    pairs = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "shard_fp32_from_float16_groups"):  # distributed: this rank's shards
+            groups = zip(opt.shard_float16_groups, opt.shard_fp32_from_float16_groups)
+        elif hasattr(opt, "fp32_from_float16_groups"):
+            groups = zip(opt.float16_groups, opt.fp32_from_float16_groups)
+        else:
+            continue
+        for model_group, master_group in groups:
+            pairs.extend(zip(model_group, master_group))
+    from ..device import comm_device
+
+    equal = all(torch.equal(m.detach().to(p.dtype).view(-1), p.detach().view(-1)) for p, m in pairs)
+    has = torch.tensor([1 if pairs else 0], dtype=torch.int32, device=comm_device())
+    ok = torch.tensor([1 if equal else 0], dtype=torch.int32, device=comm_device())
+    torch.distributed.all_reduce(has, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return None if not has.item() else bool(ok.item())
 
 
 def read_meta(path: str | Path) -> dict:

@@ -113,14 +113,9 @@ class Trainer:
         return iters
 
     def _scheduler(self):
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from .schedule import build_scheduler
 
-        t = self.cfg.train
-        decay = t.lr_decay_iters or self.train_iters  # warmup < decay: validate_run
-        return OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if t.warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-            lr_warmup_steps=t.warmup_iters, lr_decay_steps=decay, lr_decay_style=t.lr_decay_style,
-            start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
+        return build_scheduler(self.optimizer, self.cfg.train, self.train_iters)
 
     def _reporter(self, resumed: bool):
         from ..model.accounting import training_flops_per_token
@@ -184,17 +179,30 @@ class Trainer:
             return False
         if not weights_only:
             ckpt.check_data_position(ckpt.saved_config(path), self.cfg.train, path)
+        from . import schedule
+
+        lrs = schedule.group_lrs(self.optimizer)
         common = ckpt.load(path, self.chunks, self.optimizer, self.scheduler, weights_only=weights_only)
         if weights_only:
+            reloaded = ckpt.masters_reloaded(self.optimizer)  # checked after megatron's reload ran (collective)
             if self.rank0:
-                print(f"[scidfm] initialised weights from {path} (fresh optimizer and LR schedule; the "
-                      f"optimizer's master weights reloaded from them)", flush=True)
+                print(f"[scidfm] initialised weights from {path} (fresh optimizer and LR schedule"
+                      + ("; the optimizer's fp32 master weights reloaded from them, checked equal" if reloaded else "")
+                      + ")", flush=True)
+                if reloaded is False:
+                    log.warning("the optimizer's fp32 master weights differ from the loaded weights: its first "
+                                "step will overwrite them (megatron's reload_model_params did not take effect)")
             return False
         self.iteration, self.consumed = int(common["iteration"]), int(common["consumed_samples"])
         self.last_checkpoint = Path(path)
+        schedule.restore_group_lrs(self.optimizer, self.scheduler, lrs)  # the recipe's schedule, from here
         if self.rank0:
             print(f"[scidfm] resumed from {path}: iteration {self.iteration}, {self.consumed} samples consumed",
                   flush=True)
+            changed = schedule.changes(schedule.saved_schedule(path),
+                                       schedule.recipe_schedule(self.cfg.train, self.train_iters))
+            if changed:
+                print(schedule.describe_changes(path, changed, self.iteration), flush=True)
         return True
 
     # ------------------------------------------------------------------ loop
@@ -319,8 +327,9 @@ class Trainer:
                 if not math.isfinite(r.loss) or (r.grad_norm is not None and not math.isfinite(r.grad_norm)):
                     raise TrainingDiverged(
                         f"iteration {self.iteration}: loss {r.loss}, grad norm {r.grad_norm} is not finite; "
-                        f"last good checkpoint: {self.last_checkpoint or 'none saved yet'}. Lower train.lr or "
-                        f"resume from that checkpoint with different data order (train.seed).")
+                        f"last good checkpoint: {self.last_checkpoint or 'none saved yet'}. Run again to resume "
+                        f"from it with a lower train.lr (a resume applies the recipe's LR schedule) or another "
+                        f"data order (train.seed).")
                 load, offered = (None, None)
                 if self.expert_load:
                     load, offered = self.expert_load.reduce(rec.calls)
@@ -337,14 +346,16 @@ class Trainer:
                         if self.reporter.writer is not None:
                             self.reporter.writer.add_scalar("valid/loss", ev, self.iteration)
                     row["valid_loss"] = ev
+                # Decided before the save: a stop (signal, exit_after_iters, end of run) on a save interval
+                # writes its final, layout-free save there instead of the periodic format.
+                stop = self._stop_everywhere() or bool(t.exit_after_iters
+                                                       and self.iteration - start >= t.exit_after_iters)
                 c = cfg.checkpoint
                 if c.save and c.save_interval and self.iteration % c.save_interval == 0:
-                    self.save(final=self.iteration >= self.train_iters)
+                    self.save(final=stop or self.iteration >= self.train_iters)
                     saved_at = self.iteration
                 self._finalize_saves()
-                if self._stop_everywhere():
-                    break
-                if t.exit_after_iters and self.iteration - start >= t.exit_after_iters:
+                if stop:
                     break
             if cfg.checkpoint.save and cfg.checkpoint.save_on_exit and saved_at != self.iteration:
                 self.save(final=True)

@@ -29,10 +29,33 @@ p.add_argument("--out", required=True)
 
 
 def layout_of(name):
+    import re
+
     from scidfm_megatron.config import ParallelConfig
 
-    deg = {name[:2]: int(name[2:])}
+    deg = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", name)}  # "tp2pp2" -> tp=2, pp=2
     return ParallelConfig(tp=deg.get("tp", 1), pp=deg.get("pp", 1), ep=deg.get("ep", 1))
+
+
+class RotaryRows:
+    """Records the rotary table rows the model's _preprocess hands to attention ([s, b, 1, d])."""
+
+    def __init__(self, chunks):
+        self.rows, self.saved = [], []
+        for c in chunks:
+            m = c.module if hasattr(c, "module") else c
+            orig = m._preprocess
+
+            def hooked(*a, _orig=orig, **k):
+                out = _orig(*a, **k)
+                self.rows.append(out[1].detach().clone())
+                return out
+            m._preprocess = hooked
+            self.saved.append((m, orig))
+
+    def close(self):
+        for m, orig in self.saved:
+            m._preprocess = orig
 
 
 def main():
@@ -117,10 +140,13 @@ def main():
                 dist.all_reduce(diff, op=dist.ReduceOp.MAX)
                 r[f"max_diff_{key}"] = float(diff)
 
-        if par.pp == 1 and par.tp == 1:  # (sequence parallelism shards the padded sequence differently)
+        if par.pp == 1:
             r.update(padding(model_cfg, par, chunks, RouterRecorder, clear_aux_losses_tracker,
                              get_moe_layer_wise_logging_tracker))
+        if par.pp == 1 and par.tp == 1:
             r.update(aux_normalisation(model_cfg, par, wrap_ddp, build_optimizer, train_step))
+        if name == args.layouts.split(",")[0]:
+            r.update(rotary_rows(chunks, run, packed, convs, where, alone, S))
         report[name] = r
         del chunks
         ps.destroy_model_parallel()
@@ -129,11 +155,44 @@ def main():
     write_report(args.out, report)
 
 
-def padding(model_cfg, par, chunks, RouterRecorder, clear_tracker, tracker):
-    """Unpadded [2, L] vs padded [2, 2L]: real tokens' losses, tokens per expert, aux loss per layer."""
+def rotary_rows(chunks, run, packed, convs, where, alone, S):
+    """The rotary rows each conversation of the packed batch gets are the rows it gets alone (positions
+    restart per conversation), compared directly: a model that rotated by the index in the sequence would
+    give a conversation at offset st the rows st.., which relative attention scores partly hide."""
     import torch.distributed as dist
 
+    rec = RotaryRows(chunks)
+    try:
+        run(chunks, [packed], S, 2, False)
+        got = rec.rows[0]  # [s, b, 1, d] of the first chunk
+        diff, moved = torch.zeros(()), torch.zeros(())
+        for c, (smp, st) in zip(convs, where):
+            n = len(c) - 1
+            rec.rows.clear()
+            run(chunks, [alone(c)], n, 1, False)
+            lone = rec.rows[0][:n, 0]
+            diff = torch.maximum(diff, (got[st:st + n, smp] - lone).abs().max())
+            if st > 0:  # the rows by sequence index differ: the check can see a missing gather
+                moved = torch.maximum(moved, (got[0:n, 0] - got[st:st + n, 0]).abs().max()
+                                      if smp == 0 else moved)
+    finally:
+        rec.close()
+    d = torch.stack([diff, moved])
+    dist.all_reduce(d, op=dist.ReduceOp.MAX)
+    return {"rotary_rows_diff": float(d[0]), "rotary_rows_by_index_diff": float(d[1])}
+
+
+def padding(model_cfg, par, chunks, RouterRecorder, clear_tracker, tracker):
+    """Unpadded [2, L] vs padded [2, 2L]: real tokens' losses, tokens per expert, aux loss per layer.
+    At TP > 1 (sequence parallelism: each TP rank routes its share of the sequence) the unpadded batch is
+    an SFT batch without padding (document ids 0, an all-False padding mask) and the per-rank statistics
+    are summed over the TP group before they are compared."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
     from scidfm_megatron.model.packing import document_attention_mask
+
+    tp_group = ps.get_tensor_model_parallel_group() if par.tp > 1 else None
 
     g = torch.Generator().manual_seed(11)
     L = 16
@@ -148,6 +207,9 @@ def padding(model_cfg, par, chunks, RouterRecorder, clear_tracker, tracker):
             t, lab = tok[:, :-1], tok[:, 1:]
             pos = torch.arange(L).expand(2, L)
             kw = {}
+            if tp_group is not None:
+                doc = torch.zeros(2, L, dtype=torch.long)
+                kw = dict(attention_mask=document_attention_mask(doc), padding_mask=doc < 0)
             if padded:
                 z = torch.zeros(2, L, dtype=torch.long)
                 t, lab, pos = torch.cat([t, z], 1), torch.cat([lab, z], 1), torch.cat([pos, torch.arange(L).expand(2, L)], 1)
@@ -159,6 +221,9 @@ def padding(model_cfg, par, chunks, RouterRecorder, clear_tracker, tracker):
             aux = tracker()["load_balancing_loss"]["values"].clone()
             tpe = torch.stack([c.tokens_per_expert for c in rec.calls]).float()
             n_tok = torch.tensor([float(c.num_tokens) for c in rec.calls])
+            if tp_group is not None:
+                for x in (tpe, aux, n_tok):
+                    dist.all_reduce(x, group=tp_group)
             res.append((loss[:, :L].detach(), tpe, aux, n_tok))
         (l0, t0, a0, n0), (l1, t1, a1, n1) = res
         tag = "cf1" if capacity else "dropless"
