@@ -56,6 +56,7 @@ def main(stage: Optional[str] = None, argv=None) -> int:
     from .config import ConfigError
     from .parallel import ParallelConfigError
     from .training.config import load_run_config, validate_run
+    from .training.faults import RunStopped
 
     try:
         cfg = load_run_config(args.config, args.overrides)
@@ -94,6 +95,12 @@ def main(stage: Optional[str] = None, argv=None) -> int:
     except (ConfigError, ParallelConfigError) as exc:
         print(f"{prog}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:  # a fault policy (training/faults.py): one line, from one rank
+        import os
+
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: stopped: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

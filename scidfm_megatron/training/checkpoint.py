@@ -232,7 +232,8 @@ def _save_strategy():
 
 def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common: dict, keep_last: int = 2,
          with_optimizer: bool = True, optimizer_format: str = "fully_reshardable", async_queue=None,
-         files: Optional[dict] = None) -> Path:
+         files: Optional[dict] = None, keep_every: Optional[int] = None,
+         inject_error: Optional[OSError] = None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory (with ``async_queue``, the
     directory it will have once the queue finalizes the save).
 
@@ -244,8 +245,15 @@ def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common:
     process while training goes on; the checkpoint is renamed into place and ``latest`` moved only when
     every rank's write has finished (the queue's finalize step), so a process killed mid-write leaves an
     ``iter_N.tmp`` that resume ignores. ``files`` ({name: source path}): copied into the checkpoint
-    directory before it is published (the run's tokenizer). ``with_optimizer=False`` writes model weights only (checkpoint
-    conversion): marked ``weights_only``, a run resuming from it starts a fresh optimizer and schedule."""
+    directory before it is published (the run's tokenizer). ``with_optimizer=False`` writes model weights
+    only (checkpoint conversion): marked ``weights_only``, a run resuming from it starts a fresh optimizer
+    and schedule.
+
+    A save that fails (an OSError on any rank: the free-space check against the previous checkpoint's
+    size, or the write) raises :class:`~.faults.SaveFailed` on every rank after removing ``iter_N.tmp``;
+    the previous checkpoint and ``latest`` are untouched (synchronous saves; ``inject_error``: the fault
+    drill's error, raised on this rank after the write). ``keep_every``: every K-th iteration's checkpoint
+    is kept besides the last ``keep_last``."""
     from megatron.core import dist_checkpointing
 
     if optimizer_format not in FORMATS:
@@ -256,6 +264,8 @@ def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common:
     final = iter_dir(root, iteration)
     tmp = Path(f"{final}.tmp")
     rank = torch.distributed.get_rank()
+    err = _free_space_error(root, chunks, with_optimizer) if rank == 0 else None
+    _agree_or_fail(err, root, tmp, iteration)  # nothing written yet
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -278,12 +288,20 @@ def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             atomic_write(root / "latest", str(iteration))
-            for _, old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+            for it, old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+                if not (keep_every and it % keep_every == 0):
+                    shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier()
 
     if async_queue is None:
-        dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy())
+        err = None
+        try:
+            dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy())
+            if inject_error is not None:
+                raise inject_error
+        except OSError as exc:  # (an error inside megatron's collective write ends every rank's save)
+            err = exc
+        _agree_or_fail(err, root, tmp, iteration)
         publish()
     else:
         request = dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(),
@@ -310,6 +328,47 @@ def _write_then_hold(request, marker: Path):
         while True:
             time.sleep(60)
     return request._replace(async_fn=write_then_hold)
+
+
+def _free_space_error(root: Path, chunks, with_optimizer: bool) -> Optional[OSError]:
+    """Rank 0: ENOSPC if the save directory's file system has less room than the previous checkpoint
+    took (or, for the first save, this rank's parameters x 16 bytes x the world size / DP: a rough upper
+    bound on weights + fp32 master + two Adam moments)."""
+    from .faults import dir_size, disk_free_check
+
+    done = complete_checkpoints(root)
+    if done:
+        expected = dir_size(done[-1][1])
+    else:
+        from megatron.core import parallel_state as ps
+
+        numel = sum(p.numel() for c in chunks for p in c.parameters())
+        expected = numel * (16 if with_optimizer else 4) * torch.distributed.get_world_size() // max(
+            ps.get_data_parallel_world_size(), 1)
+    return disk_free_check(root, expected)
+
+
+def _agree_or_fail(err: Optional[OSError], root: Path, tmp: Path, iteration: int) -> None:
+    """Collective: if any rank has an error, every rank raises SaveFailed naming the first failing rank's
+    path and errno, after rank 0 removed the temporary directory (the previous checkpoint and `latest`
+    are never touched before the publish step)."""
+    from ..device import comm_device
+    from .faults import SaveFailed
+
+    flag = torch.tensor([0 if err is None else 1], dtype=torch.int32, device=comm_device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if not flag.item():
+        return
+    errs = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errs, None if err is None else (err.errno, err.strerror, err.filename))
+    rank, (no, text, name) = next((r, e) for r, e in enumerate(errs) if e is not None)
+    if torch.distributed.get_rank() == 0 and tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    torch.distributed.barrier()
+    latest = root / "latest"
+    kept = latest.read_text().strip() if latest.exists() else None
+    raise SaveFailed(no, f"{text} on rank {rank} ({name or tmp}); removed {tmp.name}; "
+                         f"kept {'latest=' + kept if kept else 'no earlier checkpoint'}", str(iter_dir(root, iteration)))
 
 
 def _load_strategy(path):

@@ -17,6 +17,7 @@ from typing import Optional
 
 from ..config import ConfigError, ModelConfig, ParallelConfig, apply_overrides, from_dict, load_yaml, to_dict
 from ..model.presets import get_preset
+from .faults import FaultsConfig
 
 
 @dataclass
@@ -47,6 +48,16 @@ class TrainConfig:
     # adds differ run to run otherwise), a fixed cuBLAS workspace and megatron's deterministic_mode.
     # Slower; CPU runs are deterministic without it.
     deterministic: bool = False
+    # Faults (training/faults.py): a step whose loss or gradients are not finite is never applied; stop:
+    # exit 1 with one line; skip: count the batch and go on, up to max_skipped_steps skips, then stop.
+    on_nan: str = "stop"
+    max_skipped_steps: int = 10
+    loss_spike_zscore: float = 6.0  # log a loss this many standard deviations above the recent mean (0: off)
+    loss_spike_window: int = 100
+    # No iteration completed for this long: every rank writes its Python stacks to the log directory and
+    # exits 124. null = max(900 s, 20 x the median iteration time); 0 = off.
+    hang_timeout_s: Optional[float] = None
+    collective_timeout_s: float = 1800.0  # torch.distributed's timeout for one collective
 
     def validate(self):
         if self.stage not in ("pretrain", "sft"):
@@ -89,6 +100,10 @@ class CheckpointConfig:
     # Periodic saves written by a forked process while training goes on; the checkpoint appears (renamed
     # from iter_N.tmp, then `latest`) only when every rank's write is complete. The final save is synchronous.
     async_save: bool = False
+    keep_every: Optional[int] = None  # also keep every K-th iteration's checkpoint (besides the last keep_last)
+    # A failed save (any rank; disk full...) leaves the previous checkpoint and `latest`; stop: exit 1 with
+    # one line naming the path and errno; continue: train on, the next save interval tries again.
+    on_save_error: str = "stop"
 
 
 @dataclass
@@ -120,6 +135,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)  # fault drills (training/faults.py), off
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -166,9 +182,9 @@ def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] =
     unknown = sorted(set(sections) - {f.name for f in dataclasses.fields(RunConfig)})
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; sections are model, parallel, train, data, checkpoint, "
-                          f"logging, engine")
+                          f"logging, engine, faults")
     kinds = {"parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
-             "logging": LoggingConfig, "engine": EngineConfig}
+             "logging": LoggingConfig, "engine": EngineConfig, "faults": FaultsConfig}
     parts = {k: from_dict(cls, sections.get(k) or {}, k) for k, cls in kinds.items()}
     cfg = RunConfig(model=model, **parts)
     cfg.train.validate()
@@ -224,6 +240,10 @@ def validate_run(cfg: RunConfig, world_size: int, layout_only: bool = False):
         raise ConfigError("data.tokenizer_model is required (build it with scidfm-build-tokenizer)")
     if not os.path.exists(d.tokenizer_model):
         raise ConfigError(f"data.tokenizer_model: {d.tokenizer_model} does not exist")
+    from .faults import validate_policies
+
+    validate_policies(cfg)
+    cfg.faults.validate(world_size)
     from ..data.provenance import check_run_data, run_tokenizer
 
     fp = run_tokenizer(cfg)  # the science tokenizer or a plain SentencePiece model (SFT: science only)

@@ -113,7 +113,7 @@ class Reporter:
 
     def step(self, it: int, loss: float, lr: float, grad_norm: Optional[float], aux: Optional[float], tokens: int,
              load: Optional[torch.Tensor] = None, offered: Optional[torch.Tensor] = None, prefix: str = "train",
-             print_line: bool = True) -> dict:
+             print_line: bool = True, extra: Optional[dict] = None) -> dict:
         dt = time.perf_counter() - self._t
         tps = tokens / dt if dt > 0 else 0.0
         achieved = tps * self.flops_per_token / self.world  # per device
@@ -125,6 +125,7 @@ class Reporter:
         if load is not None and offered is not None and float(offered.sum()) > 0:
             dropped = 1.0 - float(load.sum() / offered.sum())
             row["dropped_fraction"] = dropped
+        row.update(extra or {})  # fault handling: skipped steps, loss spikes, per-rank step times
         if self.metrics is not None:
             import json
 
@@ -144,7 +145,7 @@ class Reporter:
                 print(" | ".join(parts), flush=True)
             if self.writer is not None:
                 for k, v in row.items():
-                    if v is not None:
+                    if v is not None and isinstance(v, (int, float)):
                         self.writer.add_scalar(f"{prefix}/{k}", v, it)
                 if load is not None:
                     for layer in range(load.shape[0]):

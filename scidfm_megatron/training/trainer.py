@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,10 @@ from .config import RunConfig
 log = logging.getLogger("scidfm.train")
 
 
-class TrainingDiverged(RuntimeError):
+from .faults import RunStopped
+
+
+class TrainingDiverged(RunStopped):
     pass
 
 
@@ -59,7 +61,8 @@ class Trainer:
 
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.layout = init_distributed(cfg.model, cfg.parallel, seed=cfg.train.seed)
+        self.layout = init_distributed(cfg.model, cfg.parallel, seed=cfg.train.seed,
+                                       timeout_minutes=cfg.train.collective_timeout_s / 60)
         self.rank0 = torch.distributed.get_rank() == 0
         from megatron.core import parallel_state as ps
 
@@ -69,6 +72,10 @@ class Trainer:
         self.tokenizer = self._tokenizer()
         self.engine = self._engine()
         self.chunks, self.optimizer = self.engine.chunks, self.engine.optimizer
+        from .faults import FaultGuard
+
+        self.guard = FaultGuard(cfg, torch.distributed.get_rank(), self.layout.world_size, self.optimizer,
+                                self.engine.config, self.chunks, self.rank0)
         self.train_ds, self.valid_ds = self._datasets()
         self.train_iters = self._train_iters()
         self.scheduler = self._scheduler()
@@ -237,10 +244,17 @@ class Trainer:
             self._finalize_saves(blocking=True)
         common = dict(consumed_samples=self.consumed, stage=self.cfg.train.stage, config=self.cfg.to_dict(),
                       tokenizer=self._tokenizer_record())
-        with self.engine.synced_params():  # the tokenizer travels with the checkpoint (a copy + its fingerprint)
-            path = ckpt.save(c.save, self.iteration, self.chunks, self.optimizer, self.scheduler, common,
-                             keep_last=c.keep_last, optimizer_format=fmt, async_queue=queue,
-                             files={ckpt.TOKENIZER_FILE: self.cfg.data.tokenizer_model})
+        from .faults import SaveFailed
+
+        try:
+            with self.engine.synced_params():  # the tokenizer travels with the checkpoint (a copy + its fingerprint)
+                path = ckpt.save(c.save, self.iteration, self.chunks, self.optimizer, self.scheduler, common,
+                                 keep_last=c.keep_last, optimizer_format=fmt, async_queue=queue,
+                                 files={ckpt.TOKENIZER_FILE: self.cfg.data.tokenizer_model},
+                                 keep_every=c.keep_every, inject_error=self.guard.save_error(self.iteration))
+        except SaveFailed as exc:
+            self.guard.on_save_error(exc, self.iteration)  # stop: raises RunStopped
+            return
         if queue is None:
             self.last_checkpoint = path
         if self.rank0:
@@ -292,7 +306,8 @@ class Trainer:
         clear_aux_losses_tracker()
         return total / count if count else None
 
-    def _stop_everywhere(self) -> bool:
+    def _stop_everywhere(self) -> bool:  # (also the end-of-iteration point of the hang watchdog)
+        self.guard.beat()
         from ..device import comm_device
 
         flag = torch.tensor([1 if self._stop_signal is not None else 0], dtype=torch.int32, device=comm_device())
@@ -312,31 +327,34 @@ class Trainer:
         if self.rank0:
             print(f"[scidfm] {t.stage}: {cfg.model.name} on {self.layout}; iterations {start + 1}..{self.train_iters}, "
                   f"global batch {t.global_batch_size} x {t.seq_length} tokens", flush=True)
+        self.guard.start_watchdog()
         try:
             while self.iteration < self.train_iters:
                 self.reporter.start_step()
+                self.guard.before_step(self.iteration + 1)  # fault drills; per-rank step time
                 mbs = micro_batches(self.train_ds, self.consumed, t.global_batch_size, t.micro_batch_size,
                                     self.dp_rank, self.dp)
                 with recorder as rec:
                     r = train_step(self.chunks, self.optimizer, mbs, seq_length=t.seq_length,
-                                   micro_batch_size=t.micro_batch_size)
+                                   micro_batch_size=t.micro_batch_size, step_optimizer=False)
+                    r = self.guard.optimizer_step(self.iteration + 1, r)  # not applied when not finite
                 self.iteration += 1
                 self.consumed += t.global_batch_size
                 self.scheduler.step(increment=1)
                 aux = self._moe_aux(len(mbs))
-                if not math.isfinite(r.loss) or (r.grad_norm is not None and not math.isfinite(r.grad_norm)):
-                    raise TrainingDiverged(
-                        f"iteration {self.iteration}: loss {r.loss}, grad norm {r.grad_norm} is not finite; "
-                        f"last good checkpoint: {self.last_checkpoint or 'none saved yet'}. Run again to resume "
-                        f"from it with a lower train.lr (a resume applies the recipe's LR schedule) or another "
-                        f"data order (train.seed).")
+                # train.on_nan (stop: raises RunStopped), loss spikes
+                extra = self.guard.check(self.iteration, r, self.consumed - t.global_batch_size, t.global_batch_size,
+                                         self.last_checkpoint, lambda: self._finalize_saves(blocking=True))
+                log_now = self.iteration % cfg.logging.log_interval == 0
+                if log_now:
+                    extra.update(self.guard.straggler_stats())  # collective, at every log interval
                 load, offered = (None, None)
                 if self.expert_load:
                     load, offered = self.expert_load.reduce(rec.calls)
                     rec.clear()
                 row = self.reporter.step(self.iteration, r.loss, self.optimizer.param_groups[0]["lr"], r.grad_norm, aux,
                                          t.global_batch_size * t.seq_length, load, offered,
-                                         print_line=self.iteration % cfg.logging.log_interval == 0)
+                                         print_line=log_now, extra=extra)
                 row["iteration"] = self.iteration
                 self.history.append(row)
                 if t.eval_interval and self.valid_ds is not None and self.iteration % t.eval_interval == 0:
@@ -361,6 +379,7 @@ class Trainer:
                 self.save(final=True)
             self._finalize_saves(blocking=True)
         finally:
+            self.guard.stop_watchdog()
             for s, h in old.items():
                 signal.signal(s, h)
         if self.rank0:
