@@ -157,3 +157,27 @@ def test_data_made_with_another_tokenizer_stops_check_in_one_line(plain_data, sc
     rc, out, err = entry(capsys, "tiny_stage1.yaml", *run_args(tmp_path, mol))
     assert rc == 2 and "Traceback" not in err
     assert f"{mol / 'papers_text_document'}.bin holds token id" in err and "but model.vocab_size is 32000" in err
+
+
+def test_hf_export_of_a_user_trained_model(tmp_path):
+    """A BPE model trained with SentencePiece's defaults (nmt_nfkc, remove_extra_whitespaces, no byte
+    fallback): the exported tokenizer.json gives SentencePiece's ids on every sample document; a unigram
+    model is refused in one line before anything is written."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from scidfm_megatron.convert import tokenizer_files as tf
+
+    lines = [json.loads(line)["text"] for line in open(SAMPLE / "papers.jsonl", encoding="utf-8")][:60]
+    for kind in ("bpe", "unigram"):
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / kind),
+                                       model_type=kind, vocab_size=400, minloglevel=2)
+    tf.write(tf.inspect(tmp_path / "bpe.model"), tmp_path / "bpe_hf", model_max_length=64)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "bpe_hf")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "bpe.model"))
+    docs = sample_documents()
+    got = tok(docs, add_special_tokens=False)["input_ids"]
+    assert sum(g != w for g, w in zip(got, sp.encode(docs))) == 0
+    with pytest.raises(tf.TokenizerError, match="unigram SentencePiece model has no Hugging Face tokenizer.json"):
+        tf.write(tf.inspect(tmp_path / "unigram.model"), tmp_path / "uni_hf", model_max_length=64)
+    assert not (tmp_path / "uni_hf" / "tokenizer.json").exists()
