@@ -1,8 +1,8 @@
 """A plain SentencePiece model end to end, and data tied to its tokenizer (issue 19).
 
-One training launch (1 process, 2 steps of scidfm-tiny at the plain model's 32000-piece vocabulary);
-everything else runs in this process: preprocessing, ``scidfm-train --check`` (the CLI's ``main``),
-conversion, ``AutoTokenizer`` on the sample corpus, evaluation.
+Everything runs in this process, through the CLIs' ``main``: preprocessing, ``scidfm-train --check`` and
+training (1 process, 2 steps of scidfm-tiny at the plain model's 32000-piece vocabulary), conversion,
+``AutoTokenizer`` on the sample corpus, evaluation.
 """
 
 import json
@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from conftest import BASE_MODEL, RECIPES, SAMPLE, sample_documents, train
+from conftest import BASE_MODEL, RECIPES, SAMPLE, sample_documents
 
 PLAIN_VOCAB = 32000  # examples/tokenizer/base_tokenizer.model: a plain Llama-style SentencePiece BPE
 
@@ -32,7 +32,8 @@ def mixture(path, data_root):
 
 def run_args(work, data, **extra):
     base = {"data.tokenizer_model": BASE_MODEL, "data.mixture": mixture(work / "mix.yaml", data),
-            "data.data_root": data, "model.vocab_size": PLAIN_VOCAB, "parallel.ep": 1, "train.train_iters": 2,
+            "data.data_root": data, "model.vocab_size": PLAIN_VOCAB, "model.num_layers": 2, "parallel.ep": 1,
+            "train.train_iters": 2,
             "train.seq_length": 64, "model.max_seq_length": 64, "train.global_batch_size": 4,
             "train.micro_batch_size": 2, "train.warmup_iters": 1, "train.eval_interval": "null",
             "checkpoint.save": work / "ckpt", "logging.tensorboard_dir": "null", "logging.log_interval": 1}
@@ -51,7 +52,7 @@ def plain_data(tmp_path_factory):
     return work, data
 
 
-def test_plain_tokenizer_end_to_end(plain_data, capsys, tmp_path):
+def test_plain_tokenizer_end_to_end(plain_data, capsys, tmp_path, monkeypatch):
     """preprocess -> --check (stage 1 and 2) -> train -> convert -> AutoTokenizer ids == SentencePiece's on
     every sample document -> evaluate (raw prompts); SFT and chat prompts refused in one line."""
     import numpy as np
@@ -72,7 +73,14 @@ def test_plain_tokenizer_end_to_end(plain_data, capsys, tmp_path):
     assert rc == 2 and err.count("\n") == 1 and "train.stage: sft needs the chat markers of a science tokenizer" in err
     assert f"scidfm-build-tokenizer --base-model {BASE_MODEL}" in err
 
-    train(1, run_args(work, data))
+    from scidfm_megatron.entry import main
+    from scidfm_megatron.parallel import free_port
+
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                     LOCAL_RANK="0").items():  # one process, in this one (no launcher start-up), env restored after
+        monkeypatch.setenv(k, v)
+    assert main(argv=["--config", str(RECIPES / "tiny_stage1.yaml"), *run_args(work, data)]) == 0
+    assert "iter      2 | train loss" in capsys.readouterr().out
     ckpt = work / "ckpt"
     rc, out, err = entry(capsys, "tiny_stage2.yaml", *run_args(work, data, **{"checkpoint.init_from": ckpt,
                                                                                "checkpoint.save": work / "s2"}))
@@ -149,3 +157,27 @@ def test_data_made_with_another_tokenizer_stops_check_in_one_line(plain_data, sc
     rc, out, err = entry(capsys, "tiny_stage1.yaml", *run_args(tmp_path, mol))
     assert rc == 2 and "Traceback" not in err
     assert f"{mol / 'papers_text_document'}.bin holds token id" in err and "but model.vocab_size is 32000" in err
+
+
+def test_hf_export_of_a_user_trained_model(tmp_path):
+    """A BPE model trained with SentencePiece's defaults (nmt_nfkc, remove_extra_whitespaces, no byte
+    fallback): the exported tokenizer.json gives SentencePiece's ids on every sample document; a unigram
+    model is refused in one line before anything is written."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from scidfm_megatron.convert import tokenizer_files as tf
+
+    lines = [json.loads(line)["text"] for line in open(SAMPLE / "papers.jsonl", encoding="utf-8")][:60]
+    for kind in ("bpe", "unigram"):
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / kind),
+                                       model_type=kind, vocab_size=400, minloglevel=2)
+    tf.write(tf.inspect(tmp_path / "bpe.model"), tmp_path / "bpe_hf", model_max_length=64)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "bpe_hf")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "bpe.model"))
+    docs = sample_documents()
+    got = tok(docs, add_special_tokens=False)["input_ids"]
+    assert sum(g != w for g, w in zip(got, sp.encode(docs))) == 0
+    with pytest.raises(tf.TokenizerError, match="unigram SentencePiece model has no Hugging Face tokenizer.json"):
+        tf.write(tf.inspect(tmp_path / "unigram.model"), tmp_path / "uni_hf", model_max_length=64)
+    assert not (tmp_path / "uni_hf" / "tokenizer.json").exists()

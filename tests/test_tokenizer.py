@@ -134,3 +134,35 @@ def test_hugging_face_tokenizer_gives_the_same_ids(science_tokenizer_dir, scienc
     assert rendered == "".join(t for t, _ in chat_segments(msgs))
     assert hf.apply_chat_template(msgs, tokenize=True)["input_ids"] == tok.encode(rendered, allow_special=True)
     assert hf.pad_token_id == tok.pad_id and hf.eos_token_id == tok.eos_id and len(hf) == tok.vocab_size
+
+
+def test_build_refuses_a_base_that_loses_text_with_the_numbers(tmp_path, capsys):
+    """A SentencePiece model trained with the trainer's default normalisation (nmt_nfkc,
+    remove_extra_whitespaces) drops the space before a span: refused, one line with how many of the
+    probe texts fail and an example, nothing written; --allow-lossy-base builds it and prints the numbers.
+    The base model of this repository passes the same check (conftest's science_tokenizer_dir)."""
+    import sentencepiece as spm
+
+    from scidfm_megatron.cli.build_tokenizer import main
+    from scidfm_megatron.tokenizer.build import ROUND_TRIP_PROBES
+
+    lines = [json.loads(line)["text"] for line in open(SAMPLE / "papers.jsonl", encoding="utf-8")][:60]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "default"),
+                                   model_type="bpe", vocab_size=400, minloglevel=2)
+    probe_file = tmp_path / "probe.jsonl"
+    probe_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[:5]) + "not json\n")
+    n = len(ROUND_TRIP_PROBES) + 5
+    base, out = tmp_path / "default.model", tmp_path / "tok"
+    capsys.readouterr()
+    assert main(["--base-model", str(base), "--output-dir", str(out), "--probe-from", f"{probe_file}:text"]) == 2
+    err = capsys.readouterr().err
+    assert f"skipped 1 unreadable line(s), e.g. {probe_file}:6" in err
+    refusal = err.splitlines()[-1]
+    assert f"{base} (BPE, normaliser nmt_nfkc, remove_extra_whitespaces, no byte fallback) loses text: " in refusal
+    assert f" of {n} probe texts do not decode to themselves (e.g. 'chloroform [START_I_SMILES]" in refusal
+    assert "-> 'chloroform[START_I_SMILES]" in refusal and "--allow-lossy-base" in refusal
+    assert not out.exists() and not list(tmp_path.glob("tok.*"))
+    assert main(["--base-model", str(base), "--output-dir", str(out), "--allow-lossy-base"]) == 0
+    err = capsys.readouterr().err
+    assert f"of {len(ROUND_TRIP_PROBES)} probe texts do not decode to themselves" in err
+    assert (out / "tokenizer.model").exists()

@@ -10,6 +10,12 @@ special_tokens_map.json, tokenization_scidfm.py; load with AutoTokenizer(..., tr
 times, so they become single tokens: .smi/.txt files (first column), or jsonl with KEY (a SMILES field,
 or a text field whose molecule spans are scanned). Unreadable lines (invalid UTF-8 or JSON, a missing key,
 a lone surrogate) are skipped and listed by file:line; ``--strict`` stops at the first one.
+
+The built tokenizer must give text back exactly: every probe text (a built-in set of science text with
+spans and whitespace, plus the texts of ``--probe-from FILE[:KEY]``) must decode to itself. A base model
+whose normaliser loses text (SentencePiece's default ``nmt_nfkc`` with ``remove_extra_whitespaces``
+drops the space before a span and folds runs of spaces) is refused with the numbers and one example,
+and nothing is written; ``--allow-lossy-base`` builds it anyway (the numbers are printed).
 """
 
 from __future__ import annotations
@@ -65,6 +71,29 @@ def _smiles_from(spec: str, rejects: list, strict: bool):
                 yield value
 
 
+def _texts_from(spec: str, skipped: list) -> list[str]:
+    """Texts of one --probe-from source: KEY of each jsonl line, or each line of a text file."""
+    from ..utils import decode_line, lone_surrogate
+
+    path, _, key = spec.partition(":")
+    if not Path(path).exists():
+        raise SystemExit(f"--probe-from {spec}: no such file")
+    out = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line, bad = decode_line(raw.rstrip(b"\n"))
+            if line is not None and not bad and key:
+                try:
+                    line = json.loads(line)[key]
+                except (ValueError, KeyError, TypeError):
+                    line = None
+            if not isinstance(line, str) or bad or lone_surrogate(line):
+                skipped.append(f"{path}:{lineno}")
+            elif line.strip():
+                out.append(line)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scidfm-build-tokenizer", description=__doc__.splitlines()[0])
     ap.add_argument("--base-model", required=True, help="Llama-style SentencePiece BPE tokenizer.model")
@@ -73,8 +102,12 @@ def main(argv=None) -> int:
     ap.add_argument("--min-count", type=int, default=1)
     ap.add_argument("--strict", action="store_true",
                     help="stop at the first unreadable --bracket-atoms-from line (default: skip and list it)")
+    ap.add_argument("--probe-from", nargs="*", default=[], metavar="FILE[:KEY]",
+                    help="also check the round trip on these texts (jsonl with KEY, or one text per line)")
+    ap.add_argument("--allow-lossy-base", action="store_true",
+                    help="build even when probe texts do not decode to themselves (the base normaliser loses text)")
     args = ap.parse_args(argv)
-    from ..tokenizer.build import build_tokenizer, harvest_bracket_atoms
+    from ..tokenizer.build import ROUND_TRIP_PROBES, build_tokenizer, harvest_bracket_atoms
 
     extra, rejects = [], []
     if args.bracket_atoms_from:
@@ -86,11 +119,21 @@ def main(argv=None) -> int:
                 print(f"  {r}", file=sys.stderr)
             if len(rejects) > 20:
                 print(f"  ... {len(rejects) - 20} more", file=sys.stderr)
+    probes, skipped = list(ROUND_TRIP_PROBES), []
+    for spec in args.probe_from:
+        probes += _texts_from(spec, skipped)
+    if skipped:
+        print(f"--probe-from: skipped {len(skipped)} unreadable line(s), e.g. {skipped[0]}", file=sys.stderr)
+    notes: list[str] = []
     try:
-        tok = build_tokenizer(args.base_model, args.output_dir, extra)
+        tok = build_tokenizer(args.base_model, args.output_dir, extra, probes=probes,
+                              allow_lossy=args.allow_lossy_base, notes=notes)
     except (ValueError, OSError) as exc:
         print(f"scidfm-build-tokenizer: {exc}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"scidfm-build-tokenizer: {note}", file=sys.stderr if "--allow-lossy-base" in note or
+              "unigram" in note else sys.stdout)
     print(f"wrote {args.output_dir}/tokenizer.model: {tok.vocab_size} pieces "
           f"({len(tok.mol_vocab)} molecule tokens incl. {len(extra)} harvested bracket atoms, "
           f"{len(tok.prot_vocab)} protein tokens, span markers and specials at ids "

@@ -97,12 +97,64 @@ def extend_model(base_model: str | os.PathLike, extra_bracket_atoms: Iterable[st
     return proto.SerializeToString()
 
 
+# Science text that a lossless tokenizer gives back exactly: spans next to spaces, runs of spaces, tabs,
+# newlines, leading/trailing whitespace, code indentation, compatibility characters NFKC would fold.
+ROUND_TRIP_PROBES = (
+    "chloroform [START_I_SMILES]C(Cl)(Cl)Cl[END_I_SMILES] is a solvent.",
+    "The kinase [START_AMINO]MKTAYIAKQRQISFVKSHFSRQ[END_AMINO] binds ATP ;  Kd = 3 nM.",
+    "Two  spaces,\ttabs\nand\n\nblank lines   kept.", " leading space", "trailing space ", "  ",
+    "def f(x):\n    return x  # indented\n        more",
+    "ΔG° = −12 kJ/mol at 25 °C; ½ ﬁ ① Å Ω µm ㎖ ＡＢＣ",
+    "reaction [START_I_SMILES]CCO.CC(=O)O>>CCOC(C)=O[END_I_SMILES]  (esterification)",
+    "mass spectrometry 質量分析 — naïve café",
+)
+
+
+class LossyBaseError(ValueError):
+    """The base model's normaliser changes text: encode + decode does not give the text back."""
+
+
+def round_trip_failures(tok: ScienceTokenizer, texts: Iterable[str]) -> tuple[int, list[tuple[str, str]]]:
+    """(texts probed, [(text, what decode(encode(text)) gives)] for those that do not come back)."""
+    texts = list(texts)
+    return len(texts), [(t, d) for t in texts if (d := tok.decode(tok.encode(t))) != t]
+
+
+def describe_normaliser(base_model) -> str:
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(base_model).read_bytes())
+    ns, ts = proto.normalizer_spec, proto.trainer_spec
+    kind = {1: "unigram", 2: "BPE", 3: "word", 4: "char"}.get(ts.model_type, str(ts.model_type))
+    return (f"{kind}, normaliser {ns.name or 'custom'}" + (", remove_extra_whitespaces" if ns.remove_extra_whitespaces
+                                                          else "") + ("" if ts.byte_fallback else ", no byte fallback"))
+
+
+def check_round_trip(tok: ScienceTokenizer, base_model, probes: Iterable[str] = ROUND_TRIP_PROBES) -> str:
+    """A one-line verdict; raises :class:`LossyBaseError` (with the numbers and one example) when any
+    probe text does not decode to itself."""
+    n, bad = round_trip_failures(tok, probes)
+    if not bad:
+        return f"round trip: {n} of {n} probe texts decode to themselves"
+    text, got = bad[0]
+    raise LossyBaseError(
+        f"{base_model} ({describe_normaliser(base_model)}) loses text: {len(bad)} of {n} probe texts do not decode "
+        f"to themselves (e.g. {text[:60]!r} -> {got[:60]!r}); use a Llama-style byte-fallback BPE with the identity "
+        f"normaliser (spm_train --model_type=bpe --normalization_rule_name=identity --remove_extra_whitespaces=false "
+        f"--byte_fallback=true), or pass --allow-lossy-base to build it anyway")
+
+
 def build_tokenizer(base_model: str | os.PathLike, output_dir: str | os.PathLike,
-                    extra_bracket_atoms: Iterable[str] = ()) -> ScienceTokenizer:
+                    extra_bracket_atoms: Iterable[str] = (), probes: Iterable[str] = ROUND_TRIP_PROBES,
+                    allow_lossy: bool = False, notes: list | None = None) -> ScienceTokenizer:
     """Write ``tokenizer.model``, ``science_tokens.json`` and the Hugging Face files into ``output_dir``.
 
     Everything is written into a temporary sibling directory that replaces ``output_dir`` only when
-    complete, so a failed or killed build never leaves a half-written tokenizer behind.
+    complete, so a failed or killed build never leaves a half-written tokenizer behind. The built
+    tokenizer must give every ``probes`` text back (:func:`check_round_trip`): a base whose normaliser
+    loses text raises :class:`LossyBaseError` and nothing is written, unless ``allow_lossy`` (then the
+    verdict with its numbers is appended to ``notes``, as is the round-trip line otherwise).
     """
     out = Path(output_dir)
     tmp = out.with_name(out.name + ".building")
@@ -113,6 +165,17 @@ def build_tokenizer(base_model: str | os.PathLike, output_dir: str | os.PathLike
         extra = sorted(set(extra_bracket_atoms))
         atomic_write(tmp / "tokenizer.model", extend_model(base_model, extra))
         tok = ScienceTokenizer(tmp / "tokenizer.model")
+        try:
+            verdict = check_round_trip(tok, base_model, probes)
+        except LossyBaseError as exc:
+            if not allow_lossy:
+                raise
+            verdict = f"--allow-lossy-base: {exc}".replace(", or pass --allow-lossy-base to build it anyway", "")
+        if notes is not None:
+            notes.append(verdict)
+            if describe_normaliser(base_model).startswith("unigram"):
+                notes.append(f"{base_model} is a unigram model; SciDFM's tokenizer extends a BPE (docs/data.md): "
+                             f"text outside spans is segmented as this unigram model does")
         inventory = {
             "base_model": str(base_model),
             "base_vocab_size": tok._added_start,

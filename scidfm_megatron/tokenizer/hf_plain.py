@@ -14,9 +14,9 @@ its dummy-prefix ``▁``). What SentencePiece does, and the pipeline that matche
 * BPE: at each step SentencePiece merges the adjacent pair whose union has the highest score, leftmost
   on ties; the merges here are ranked by that score, and among equal scores by longer left then longer
   right part (which is leftmost-first for whitespace runs: ``▁▁▁`` + ``▁Run``, not ``▁▁▁▁`` + ``Run``).
-  Unigram: the same pieces and scores (Viterbi); unused pieces never match text. One known difference:
-  a control piece's own string in raw text (a literal ``<s>``) is that piece in ``tokenizers``' lattice
-  and text in SentencePiece's, so unigram models are checked without those probes and the export says so.
+  Unigram models are refused: ``tokenizers``' unigram gives other ids than SentencePiece's on some texts
+  (checked by hand on unigram models trained on the sample corpus, with and without byte fallback), and a
+  control piece's string in text (a literal ``<s>``) is that piece in its lattice.
 * control pieces (``<s>``, ``</s>``...) in raw text are text, as in SentencePiece and Megatron-LM's
   ``GPTSentencePieceTokenizer``: they are special tokens with ``split_special_tokens``.
 
@@ -73,7 +73,7 @@ def _merges(proto) -> list[tuple[str, str]]:
 def build(model_file):
     """The ``tokenizers.Tokenizer`` equivalent of a plain SentencePiece ``model_file``."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, processors
-    from tokenizers.models import BPE, Unigram
+    from tokenizers.models import BPE
 
     proto = _proto(model_file)
     ns, ts = proto.normalizer_spec, proto.trainer_spec
@@ -85,12 +85,11 @@ def build(model_file):
     if ts.model_type == 2:  # BPE
         model = BPE(vocab={p.piece: i for i, p in enumerate(pieces)}, merges=_merges(proto), unk_token=unk_piece,
                     fuse_unk=True, byte_fallback=ts.byte_fallback, dropout=None)
-    elif ts.model_type == 1:  # Unigram: only normal and user pieces can match text
-        vocab = [(p.piece, p.score if p.type in (NORMAL, USER_DEFINED) else -1e30) for p in pieces]
-        model = Unigram(vocab, unk_id=ts.unk_id, byte_fallback=ts.byte_fallback)
     else:
-        raise PlainExportError(f"{model_file}: SentencePiece model_type {ts.model_type} (not BPE or unigram) has no "
-                               f"Hugging Face tokenizer.json equivalent here")
+        kind = {1: "unigram", 3: "word", 4: "char"}.get(ts.model_type, str(ts.model_type))
+        raise PlainExportError(f"{model_file}: a {kind} SentencePiece model has no Hugging Face tokenizer.json with "
+                               f"SentencePiece's ids here (only BPE); export with --tokenizer none and ship "
+                               f"tokenizer.model with the model")
     tok = Tokenizer(model)
     norm = []
     if ns.precompiled_charsmap:
@@ -132,17 +131,12 @@ def tokenizer_config(model_file, model_max_length: int) -> dict:
     return cfg
 
 
-CONTROL_PROBES = ("<s> and </s> and <unk> are text here",)
-
-
 def write(dst, model_file, model_max_length: int) -> list[str]:
     """``tokenizer.json`` + ``tokenizer_config.json`` into ``dst`` (which already holds tokenizer.model),
-    after :func:`check_ids` passed on the probes. Returns notes for the console (unigram's one limit)."""
+    after :func:`check_ids` passed on the probes. Returns notes for the console (none at present)."""
     tok = build(model_file)
-    unigram = _proto(model_file).trainer_spec.model_type == 1
-    check_ids(tok, model_file, [t for t in PROBES if not unigram or t not in CONTROL_PROBES])
-    notes = ["unigram model: a literal control string in text (e.g. '<s>') is one token in the Hugging Face "
-             "tokenizer but text in SentencePiece; every other probe gives the same ids"] if unigram else []
+    check_ids(tok, model_file)
+    notes: list[str] = []
     dst = Path(dst)
     tok.save(str(dst / "tokenizer.json"))
     (dst / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(model_file, model_max_length), indent=2)
