@@ -90,8 +90,8 @@ class ModelConfig:
             raise ConfigError(f"model.moe_token_dispatcher must be 'alltoall' or 'allgather', "
                               f"got {self.moe_token_dispatcher!r}")
         if self.backend not in ("auto", "te", "te-sdpa", "torch", "local"):
-            raise ConfigError(f"model.backend must be 'auto', 'te', 'te-sdpa' (TE with the padded SDPA attention), "
-                              f"'local' (unfused) or 'torch' (PyTorch's fused kernels), got {self.backend!r}")
+            raise ConfigError(f"model.backend must be 'auto', 'te' or 'local' (unfused), 'te-sdpa' (TE with the "
+                              f"padded SDPA attention) or 'torch' (PyTorch's fused kernels), got {self.backend!r}")
         if self.moe_router_dtype not in (None, "fp32", "fp64"):
             raise ConfigError(f"model.moe_router_dtype must be null, 'fp32' or 'fp64', got {self.moe_router_dtype!r}")
 

@@ -140,3 +140,20 @@ def test_a_bad_recipe_fails_before_anything_is_built(runs, override, message):
                 "--world-size", "2", f"data.tokenizer_model={runs / 'tokenizer' / 'tokenizer.model'}", override]
         r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=cpu_env())
         assert r.returncode == 2 and message in r.stderr, (flag, r.stdout, r.stderr)
+
+
+def test_param_sync_func_only_with_align_param_gather(one_rank):
+    """Megatron-LM sets the schedule's param_sync_func only with align_param_gather; with
+    overlap_param_gather alone the DDP forward pre-hooks gather the parameters bucket by bucket."""
+    from scidfm_megatron.config import ParallelConfig
+    from scidfm_megatron.model.builder import build_model_chunks
+    from scidfm_megatron.training.engine import build_optimizer, wrap_ddp
+
+    for align in (False, True):
+        chunks = build_model_chunks(one_rank, ParallelConfig(), precision="fp32")
+        config = chunks[0].config
+        chunks = wrap_ddp(chunks, config, use_distributed_optimizer=True, overlap_grad_reduce=True,
+                          overlap_param_gather=True, align_param_gather=align)
+        build_optimizer(chunks, config, lr=1e-4, use_distributed_optimizer=True)
+        assert config.grad_sync_func is not None
+        assert (config.param_sync_func is not None) == align, align

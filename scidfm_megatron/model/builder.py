@@ -86,8 +86,8 @@ def resolve_backend(backend: Optional[str] = "auto") -> str:
     if backend in ("local", "torch"):
         return backend
     if backend not in ("auto", "te", "te-sdpa"):
-        raise ConfigError(f"model.backend must be 'auto', 'te', 'te-sdpa' (TE with the padded SDPA attention), "
-                          f"'local' (unfused) or 'torch' (PyTorch's fused kernels), got {backend!r}")
+        raise ConfigError(f"model.backend must be 'auto', 'te' or 'local' (unfused), 'te-sdpa' (TE with the "
+                          f"padded SDPA attention) or 'torch' (PyTorch's fused kernels), got {backend!r}")
     err = megatron_patches.transformer_engine_import_error()
     cuda = torch.cuda.is_available()
     if backend in TE_BACKENDS:
