@@ -90,6 +90,30 @@ def _gpt_model_class():
     return SciDFMGPTModel
 
 
+def capacity_drop_on_device(probs: torch.Tensor, routing_map: torch.Tensor, real: torch.Tensor, topk: int,
+                            capacity_factor: float, drop_policy: str = "probs"):
+    """megatron's expert-capacity dropping (``apply_router_token_dropping`` without pad-to-capacity) over the
+    real tokens only, without a device-to-host copy: the capacity ceil(n_real x topk / E x capacity_factor)
+    (megatron's ``get_capacity``, the same float64 arithmetic) stays a device tensor, and each expert keeps
+    its routed real tokens whose rank is below it: by probability ("probs": the largest, as megatron's
+    top-k; ties kept in token order) or by position ("position": the earliest). ``probs`` and
+    ``routing_map`` [tokens, experts] are already zero / False on padding (``real`` False)."""
+    num_experts = probs.shape[1]
+    n_real = real.sum(dtype=torch.float64)
+    capacity = torch.ceil(n_real * topk / num_experts * capacity_factor)
+    if drop_policy == "probs":
+        order = torch.argsort(probs.masked_fill(~routing_map, -1.0), dim=0, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(
+            0, order, torch.arange(probs.shape[0], device=probs.device).unsqueeze(1).expand_as(order))
+        keep = rank < capacity
+    elif drop_policy == "position":
+        keep = routing_map.cumsum(0) <= capacity
+    else:
+        raise ValueError(f"Invalid drop_policy: {drop_policy}")
+    routing_map = routing_map & keep
+    return probs * routing_map.to(probs.dtype), routing_map
+
+
 def _router_class():
     from megatron.core.transformer.moe.moe_utils import (apply_router_token_dropping,
                                                          compute_routing_scores_for_aux_loss,
@@ -116,8 +140,14 @@ def _router_class():
             real = ~pad
             routing_map = routing_map & real.unsqueeze(-1)
             probs = probs * real.unsqueeze(-1).to(probs.dtype)
-            if self.config.moe_expert_capacity_factor is not None:
-                # Capacity from the real tokens only: drop among them exactly as without the padding.
+            if self.config.moe_expert_capacity_factor is not None and not self.config.moe_pad_expert_input_to_capacity:
+                # Capacity from the real tokens only, computed and applied on the device: no host sync per layer.
+                probs, routing_map = capacity_drop_on_device(
+                    probs, routing_map, real, self.topk, self.config.moe_expert_capacity_factor,
+                    self.config.moe_token_drop_policy)
+            elif self.config.moe_expert_capacity_factor is not None:
+                # pad_to_capacity (not used by this project's configs): megatron's own dropping over the real
+                # tokens, which needs their indices on the host.
                 idx = real.nonzero().squeeze(-1)
                 p, m = apply_router_token_dropping(
                     probs.index_select(0, idx), routing_map.index_select(0, idx), router_topk=self.topk,
