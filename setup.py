@@ -1,35 +1,40 @@
 """scidfm-megatron: SciDFM (18.2B-parameter MoE LLM for science) on megatron-core.
 
-Install torch first (the CPU or CUDA build you want), then ``pip install -e .[test]``:
-otherwise pip resolves torch==2.13.0 from PyPI, which on Linux is the multi-GB CUDA build.
+Dependencies are ranges (what the code needs), so ``pip install -e .`` on a GPU image keeps the image's own
+torch build (any torch >= 2.6, megatron-core 0.16.1's own floor; tested: 2.13.0 here). The exact versions
+this project's CI and scripts install live in ``constraints.txt``:
+``pip install -c constraints.txt -e .[test]`` (scripts/setup_env.sh does that, after installing torch first:
+otherwise pip resolves torch from PyPI, which on Linux is the multi-GB CUDA build).
 """
 
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "torch==2.13.0",
+    "torch>=2.6.0",  # megatron-core 0.16.1 requires torch>=2.6.0; nothing here asserts a torch version
+    # megatron_patches are written for this release and refuse any other at import (check_version): the one
+    # exact requirement, because any other version fails there anyway.
     "megatron-core==0.16.1",
-    "numpy==2.4.6",
-    "psutil==7.2.2",  # megatron dist_checkpointing's torch_dist writer needs it but does not declare it
-    "PyYAML==6.0.3",
-    "sentencepiece==0.2.3",
-    "tensorboard==2.21.0",
-    "tqdm==4.70.1",
-    "zstandard==0.25.0",  # .jsonl.zst corpora
+    "numpy>=1.26,<3",
+    "psutil>=5.9",  # megatron dist_checkpointing's torch_dist writer needs it but does not declare it
+    "PyYAML>=6.0",
+    "sentencepiece>=0.2.0",
+    "tensorboard>=2.15",
+    "tqdm>=4.66",
+    "zstandard>=0.22",  # .jsonl.zst corpora
 ]
 
 EXTRAS = {
     # GPU fast path: fused kernels and grouped-GEMM experts. Needs CUDA; never required.
-    "gpu": ["transformer-engine[pytorch]==2.20.2"],
-    "hf": ["transformers==5.23.0", "safetensors==0.8.0"],
-    "eval": ["rdkit==2026.9.1", "rouge-score==0.1.2", "scikit-learn==1.9.1", "rapidfuzz==3.14.6", "selfies==2.2.0",
-             "matplotlib==3.11.2", "lm-eval==0.4.13",
-             "accelerate==1.15.0"],  # lm-eval's hf model imports accelerate without declaring it
-    "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
+    "gpu": ["transformer-engine[pytorch]>=2.9"],
+    "hf": ["transformers>=5.17,<6", "safetensors>=0.4.3"],
+    "eval": ["rdkit>=2024.3.1", "rouge-score>=0.1.2", "scikit-learn>=1.4", "rapidfuzz>=3.0", "selfies>=2.1",
+             "matplotlib>=3.8", "lm-eval>=0.4.8,<0.5",
+             "accelerate>=1.0"],  # lm-eval's hf model imports accelerate without declaring it
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
     # Preprocessing: GigaToken for the base BPE (ids checked equal to SentencePiece's; without it,
     # SentencePiece), parquet inputs. Never required.
-    "fast": ["gigatoken==0.10.0"],
-    "parquet": ["pyarrow==26.0.1"],
+    "fast": ["gigatoken>=0.10"],
+    "parquet": ["pyarrow>=14"],
 }
 EXTRAS["all-cpu"] = sorted({r for k, v in EXTRAS.items() if k != "gpu" for r in v})
 
@@ -40,7 +45,7 @@ setup(
                 "(TP/PP/EP/DP; CPU+gloo to multi-node GPUs)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.11,<3.12",
+    python_requires=">=3.11",  # 3.11 tested here; 3.12: the GPU images (docs/gpu.md)
     packages=find_packages(include=["scidfm_megatron", "scidfm_megatron.*", "megatron_patches"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

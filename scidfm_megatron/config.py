@@ -63,8 +63,9 @@ class ModelConfig:
     # Pad the vocabulary to a multiple of this, independent of TP, so every layout shares one
     # global embedding shape (Megatron-LM pads to a multiple of 128*TP, which changes with TP).
     make_vocab_size_divisible_by: int = 128
-    # Layer implementations (model/builder.py): "auto" = TransformerEngine's spec when TE imports and CUDA
-    # is present, else "torch" on CUDA and "local" on CPU; "te" = TE's fused modules (fails with the import
+    # Layer implementations (model/builder.py): "auto" = "te-sdpa" (TE's linears, norms and experts, the
+    # padded SDPA attention) when TE imports and CUDA is present, else "torch" on CUDA and "local" on CPU;
+    # "te" = TE's spec with TE's attention (fails with the import
     # error when TE is missing); "torch" = PyTorch's fused kernels, no TE (model/torch_backend.py: padded
     # SDPA attention, grouped-GEMM experts); "local" = megatron-core's unfused pure-torch modules. The
     # checkpoint keys are the same for all.
@@ -106,9 +107,9 @@ class ModelConfig:
         if self.moe_token_dispatcher not in ("alltoall", "allgather"):
             raise ConfigError(f"model.moe_token_dispatcher must be 'alltoall' or 'allgather', "
                               f"got {self.moe_token_dispatcher!r}")
-        if self.backend not in ("auto", "te", "torch", "local"):
-            raise ConfigError(f"model.backend must be 'auto', 'te' or 'local' (unfused) or 'torch' (PyTorch's fused "
-                              f"kernels), got {self.backend!r}")
+        if self.backend not in ("auto", "te", "te-sdpa", "torch", "local"):
+            raise ConfigError(f"model.backend must be 'auto', 'te' or 'local' (unfused), 'te-sdpa' (TE with the "
+                              f"padded SDPA attention) or 'torch' (PyTorch's fused kernels), got {self.backend!r}")
         if self.moe_router_score_function not in ("softmax", "sigmoid"):
             raise ConfigError(f"model.moe_router_score_function must be 'softmax' or 'sigmoid', "
                               f"got {self.moe_router_score_function!r}")

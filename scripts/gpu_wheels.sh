@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Wheels the lent GPU machine lacks (Python 3.12, x86_64, no network), into gpu_wheels/ (gitignored):
-# carry that folder to the machine and run scripts/gpu_check.sh there (docs/gpu.md).
+# Wheels the lent GPU machine lacks (Python 3.12, x86_64, no network), and a wheel of this project, into
+# gpu_wheels/ (gitignored), with gpu_wheels/COMMIT (the commit they were made from): carry that folder to
+# the machine and run scripts/gpu_check.sh there (docs/gpu.md).
 #
 # That machine has torch 2.11+cu130, transformers, sentencepiece, safetensors, tensorboard, triton,
 # numpy, psutil, PyYAML, tqdm, pytest (+ pytest-timeout, pluggy, iniconfig, pygments), packaging; it has
@@ -43,6 +44,14 @@ $PYTHON -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_12_x86_64 \
   --platform manylinux2010_x86_64 --platform manylinux1_x86_64 -d "$DIR" $REQS
 
+# This project as a wheel: gpu_check.sh installs it with pip (resolving its requirements against what the
+# machine has and these wheels: torch stays the machine's), which is the install a GPU user does.
+rm -f "$DIR"/scidfm_megatron-*.whl
+LEFT=()  # the build's by-products in the tree, removed unless they were there before
+for p in build scidfm_megatron.egg-info; do [ -e "$p" ] || LEFT+=("$p"); done
+$PYTHON -m pip wheel -q --no-deps -w "$DIR" . >/dev/null
+[ ${#LEFT[@]} -gt 0 ] && rm -rf "${LEFT[@]}"
+
 # Keep one wheel per pinned name==version; write the manifest gpu_check.sh reads.
 SPECS="$SPECS" $PYTHON - "$DIR" <<'EOF'
 import os, re, sys
@@ -56,7 +65,12 @@ for line in os.environ["SPECS"].strip().splitlines():
     name, version = req.split("==")
     specs[(norm(name), version)] = (module, kind)
 found = {}
+project = sorted(d.glob("scidfm_megatron-*.whl"))
+if len(project) != 1:
+    sys.exit(f"expected one wheel of this project in {d}, found {[p.name for p in project]}")
 for whl in sorted(d.glob("*.whl")):
+    if whl in project:
+        continue
     name, version = whl.name.split("-")[:2]
     key = (norm(name), version)
     if key not in specs or key in found:
@@ -71,7 +85,15 @@ with open(d / "manifest.txt", "w") as f:
     f.write("# wheel  import-module  required|fallback  (scripts/gpu_wheels.sh)\n")
     for key, whl in sorted(found.items()):
         f.write(f"{whl} {specs[key][0]} {specs[key][1]}\n")
+    f.write(f"{project[0].name} scidfm_megatron project\n")
 EOF
+
+# The commit these wheels were prepared from: the GPU machine gets no .git, so the results name it from here.
+if COMMIT=$(git rev-parse HEAD 2>/dev/null); then
+  [ -n "$(git status --porcelain --untracked-files=no)" ] && COMMIT="$COMMIT+dirty"
+  echo "$COMMIT" > "$DIR/COMMIT"
+  echo "commit $COMMIT -> $DIR/COMMIT"
+fi
 
 BYTES=$(cat "$DIR"/*.whl | wc -c)
 MIB=$(( (BYTES + 1048575) / 1048576 ))

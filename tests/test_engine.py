@@ -140,3 +140,68 @@ def test_a_bad_recipe_fails_before_anything_is_built(runs, override, message):
                 "--world-size", "2", f"data.tokenizer_model={runs / 'tokenizer' / 'tokenizer.model'}", override]
         r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=cpu_env())
         assert r.returncode == 2 and message in r.stderr, (flag, r.stdout, r.stderr)
+
+
+def test_param_sync_func_only_with_align_param_gather(one_rank):
+    """Megatron-LM sets the schedule's param_sync_func only with align_param_gather; with
+    overlap_param_gather alone the DDP forward pre-hooks gather the parameters bucket by bucket."""
+    from scidfm_megatron.config import ParallelConfig
+    from scidfm_megatron.model.builder import build_model_chunks
+    from scidfm_megatron.training.engine import build_optimizer, wrap_ddp
+
+    for align in (False, True):
+        chunks = build_model_chunks(one_rank, ParallelConfig(), precision="fp32")
+        config = chunks[0].config
+        chunks = wrap_ddp(chunks, config, use_distributed_optimizer=True, overlap_grad_reduce=True,
+                          overlap_param_gather=True, align_param_gather=align)
+        build_optimizer(chunks, config, lr=1e-4, use_distributed_optimizer=True)
+        assert config.grad_sync_func is not None
+        assert (config.param_sync_func is not None) == align, align
+
+
+def test_capacity_routing_with_padding_copies_nothing_to_the_host(one_rank, monkeypatch):
+    """With an expert capacity and padding (packed SFT), the router drops among the real tokens on the
+    device: no nonzero() and no device-to-host copy per MoE layer (counted as the router-statistics test
+    counts them, plus nonzero), and the result is megatron's own dropping applied to the real tokens alone
+    (capacity from the real-token count)."""
+    import dataclasses
+
+    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
+
+    from scidfm_megatron.config import ParallelConfig
+    from scidfm_megatron.model.builder import build_model
+
+    cfg = dataclasses.replace(one_rank, moe_capacity_factor=1.0)
+    model = build_model(cfg, ParallelConfig(), precision="fp32")
+    router = model.decoder.layers[0].mlp.router
+    assert type(router).__name__ == "PaddingAwareRouter" and router.config.moe_expert_capacity_factor == 1.0
+    g = torch.Generator().manual_seed(5)
+    s, b, E, k = 24, 2, cfg.num_experts, cfg.moe_router_topk
+    logits = torch.randn(s, b, E, generator=g)
+    pad = torch.zeros(s, b, dtype=torch.bool)
+    pad[17:, 0] = True  # sample 0 ends in padding
+    pad[21:, 1] = True
+    router.eval()
+    counter = HostSyncCounter(monkeypatch)
+    nonzero = []
+    orig_nonzero = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **kw: nonzero.append(1) or orig_nonzero(t, *a, **kw))
+    with torch.no_grad():
+        probs, rmap = router.routing(logits.clone(), padding_mask=pad)
+    monkeypatch.undo()
+    assert counter.calls == [] and nonzero == [], (counter.calls, nonzero)
+
+    # the reference: megatron's routing without padding, then its dropping over the real tokens only
+    real = ~pad.reshape(-1)
+    router.config.moe_expert_capacity_factor = None
+    try:
+        with torch.no_grad():
+            p_all, m_all = router.routing(logits.clone(), padding_mask=pad)  # no capacity: every top-k kept
+    finally:
+        router.config.moe_expert_capacity_factor = 1.0
+    idx = real.nonzero().squeeze(-1)
+    p_ref, m_ref = apply_router_token_dropping(p_all[idx], m_all[idx], router_topk=k, capacity_factor=1.0,
+                                               drop_policy="probs")
+    assert torch.equal(rmap[idx], m_ref) and torch.equal(probs[idx], p_ref)
+    assert not rmap[~real].any() and not probs[~real].any()
+    assert int(m_all[idx].sum()) > int(m_ref.sum())  # the capacity did drop tokens: the case is not trivial

@@ -20,3 +20,6 @@ def test_te_spec_model_matches_local_spec(tmp_path):
     assert "TEGroupedMLP" in r["te_modules"] and "TELayerNormColumnParallelLinear" in r["te_modules"]
     assert r["te_grad_finite"] and r["local_grad_finite"]
     assert abs(r["losses"]["te"] - r["losses"]["local"]) <= 1e-3 * abs(r["losses"]["local"]), r["losses"]
+    # auto's choice with TE: TE's linears and experts, the padded SDPA as core attention, the same loss
+    assert r["te_sdpa_core_attention"] == ["PaddedSDPAttention"] and r["te-sdpa_grad_finite"]
+    assert abs(r["losses"]["te-sdpa"] - r["losses"]["local"]) <= 1e-3 * abs(r["losses"]["local"]), r["losses"]

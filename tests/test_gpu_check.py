@@ -68,3 +68,121 @@ def test_losses_parser_skips_a_line_cut_by_sigkill(tmp_path):
     m.write_text('{"iteration": 1, "phase": "train", "loss": 10.5}\n{"iteration": 2, "phase": "valid", "loss": 9}\n'
                  '{"iteration": 2, "phase": "train", "loss": 9.5}\n{"iteration": 3, "pha')
     assert gpu_check.losses(m) == {1: 10.5, 2: 9.5}
+
+
+def _gpu_check_module():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return gpu_check
+
+
+def test_dynamo_off_on_cpu_only_and_commit_from_the_wheels(tmp_path, monkeypatch):
+    """TorchDynamo is disabled for the dry run's children only (on the GPU megatron's jit_fuser compiles, as
+    in a user's run); without .git (the GPU machine) the results name the commit gpu_wheels.sh wrote."""
+    gpu_check = _gpu_check_module()
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    monkeypatch.setattr(gpu_check, "CPU_ONLY", False)
+    assert "TORCHDYNAMO_DISABLE" not in gpu_check.child_env()
+    monkeypatch.setattr(gpu_check, "CPU_ONLY", True)
+    assert gpu_check.child_env()["TORCHDYNAMO_DISABLE"] == "1"
+    assert gpu_check._commit()["commit_source"] == "git"
+
+    (tmp_path / "COMMIT").write_text("0123abcd+dirty\n")
+    monkeypatch.setenv("GPU_WHEELS", str(tmp_path))
+
+    def no_git(*a, **k):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", no_git)
+    assert gpu_check._commit() == dict(commit="0123abcd+dirty", commit_source=str(tmp_path / "COMMIT"))
+
+
+def test_torchrun_log_streams_while_it_runs(tmp_path, monkeypatch):
+    """With SCIDFM_TORCHRUN_LOG_DIR (the GPU check sets it) a launch's output is in its log file as it runs:
+    a benchmark stopped at its timeout still leaves what its ranks printed, and no rank is left running."""
+    import subprocess as sp
+
+    import pytest
+
+    from scidfm_megatron.testing.distributed import run_torchrun
+
+    script = tmp_path / "slow.py"
+    marker = tmp_path / "pid"
+    script.write_text("import os, time\nprint('rank started', flush=True)\n"
+                      f"open({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(300)\n")
+    logs = tmp_path / "logs"
+    monkeypatch.setenv("SCIDFM_TORCHRUN_LOG_DIR", str(logs))
+    with pytest.raises(sp.TimeoutExpired):
+        run_torchrun(script, 1, [], timeout=15)
+    (log,) = logs.glob("torchrun_slow_*.log")
+    assert "rank started" in log.read_text()
+    import psutil
+
+    pid = int(marker.read_text())
+
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_deterministic_run_names_a_nondeterministic_op(monkeypatch):
+    """train.deterministic: an op without a deterministic implementation is named once, even under an
+    'ignore' filter (the launchers set PYTHONWARNINGS=ignore); the run goes on (warn, not raise)."""
+    import warnings
+
+    import torch
+
+    from scidfm_megatron.training.determinism import enable_deterministic, nondeterministic_ops
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("ignore")
+            enable_deterministic()
+            t = torch.zeros(4)
+            for _ in range(3):
+                t.put_(torch.tensor([1, 1]), torch.tensor([1.0, 2.0]))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    text = "\n".join(str(w.message) for w in seen)
+    assert nondeterministic_ops(text) == ["put_"] and len(seen) == 1, text
+
+
+def test_setup_states_ranges_and_constraints_pin_them():
+    """setup.py: ranges a GPU image satisfies as it is (Python 3.12, its torch 2.11 build: pip then leaves
+    torch alone), exact only for megatron-core (megatron_patches refuse any other release); every
+    requirement pinned in constraints.txt, which scripts/setup_env.sh passes to pip."""
+    import re
+
+    import setuptools
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    seen = {}
+    orig = setuptools.setup
+    setuptools.setup = lambda **kw: seen.update(kw)
+    try:
+        code = (ROOT / "setup.py").read_text().replace('open("README.md"', f'open({str(ROOT / "README.md")!r}')
+        exec(compile(code, "setup.py", "exec"), {"__name__": "__main__"})
+    finally:
+        setuptools.setup = orig
+    assert SpecifierSet(seen["python_requires"]).contains("3.12.1") and SpecifierSet(
+        seen["python_requires"]).contains("3.11.7")
+    reqs = [Requirement(r) for r in seen["install_requires"] + [r for v in seen["extras_require"].values() for r in v]]
+    exact = {r.name for r in reqs if any(s.operator == "==" for s in r.specifier)}
+    assert exact == {"megatron-core"}, exact
+    torch_req = next(r for r in reqs if r.name == "torch")
+    for v in ("2.11.0+cu130", "2.13.0", "2.6.0"):
+        assert torch_req.specifier.contains(v), (torch_req, v)
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            r = Requirement(line)
+            assert [s.operator for s in r.specifier] == ["=="], line
+            pins[r.name.lower()] = str(r.specifier)[2:]
+    for r in reqs:  # each range admits the pinned version
+        assert r.name.lower() in pins and r.specifier.contains(pins[r.name.lower()]), (r, pins.get(r.name.lower()))
+    assert re.search(r'CONSTRAINTS=\$\{CONSTRAINTS-constraints.txt\}', (ROOT / "scripts" / "setup_env.sh").read_text())

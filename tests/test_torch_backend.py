@@ -299,13 +299,14 @@ def test_padded_attention_runs_under_each_fused_kernel_on_gpu():
 
 @pytest.mark.gpu
 def test_grouped_mm_equals_loop_on_gpu():
-    """bf16 on CUDA (compute capability 9.0+): torch._grouped_mm over 8 experts equals the per-expert loop,
+    """bf16 on CUDA (where this torch's _grouped_mm runs: 8.0+ and the probe): torch._grouped_mm over 8
+    experts equals the per-expert loop,
     forward and backward, within bf16 rounding."""
     from scidfm_megatron.model.torch_backend import _grouped_mm_supported, grouped_linear
 
     dev = torch.device("cuda")
     if not _grouped_mm_supported(dev, torch.bfloat16):
-        pytest.skip("torch._grouped_mm needs compute capability 9.0+")
+        pytest.skip("torch._grouped_mm does not run (or differ from the loop) on this device with this torch")
     g = torch.Generator(device="cuda").manual_seed(0)
     # group sizes as routing gives them (padded to 16 rows inside), and already aligned (no padding)
     for counts in ([300, 0, 129, 64, 1000, 7, 256, 44], [320, 0, 128, 64, 1008, 16, 256, 48]):
@@ -346,3 +347,106 @@ def test_gpu_slice_benchmark_refuses_cpu_and_its_code_runs(rank, capsys):
     assert r["backends"][1]["implementations"]["attention"] == "PaddedSDPAttention"
     assert len(r["attention"]) == 2 and all("ms" in a for a in r["attention"]), r["attention"]
     assert "torch / local:" in out and "attention alone" in out
+
+
+@pytest.fixture
+def stub_machine(monkeypatch):
+    """Stub what resolve_backend and the experts' choice look at: TransformerEngine's import, CUDA, the
+    device's compute capability and the one-time _grouped_mm probe (recorded, answering True)."""
+    import megatron_patches
+
+    from scidfm_megatron.model import builder, torch_backend
+
+    probes = []
+
+    def machine(te: bool, cuda: bool = True, capability=(9, 0)):
+        monkeypatch.setattr(megatron_patches, "transformer_engine_import_error",
+                            lambda: None if te else ModuleNotFoundError("No module named 'transformer_engine'"))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+        monkeypatch.setattr(torch_backend, "_grouped_mm_probe", lambda dev, dt: probes.append((dev, dt)) or True)
+        builder.resolve_backend.cache_clear()
+        torch_backend._grouped_mm_supported.cache_clear()
+        return probes
+
+    yield machine
+    builder.resolve_backend.cache_clear()
+    torch_backend._grouped_mm_supported.cache_clear()
+
+
+FUSED = ("padded-sdpa", "te-fused")
+
+
+def test_auto_never_picks_an_unfused_attention_where_a_fused_one_exists(stub_machine, monkeypatch):
+    """model.backend auto, TE and the device stubbed, SciDFM's head_dim 100, pretraining and SFT: with TE,
+    TE's linears, norms and grouped experts with the padded SDPA as core attention (te-sdpa; SFT keeps it:
+    no fallback to local); without TE on CUDA the torch backend, whose experts take torch._grouped_mm on
+    sm80 as on sm90 where the probe says it equals the loop, and the loop below sm80. Explicit te keeps TE's
+    attention (unfused at 100: the memory plan counts its s x s transient, the fused choices none) and is
+    refused for SFT. The te-sdpa layer spec is TE's with PaddedSDPAttention as core attention."""
+    from scidfm_megatron.config import ConfigError
+    from scidfm_megatron.model.accounting import memory_plan
+    from scidfm_megatron.model.builder import chosen_pieces, layer_spec, sft_backend_error
+
+    cfg = get_preset("scidfm-18b")
+    assert cfg.head_dim == 100
+    plan = dict(seq_len=8192, micro_batch=1, tp=2, pp=2, ep=8, etp=1, world_size=128)
+
+    stub_machine(te=True)
+    auto = chosen_pieces(cfg)
+    assert auto == dict(backend="te-sdpa", attention="padded-sdpa", experts="TEGroupedMLP",
+                        linear="TransformerEngine", norm="TENorm"), auto
+    assert sft_backend_error(cfg) is None  # SFT: the same pieces, the document mask goes to SDPA
+    explicit = chosen_pieces(cfg, backend="te")
+    assert explicit["attention"] == "te-unfused"
+    assert "te" in sft_backend_error(dataclasses.replace(cfg, backend="te"))
+    assert chosen_pieces(get_preset("scidfm-18b", head_dim=128), backend="te")["attention"] == "te-fused"
+    assert memory_plan(cfg, backend="te", **plan).attention_transient == 1 * 16 * 8192 * 8192 * 6
+    assert memory_plan(cfg, backend="local", **plan).attention_transient == 1 * 16 * 8192 * 8192 * 6
+    assert memory_plan(cfg, backend="te-sdpa", **plan).attention_transient == 0
+    assert memory_plan(cfg, backend="torch", **plan).attention_transient == 0
+
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    # TE is not installed here: its spec's structure is the local one's; what te-sdpa changes is checked
+    monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec",
+                        lambda num_experts, moe_grouped_gemm: gpt_layer_specs.get_gpt_layer_local_spec(
+                            num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"))
+    core = layer_spec(cfg).submodules.self_attention.submodules.core_attention
+    assert core.__name__ == "PaddedSDPAttention"
+    assert layer_spec(cfg, backend="te").submodules.self_attention.submodules.core_attention.__name__ != (
+        "PaddedSDPAttention")
+
+    for cap, grouped in (((9, 0), True), ((8, 0), True), ((7, 5), False)):
+        probes = stub_machine(te=False, capability=cap)
+        probes.clear()
+        pieces = chosen_pieces(cfg)
+        assert pieces["backend"] == "torch" and pieces["attention"] in FUSED
+        assert pieces["experts"] == ("GroupedExperts (torch._grouped_mm)" if grouped
+                                     else "GroupedExperts (per-expert loop)"), (cap, pieces)
+        assert len(probes) == (1 if grouped else 0)  # below sm80 the probe is not even run
+    with pytest.raises(ConfigError, match="te-sdpa"):
+        get_preset("scidfm-debug", backend="flash")
+
+
+def test_grouped_mm_probe_requires_equality_with_the_loop(monkeypatch):
+    """The one-time probe behind the experts' choice: a _grouped_mm that computes the loop's result (an
+    exact emulation, with autograd) passes; one that is off, or raises, sends the experts to the loop."""
+    from scidfm_megatron.model import torch_backend
+
+    def emulated(x, w, offs):  # rows offs[i-1]:offs[i] times w[i] ([E, in, out])
+        ends = offs.tolist()
+        starts = [0] + ends[:-1]
+        return torch.cat([x[a:b] @ w[i] for i, (a, b) in enumerate(zip(starts, ends))])
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "_grouped_mm", emulated, raising=False)
+    assert torch_backend._grouped_mm_probe(cpu, torch.float32) is True
+    monkeypatch.setattr(torch, "_grouped_mm", lambda x, w, offs: 1.05 * emulated(x, w, offs), raising=False)
+    assert torch_backend._grouped_mm_probe(cpu, torch.float32) is False
+
+    def unsupported(*a, **k):
+        raise RuntimeError("grouped gemm is not supported on this device")
+
+    monkeypatch.setattr(torch, "_grouped_mm", unsupported, raising=False)
+    assert torch_backend._grouped_mm_probe(cpu, torch.float32) is False

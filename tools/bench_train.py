@@ -475,14 +475,15 @@ def _peak():
 
 
 def slice_backends() -> list[str]:
-    """Backends present here: local and torch always; te when TransformerEngine imports and CUDA is there."""
+    """Backends present here: local and torch always; te and te-sdpa (auto's choice with TE) when
+    TransformerEngine imports and CUDA is there."""
     from scidfm_megatron.config import ConfigError
     from scidfm_megatron.model.builder import resolve_backend
 
     out = ["local", "torch"]
     try:
         resolve_backend("te")
-        out.append("te")
+        out += ["te", "te-sdpa"]
     except ConfigError:
         pass
     return out

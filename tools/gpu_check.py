@@ -30,8 +30,8 @@ The tolerances and why: docs/gpu.md.
 
 This driver imports only the standard library at start: a library that fails to import under the GPU
 machine's torch is reported as a failed check, not a crash. Its subprocesses get the environment of
-``scidfm_megatron.testing.distributed.cpu_env`` (OMP_NUM_THREADS=1, TORCHDYNAMO_DISABLE=1, the repository
-on PYTHONPATH, no inherited MASTER_*/RANK variables).
+``scidfm_megatron.testing.distributed.cpu_env`` (OMP_NUM_THREADS=1, TORCHDYNAMO_DISABLE=1 in the dry run
+only, the repository on PYTHONPATH, no inherited MASTER_*/RANK variables).
 """
 
 from __future__ import annotations
@@ -89,11 +89,23 @@ class OutOfTime(CheckFailed):
 
 
 # ----------------------------------------------------------------------------------------------- plumbing
+LOG_DIR: Optional[Path] = None  # the work dir's logs/ folder: set by Checker
+
+CPU_ONLY = False  # the dry run: set by Checker
+
+
 def child_env(extra: Optional[dict] = None) -> dict:
-    """scidfm_megatron.testing.distributed.cpu_env, without importing the library."""
+    """scidfm_megatron.testing.distributed.cpu_env, without importing the library. TorchDynamo is disabled
+    on the CPU only: on the GPU megatron's jit_fuser (torch.compile) and the compiled kernel rows run as a
+    user's run would. Every torchrun launched below it (bench_train's) streams its log into the logs
+    folder (SCIDFM_TORCHRUN_LOG_DIR), so a run stopped at the budget still leaves its diagnosis."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    if CPU_ONLY:
+        env["TORCHDYNAMO_DISABLE"] = "1"
+    if LOG_DIR is not None:
+        env["SCIDFM_TORCHRUN_LOG_DIR"] = str(LOG_DIR)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra or {})
     return env
@@ -142,14 +154,14 @@ _LIVE: list = []
 class Proc:
     """A subprocess in its own session, output to a log file; killed as a tree on timeout or exit."""
 
-    def __init__(self, cmd: list, log: Path, env: Optional[dict] = None):
+    def __init__(self, cmd: list, log: Path, env: Optional[dict] = None, cwd: Optional[Path] = None):
         self.cmd = [str(c) for c in cmd]
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(log, "w")
         self._fh.write("$ " + " ".join(self.cmd) + "\n")
         self._fh.flush()
-        self.p = subprocess.Popen(self.cmd, cwd=ROOT, env=env or child_env(), stdout=self._fh,
+        self.p = subprocess.Popen(self.cmd, cwd=cwd or ROOT, env=env or child_env(), stdout=self._fh,
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         _LIVE.append(self)
 
@@ -248,20 +260,26 @@ class Checker:
     def __init__(self, args):
         self.args = args
         self.mode = "dry-run" if args.dry_run else "gpu"
+        global CPU_ONLY, LOG_DIR
         if args.dry_run:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path even on a GPU machine
+            CPU_ONLY = True
         self.prof = PROFILES[self.mode]
         self.py = args.python or sys.executable
+        if os.sep in self.py:  # e.g. gpu_check.sh's default .venv/bin/python: some children run elsewhere
+            self.py = os.path.abspath(self.py)
         self.budget = Budget(args.budget or self.prof["budget"])
         self.work = Path(args.work or tempfile.mkdtemp(prefix="scidfm_gpu_check_")).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
+        LOG_DIR = self.work / "logs"
         # --runs: a sample-data folder made earlier by scripts/prepare_sample_data.sh (the test suite's, whose
         # session already made one); otherwise the sample_data check makes it in the work dir.
         self.runs = Path(args.runs).resolve() if args.runs else self.work / "runs"
         self.art: dict = {}
         self.t0 = time.time()
         self.results = dict(tool="tools/gpu_check.py", mode=self.mode, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                            work_dir=str(self.work), budget_s=self.budget.left(), commit=_git_commit(),
+                            work_dir=str(self.work), budget_s=self.budget.left(), **_commit(),
+                            torchdynamo_disabled=os.environ.get("TORCHDYNAMO_DISABLE") == "1" or CPU_ONLY,
                             ok=None, wall_s=None, checks=[])
         self.out = Path(args.out)
 
@@ -303,13 +321,33 @@ class Checker:
 
     # a. environment -----------------------------------------------------------------------------------
     def environment(self, fig: dict):
-        pr = run([self.py, str(ROOT / "tools" / "gpu_check.py"), "probe-env", "--out", self.work / "env.json"],
-                 self.log("environment"), self.budget, CAPS["environment"], check=False)
+        wheel = os.environ.get("GPU_CHECK_PROJECT_WHEEL")
+        env = None
+        if wheel:  # pip-installed by gpu_check.sh: import that copy, from outside the repository
+            env = child_env()
+            env["PYTHONPATH"] = os.pathsep.join(p for p in env["PYTHONPATH"].split(os.pathsep)
+                                                if p and Path(p).resolve() != ROOT)
+        pr = Proc([self.py, str(ROOT / "tools" / "gpu_check.py"), "probe-env", "--out", self.work / "env.json"],
+                  self.log("environment"), env=env, cwd=self.work)
+        pr.wait(self.budget.timeout(CAPS["environment"]))
         env_file = self.work / "env.json"
         if env_file.exists():
             fig.update(json.loads(env_file.read_text()))
-        fig["installed_wheels"] = os.environ.get("GPU_CHECK_INSTALLED", "").split() or None
+        fig["installed"] = os.environ.get("GPU_CHECK_INSTALLED", "").split() or None
+        fig["install"] = ("pip: " + wheel) if wheel else ("wheels --target (fallback)" if fig["installed"] else "none")
+        if wheel:
+            fig["torch_before_install"] = os.environ.get("GPU_CHECK_TORCH_BEFORE")
+            fig["pip_report"] = os.environ.get("GPU_CHECK_PIP_REPORT")
         problems = []
+        if os.environ.get("GPU_CHECK_INSTALL_ERROR"):
+            fig["install_error"] = os.environ["GPU_CHECK_INSTALL_ERROR"]
+            problems.append(f"the project's pip install failed: {fig['install_error']}")
+        if wheel:
+            lib = fig.get("library") or ""
+            if not lib or Path(lib).resolve().is_relative_to(ROOT):
+                problems.append(f"the environment probe imported {lib or 'nothing'}, not the pip-installed project")
+            if fig.get("torch") != fig["torch_before_install"]:
+                problems.append(f"torch is {fig.get('torch')} after the install, {fig['torch_before_install']} before")
         if pr.p.returncode != 0 or not env_file.exists():
             problems.append(f"the probe failed:\n{pr.tail()}")
         if fig.get("import_error"):
@@ -436,6 +474,10 @@ class Checker:
         missing = [i for i in after if i not in got or i not in want]
         if missing or not after:
             raise CheckFailed(f"no loss logged for iterations {missing or 'after the resume'}")
+        logs = "".join(p.read_text(errors="replace") for p in (self.log("s1_ref"), self.log("s1_killed"),
+                                                                   self.log("s1_resumed")) if p.exists())
+        fig["nondeterministic_ops"] = sorted(set(re.findall(r"(\S+) does not have a deterministic implementation",
+                                                            logs)))
         diffs = [abs(got[i] - want[i]) for i in after]
         fig["max_abs_diff_after_resume"] = max(diffs)
         fig["bitwise_equal_after_resume"] = all(got[i] == want[i] for i in after)
@@ -443,6 +485,8 @@ class Checker:
             why = ("" if fig["equal_before_kill"] else
                    " (the two runs already differed BEFORE the kill: this device/configuration is not "
                    "deterministic, so the resume cannot be judged bitwise)")
+            if fig["nondeterministic_ops"]:
+                why += f"; ops without a deterministic implementation: {', '.join(fig['nondeterministic_ops'])}"
             raise CheckFailed(f"losses after the resume differ from the uninterrupted run{why}: "
                               f"{ {i: (got[i], want[i]) for i in after} }")
 
@@ -607,12 +651,21 @@ class Checker:
         return ok
 
 
-def _git_commit() -> Optional[str]:
+def _commit() -> dict:
+    """The commit checked: git's here; on the GPU machine (no .git) the one scripts/gpu_wheels.sh wrote into
+    the carried wheels folder (gpu_wheels/COMMIT: the hash, "+dirty" when the tree had changes)."""
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() or None
+        if r.returncode == 0 and r.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return dict(commit=r.stdout.strip() + ("+dirty" if dirty else ""), commit_source="git")
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    f = ROOT / os.environ.get("GPU_WHEELS", "gpu_wheels") / "COMMIT"
+    if f.exists():
+        return dict(commit=f.read_text().split()[0], commit_source=str(f))
+    return dict(commit=None, commit_source="none: no .git and no gpu_wheels/COMMIT")
 
 
 # ------------------------------------------------------------------------------ subcommands run in children
@@ -631,6 +684,7 @@ def probe_env(out: str) -> int:
     try:
         import torch
 
+        r["torch"] = torch.__version__
         r.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
         if torch.cuda.is_available():
             r.update(device_name=torch.cuda.get_device_name(), device_count=torch.cuda.device_count(),

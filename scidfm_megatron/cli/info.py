@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch-size", type=int, help="memory plan: micro-batch (default 1 or the recipe's)")
     ap.add_argument("--recompute", help="memory plan: null, selective, full or a module list "
                                         "(default selective or the recipe's)")
-    ap.add_argument("--backend", choices=["torch", "te", "local"], help="memory plan: layer implementations "
+    ap.add_argument("--backend", choices=["torch", "te", "te-sdpa", "local"], help="memory plan: layer implementations "
                                                                          "(default torch, the GPU fast path)")
     ap.add_argument("--precision", choices=["bf16", "fp32"], help="memory plan: default bf16 or the recipe's")
     ap.add_argument("--no-distributed-optimizer", action="store_true",

@@ -129,10 +129,15 @@ class MemoryPlan:
     distributed_optimizer: bool
     gpu_memory: int | None = None
     notes: tuple[str, ...] = ()
+    # An unfused attention (local, or TE's at a head_dim its fused kernels refuse): one layer's s x s scores
+    # and fp32 softmax exist at a time beyond what is saved (recomputed under core_attn recompute, or their
+    # gradients in the backward). 0 for a fused attention. See :func:`attention_transient_bytes`.
+    attention_transient: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations + self.reserve
+        return (self.weights + self.grads + self.optimizer + self.activations + self.attention_transient
+                + self.reserve)
 
     @property
     def fits(self) -> bool | None:
@@ -204,10 +209,11 @@ def activation_bytes(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: in
     On CPU in bf16 PyTorch's RMSNorm keeps an fp32 copy of its input; the count follows CUDA's kernel (the
     input in bf16), so the CPU check is in fp32.
     """
-    from .builder import RECOMPUTE_MODULES, SELECTIVE_RECOMPUTE
+    from .builder import RECOMPUTE_MODULES, SELECTIVE_RECOMPUTE, attention_kind
 
     etp = tp if etp is None else etp
     e = 2 if precision == "bf16" else 4
+    kind = attention_kind(backend, cfg.head_dim)
     h, n, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
     kvh, k, f = cfg.num_query_groups, cfg.moe_router_topk, cfg.moe_ffn_hidden_size
     a, kv = n * d, kvh * d
@@ -222,9 +228,9 @@ def activation_bytes(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: in
         qkv = T * (a + 2 * kv) // tp
         if "core_attn" in mods:
             core = 2 * qkv * e  # the checkpoint's inputs: the QKV output and the rotated q and k
-        elif backend == "torch":
+        elif kind in ("padded-sdpa", "te-fused"):
             dp_ = -(-d // 8) * 8
-            core = T * (2 * n + 2 * kvh) * dp_ // tp * e  # padded q, k, v and output
+            core = T * (2 * n + 2 * kvh) * dp_ // tp * e  # (padded) q, k, v and output
         else:  # QKV output, the bmm's copies of q, k, v, the scores and the softmax (fp32)
             core = 2 * qkv * e + micro_batch * (n // tp) * seq_len * seq_len * (e + 4)
         attn = (3 * Tl * h + T * a // tp) * e + core
@@ -242,6 +248,20 @@ def activation_bytes(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: in
     if stage == pp - 1:
         total += 3 * Tl * h * e + T * (cfg.padded_vocab_size // tp) * 4
     return total
+
+
+def attention_transient_bytes(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: int = 1,
+                              backend: str = "torch", precision: str = "bf16") -> int:
+    """The s x s transient of an unfused attention (``local``; ``te`` at a head_dim that is not a multiple of
+    8, where TE falls back to its unfused kernel): one layer's scores (in the compute dtype) and softmax
+    (fp32) for the micro-batch's heads on this rank, micro_batch x heads/TP x s x s x (2 + 4) bytes in bf16.
+    0 for a fused attention (padded SDPA, TE's fused kernels): they never hold s x s."""
+    from .builder import attention_kind
+
+    if attention_kind(backend, cfg.head_dim) not in ("unfused", "te-unfused"):
+        return 0
+    e = 2 if precision == "bf16" else 4
+    return micro_batch * (cfg.num_attention_heads // tp) * seq_len * seq_len * (e + 4)
 
 
 def memory_plan(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
@@ -288,6 +308,8 @@ def memory_plan(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1, etp:
             layout=f"TP{tp} x PP{pp} x EP{ep} x ETP{etp} on {world_size} GPUs (DP{dp}, expert DP{edp})",
             stage=stage, weights=w, grads=g, optimizer=optimizer(distributed_optimizer),
             optimizer_other=optimizer(not distributed_optimizer), activations=act, reserve=reserve,
+            attention_transient=attention_transient_bytes(cfg, seq_len=seq_len, micro_batch=micro_batch, tp=tp,
+                                                          backend=backend, precision=precision),
             distributed_optimizer=distributed_optimizer, gpu_memory=gpu_memory,
             notes=(f"seq {seq_len}, micro-batch {micro_batch}, recompute {recompute}, backend {backend}, "
                    f"{precision}, grads in {'fp32' if gbytes == 4 else 'bf16'}",))
@@ -307,6 +329,8 @@ def render_memory_plan(p: MemoryPlan) -> str:
              f"  optimizer state        {g(p.optimizer)}   ({'distributed' if p.distributed_optimizer else 'not distributed'}; "
              f"{other} the distributed optimizer: {p.optimizer_other / GiB:.2f} GiB)",
              f"  activations (estimate) {g(p.activations)}",
+             *([f"  attention s x s        {g(p.attention_transient)}   (unfused attention: one layer's scores "
+                f"and softmax at a time)"] if p.attention_transient else []),
              f"  reserve (allowance)    {g(p.reserve)}   (CUDA context, allocator, communication buffers)",
              f"  total                  {g(p.total)}"]
     if p.gpu_memory is not None:
@@ -362,6 +386,8 @@ def _startup_memory_line(cfg, layout, engine) -> str:
                     grad_reduce_in_fp32=engine.switches.get("grad_reduce_in_fp32", True))
     got = allocated_bytes(engine.chunks, engine.optimizer)
     return (f"memory plan per GPU (stage {p.stage}): weights {p.weights / GiB:.3f} GiB, grads {p.grads / GiB:.3f}, "
-            f"optimizer {p.optimizer / GiB:.3f}, activations ~{p.activations / GiB:.3f} (estimate), total "
+            f"optimizer {p.optimizer / GiB:.3f}, activations ~{p.activations / GiB:.3f} (estimate), "
+            + (f"unfused attention s x s {p.attention_transient / GiB:.3f}, " if p.attention_transient else "")
+            + f"total "
             f"{(p.total - p.reserve) / GiB:.3f} GiB + reserve; rank 0 holds weights {got['weights'] / GiB:.3f}, "
             f"grads {got['grads'] / GiB:.3f} GiB")

@@ -16,20 +16,63 @@ from ..config import ModelConfig, ParallelConfig
 
 PRECISIONS = ("fp32", "bf16")
 # train.recompute: "selective" -> these megatron recompute modules, per backend (to_transformer_config).
-SELECTIVE_RECOMPUTE = {"torch": ["moe_act"], "te": ["core_attn", "moe_act"], "local": ["core_attn", "moe"]}
+SELECTIVE_RECOMPUTE = {"torch": ["moe_act"], "te-sdpa": ["moe_act"], "te": ["core_attn", "moe_act"],
+                       "local": ["core_attn", "moe"]}
+TE_BACKENDS = ("te", "te-sdpa")  # backends built on TransformerEngine's linears, norms and grouped experts
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "moe", "layernorm", "mlp")
 
 
 def have_te() -> bool:
-    return resolve_backend("auto") == "te"
+    return resolve_backend("auto") in TE_BACKENDS
+
+
+def attention_kind(backend: str, head_dim: int) -> str:
+    """The core attention a resolved backend builds: "padded-sdpa" (PyTorch SDPA behind the head-dim padding:
+    a fused kernel on CUDA), "te-fused" (TE's DotProductAttention at a head_dim its fused kernels take, a
+    multiple of 8), "te-unfused" (TE's at another head_dim, e.g. SciDFM's 100: TE runs its unfused attention,
+    s x s scores per head) or "unfused" (megatron's local DotProductAttention)."""
+    if backend in ("torch", "te-sdpa"):
+        return "padded-sdpa"
+    if backend == "te":
+        return "te-fused" if head_dim % 8 == 0 else "te-unfused"
+    return "unfused"
+
+
+def sft_backend_error(model: ModelConfig) -> Optional[str]:
+    """Packed SFT needs an attention that takes the document mask: every backend's but TE's own attention
+    (it takes the causal mask type and ignores an explicit mask: packed conversations would see each other;
+    megatron's THD path is not wired here). ``auto`` under TE builds ``te-sdpa``, whose padded SDPA takes it."""
+    if resolve_backend(model.backend) == "te":
+        return ("model.backend: te cannot isolate packed SFT conversations (TE's causal attention ignores the "
+                "document mask); use model.backend: auto or te-sdpa (TE's linears and experts with the padded "
+                "SDPA attention, which takes the mask)")
+    return None
+
+
+def chosen_pieces(model: ModelConfig, backend: Optional[str] = None) -> dict:
+    """What ``model.backend`` (or ``backend``) builds on this machine, piece by piece: the resolved backend,
+    the core attention (:func:`attention_kind`), the experts, the linear layers and the norms. The first log
+    line of a run prints it; tests stub TE and the device to check the choice."""
+    b = resolve_backend(backend or model.backend)
+    experts = {"te": "TEGroupedMLP", "te-sdpa": "TEGroupedMLP", "local": "SequentialMLP"}.get(b)
+    if experts is None:  # torch: one torch._grouped_mm per linear where it runs and equals the loop
+        from .torch_backend import grouped_mm_decision
+
+        experts = "GroupedExperts (" + grouped_mm_decision() + ")"
+    te = b in TE_BACKENDS
+    return dict(backend=b, attention=attention_kind(b, model.head_dim), experts=experts,
+                linear="TransformerEngine" if te else "megatron local", norm="TENorm" if te else "RMSNorm (torch)")
 
 
 @functools.lru_cache(maxsize=None)
 def resolve_backend(backend: Optional[str] = "auto") -> str:
-    """``model.backend`` -> the spec actually built: "te", "torch" or "local".
+    """``model.backend`` -> the spec actually built: "te-sdpa", "te", "torch" or "local".
 
-    "auto" takes TE when it imports and CUDA is present, else the ``torch`` backend on CUDA (PyTorch's fused
-    kernels, model/torch_backend.py) and ``local`` on CPU. "torch" runs anywhere. A TE that is installed but fails to import (a
+    "auto" takes "te-sdpa" when TE imports and CUDA is present: TE's linears, norms and grouped-GEMM experts
+    with the padded PyTorch SDPA as core attention (TE's own attention has no fused kernel at SciDFM's
+    head_dim 100 and ignores the packed-SFT document mask; the padded SDPA is fused and takes the mask).
+    Without TE, the ``torch`` backend on CUDA (PyTorch's fused kernels, model/torch_backend.py), and
+    ``local`` on CPU. "te" is TE's spec as it comes (TE's attention). "torch" runs anywhere. A TE that is installed but fails to import (a
     build for another torch/CUDA) is not silently skipped: "auto" warns with the error (once per process:
     the answer is cached, as the builder asks for every config and every model chunk), "te" fails with it.
     """
@@ -42,12 +85,12 @@ def resolve_backend(backend: Optional[str] = "auto") -> str:
     backend = backend or "auto"
     if backend in ("local", "torch"):
         return backend
-    if backend not in ("auto", "te"):
-        raise ConfigError(f"model.backend must be 'auto', 'te' or 'local' (unfused) or 'torch' (PyTorch's fused "
-                          f"kernels), got {backend!r}")
+    if backend not in ("auto", "te", "te-sdpa"):
+        raise ConfigError(f"model.backend must be 'auto', 'te' or 'local' (unfused), 'te-sdpa' (TE with the "
+                          f"padded SDPA attention) or 'torch' (PyTorch's fused kernels), got {backend!r}")
     err = megatron_patches.transformer_engine_import_error()
     cuda = torch.cuda.is_available()
-    if backend == "te":
+    if backend in TE_BACKENDS:
         if err is not None:
             raise ConfigError(f"model.backend is 'te' but TransformerEngine does not import: "
                               f"{type(err).__name__}: {err}. Install a TE build for this torch and CUDA "
@@ -55,14 +98,14 @@ def resolve_backend(backend: Optional[str] = "auto") -> str:
         if not cuda:
             raise ConfigError("model.backend is 'te' but CUDA is not available: TransformerEngine's modules run "
                               "on NVIDIA GPUs only; set model.backend=local (or auto) on this machine")
-        return "te"
+        return backend
     if cuda and err is not None and not isinstance(err, ModuleNotFoundError):
         logging.getLogger("scidfm.model").warning(
             "TransformerEngine is installed but does not import (%s: %s): using the torch backend. "
             "Set model.backend=te to make this an error.", type(err).__name__, err)
     if not cuda:
         return "local"
-    return "te" if err is None else "torch"
+    return "te-sdpa" if err is None else "torch"
 
 
 def describe_implementations(chunks) -> dict:
@@ -113,7 +156,7 @@ def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     cuda = torch.cuda.is_available()
     backend = resolve_backend(model.backend)
-    te = backend == "te"
+    te = backend in TE_BACKENDS
     recompute_kw = {}
     if recompute == "full":
         recompute_kw = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -161,7 +204,7 @@ def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision:
         moe_pad_expert_input_to_capacity=False,
         moe_token_dispatcher_type=model.moe_token_dispatcher,
         moe_router_dtype=model.moe_router_dtype,
-        moe_grouped_gemm=backend in ("te", "torch"),  # experts computed as one grouped GEMM (moe_act needs it)
+        moe_grouped_gemm=backend in ("te", "te-sdpa", "torch"),  # experts computed as one grouped GEMM (moe_act needs it)
         moe_permute_fusion=False,
         # Parallelism.
         tensor_model_parallel_size=par.tp,
@@ -204,9 +247,16 @@ def layer_spec(model: ModelConfig, *, backend: Optional[str] = None):
     from .packing import router_class
 
     backend = resolve_backend(backend or model.backend)
-    if backend == "te":
+    if backend in TE_BACKENDS:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=model.num_experts, moe_grouped_gemm=True)
+        if backend == "te-sdpa":  # TE's linears and experts, the padded fused SDPA as core attention
+            import dataclasses
+
+            from .torch_backend import attention_class
+
+            attn = spec.submodules.self_attention.submodules
+            spec.submodules.self_attention.submodules = dataclasses.replace(attn, core_attention=attention_class())
     elif backend == "local":
         from .norm import RMSNorm
 
@@ -232,7 +282,7 @@ def block_spec(model: ModelConfig, config, *, backend: Optional[str] = None, vp_
 
     backend = resolve_backend(backend or model.backend)
     spec = layer_spec(model, backend=backend)
-    if backend == "te":
+    if backend in TE_BACKENDS:
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         from .norm import RMSNorm as final_norm

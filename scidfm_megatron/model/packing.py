@@ -95,6 +95,30 @@ def _gpt_model_class():
     return SciDFMGPTModel
 
 
+def capacity_drop_on_device(probs: torch.Tensor, routing_map: torch.Tensor, real: torch.Tensor, topk: int,
+                            capacity_factor: float, drop_policy: str = "probs"):
+    """megatron's expert-capacity dropping (``apply_router_token_dropping`` without pad-to-capacity) over the
+    real tokens only, without a device-to-host copy: the capacity ceil(n_real x topk / E x capacity_factor)
+    (megatron's ``get_capacity``, the same float64 arithmetic) stays a device tensor, and each expert keeps
+    its routed real tokens whose rank is below it: by probability ("probs": the largest, as megatron's
+    top-k; ties kept in token order) or by position ("position": the earliest). ``probs`` and
+    ``routing_map`` [tokens, experts] are already zero / False on padding (``real`` False)."""
+    num_experts = probs.shape[1]
+    n_real = real.sum(dtype=torch.float64)
+    capacity = torch.ceil(n_real * topk / num_experts * capacity_factor)
+    if drop_policy == "probs":
+        order = torch.argsort(probs.masked_fill(~routing_map, -1.0), dim=0, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(
+            0, order, torch.arange(probs.shape[0], device=probs.device).unsqueeze(1).expand_as(order))
+        keep = rank < capacity
+    elif drop_policy == "position":
+        keep = routing_map.cumsum(0) <= capacity
+    else:
+        raise ValueError(f"Invalid drop_policy: {drop_policy}")
+    routing_map = routing_map & keep
+    return probs * routing_map.to(probs.dtype), routing_map
+
+
 def _router_class():
     from megatron.core.transformer.moe.moe_utils import (apply_router_token_dropping,
                                                          compute_routing_scores_for_aux_loss,
@@ -121,10 +145,17 @@ def _router_class():
             real = ~pad
             routing_map = routing_map & real.unsqueeze(-1)
             probs = probs * real.unsqueeze(-1).to(probs.dtype)
-            if self.config.moe_expert_capacity_factor is not None and _sequence_parallel_group(self.config):
-                probs, routing_map = _drop_over_sequence(probs, routing_map, real, self.topk, self.config)
-            elif self.config.moe_expert_capacity_factor is not None:
-                # Capacity from the real tokens only: drop among them exactly as without the padding.
+            cf = self.config.moe_expert_capacity_factor
+            if cf is not None and not self.config.moe_pad_expert_input_to_capacity:
+                if _sequence_parallel_group(self.config):
+                    probs, routing_map = _drop_over_sequence(probs, routing_map, real, self.topk, self.config)
+                else:
+                    # Capacity from the real tokens only, computed and applied on the device: no host sync.
+                    probs, routing_map = capacity_drop_on_device(probs, routing_map, real, self.topk, cf,
+                                                                 self.config.moe_token_drop_policy)
+            elif cf is not None:
+                # pad_to_capacity (not used by this project's configs): megatron's own dropping over the real
+                # tokens, which needs their indices on the host.
                 idx = real.nonzero().squeeze(-1)
                 p, m = apply_router_token_dropping(
                     probs.index_select(0, idx), routing_map.index_select(0, idx), router_topk=self.topk,
@@ -181,7 +212,6 @@ def _drop_over_sequence(probs, routing_map, real, topk: int, config):
     the real tokens among them exactly as at TP=1, and each rank keeps its own rows of the result.
     Gradients flow through this rank's probabilities, masked by the decision."""
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
 
     group = ps.get_tensor_model_parallel_group()
     world, rank = group.size(), ps.get_tensor_model_parallel_rank()
@@ -195,12 +225,9 @@ def _drop_over_sequence(probs, routing_map, real, topk: int, config):
     all_probs = gather(probs.detach())
     all_map = gather(routing_map.to(torch.uint8)).bool()
     all_real = gather(real.to(torch.uint8)).bool()
-    idx = all_real.nonzero().squeeze(-1)
-    _, kept = apply_router_token_dropping(
-        all_probs.index_select(0, idx), all_map.index_select(0, idx), router_topk=topk,
-        capacity_factor=config.moe_expert_capacity_factor, drop_policy=config.moe_token_drop_policy,
-        pad_to_capacity=False)
-    keep = torch.zeros_like(all_map).index_copy(0, idx, kept)[rank * n:(rank + 1) * n]
+    _, kept = capacity_drop_on_device(all_probs, all_map, all_real, topk, config.moe_expert_capacity_factor,
+                                      config.moe_token_drop_policy)  # TP=1's decision, without a host sync
+    keep = kept[rank * n:(rank + 1) * n]
     return probs * keep.to(probs.dtype), keep
 
 

@@ -18,8 +18,8 @@ which of ``local`` / ``torch`` / ``te`` trained them.
   True = masked out, :func:`~scidfm_megatron.model.packing.document_attention_mask`) is passed as SDPA's
   boolean mask (True = attend), which SDPA runs with its memory-efficient kernel on GPU.
 * :class:`GroupedExperts` (the local experts): one grouped GEMM over all local experts for fc1 and one for
-  fc2 (``torch._grouped_mm``, on CUDA in bf16 at compute capability 9.0+), an exact per-expert loop
-  elsewhere. It is megatron's ``SequentialMLP`` (same submodules, same ``local_experts.{i}.linear_fc1/2``
+  fc2 (``torch._grouped_mm``, on CUDA in bf16 at compute capability 8.0+ where a one-time probe shows it
+  runs and equals the loop), an exact per-expert loop elsewhere. It is megatron's ``SequentialMLP`` (same submodules, same ``local_experts.{i}.linear_fc1/2``
   parameters, same sharded state dict), with its forward replaced; it supports megatron's ``moe_act``
   selective recompute (the SwiGLU output is dropped after fc2 and recomputed in the backward).
 * Norms: the project's :class:`~scidfm_megatron.model.norm.RMSNorm` (``torch.nn.RMSNorm``, i.e.
@@ -166,12 +166,52 @@ def _attention_class():
     return PaddedSDPAttention
 
 
+GROUPED_MM_MIN_CAPABILITY = (8, 0)  # bf16 tensor cores: A100/A800 (the paper's) and newer
+
+
+def _grouped_mm_probe(device: torch.device, dtype: torch.dtype) -> bool:
+    """``torch._grouped_mm`` runs forward and backward here and equals the per-expert loop (bf16 rounding,
+    2e-2 of each tensor's scale) on a small case with an empty and an unaligned group. A torch without a
+    kernel for this device (or without the backward, as on the CPU) answers False: the loop is used."""
+    g = torch.Generator(device=device).manual_seed(0)
+    counts = [5, 0, 19, 16]
+    x = torch.randn(sum(counts), 64, device=device, dtype=dtype, generator=g)
+    ws = [torch.randn(32, 64, device=device, dtype=dtype, generator=g) / 8 for _ in counts]
+    try:
+        res = []
+        for grouped in (True, False):
+            xx = x.clone().requires_grad_()
+            ww = [w.clone().requires_grad_() for w in ws]
+            out = grouped_linear(xx, ww, counts, grouped=grouped)
+            out.float().square().mean().backward()
+            res.append([out.float(), xx.grad.float(), *(w.grad.float() for w in ww)])
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    for a, b in zip(*res):
+        scale = float(b.abs().max())
+        if scale > 0 and float((a - b).abs().max()) > 2e-2 * scale:
+            return False
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """``torch._grouped_mm`` runs here: CUDA, bf16, compute capability 9.0+ (its kernel's requirement)."""
+    """``torch._grouped_mm`` for the experts: CUDA, bf16, compute capability 8.0+ (A100/A800 as well as
+    H100: this torch's kernel, not only sm90's), and only where a one-time probe shows that it runs forward
+    and backward and equals the loop (:func:`_grouped_mm_probe`). Cached per device and dtype."""
     if not hasattr(torch, "_grouped_mm") or device.type != "cuda" or dtype != torch.bfloat16:
         return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    if tuple(torch.cuda.get_device_capability(device)) < GROUPED_MM_MIN_CAPABILITY:
+        return False
+    return _grouped_mm_probe(device, dtype)
+
+
+def grouped_mm_decision(device=None, dtype=None) -> str:
+    """What the ``torch`` backend's experts use here, for the log: "torch._grouped_mm" or "per-expert loop"
+    (the run's device; bf16 on CUDA)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    return "torch._grouped_mm" if _grouped_mm_supported(dev, dtype) else "per-expert loop"
 
 
 GROUP_ALIGN = 16  # rows per expert group in the grouped GEMM are padded to a multiple of this

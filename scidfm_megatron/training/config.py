@@ -257,15 +257,11 @@ def validate_run(cfg: RunConfig, world_size: int, layout_only: bool = False):
         missing = missing_sft_file(d.sft_prefix)
         if missing:
             raise ConfigError(f"data.sft_prefix: {missing}")
-        from ..model.builder import resolve_backend
+        from ..model.builder import sft_backend_error
 
-        if resolve_backend(cfg.model.backend) == "te":
-            # TE's attention takes the causal mask type and ignores an explicit mask: packed conversations
-            # would see each other. megatron's THD path (cu_seqlens) is not wired here yet.
-            if cfg.model.backend == "te":
-                raise ConfigError("model.backend: te cannot isolate packed SFT conversations yet (TE's causal "
-                                  "attention ignores the document mask); use model.backend: local for SFT")
-            cfg.model.backend = "local"
+        err = sft_backend_error(cfg.model)  # auto under TE: te-sdpa, whose padded SDPA takes the mask
+        if err:
+            raise ConfigError(err)
     else:
         if not d.mixture:
             raise ConfigError("data.mixture is required for train.stage: pretrain")

@@ -77,8 +77,11 @@ def resolve_switches(engine_cfg, *, use_distributed_optimizer: bool, dp: int) ->
 
 def wrap_ddp(chunks: list, config, *, use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
              overlap_param_gather: bool = False, grad_reduce_in_fp32: bool = True, bucket_size: Optional[int] = None,
-             check_for_nan_in_grad: bool = False):
-    """Wrap each model chunk in megatron-core's DDP (contiguous grad buffers, bucketed reduce)."""
+             check_for_nan_in_grad: bool = False, align_param_gather: bool = False):
+    """Wrap each model chunk in megatron-core's DDP (contiguous grad buffers, bucketed reduce).
+    ``align_param_gather`` (megatron's, default off as in Megatron-LM): the schedule launches every chunk's
+    param all-gather at once through ``param_sync_func``; off, each chunk's forward pre-hooks gather their
+    own buckets as they are needed."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
@@ -88,6 +91,7 @@ def wrap_ddp(chunks: list, config, *, use_distributed_optimizer: bool = False, o
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=check_for_nan_in_grad,
         bucket_size=bucket_size,
+        align_param_gather=align_param_gather,
     )
     # Only the first chunk gets buckets when interleaving: megatron-LM's choice (the others reduce at the
     # end), which keeps the reduce of the last-finished chunk from waiting on bucket boundaries.
@@ -123,7 +127,10 @@ def build_optimizer(chunks: list, config, *, lr: float, min_lr: float = 0.0, wei
     # With overlap, the schedule starts each chunk's grad reduce when its backward is done, and its param
     # gather before its forward (Megatron-LM).
     config.grad_sync_func = _per_chunk(chunks, "start_grad_sync") if ddp.overlap_grad_reduce else None
-    config.param_sync_func = _per_chunk(chunks, "start_param_sync") if ddp.overlap_param_gather else None
+    # Megatron-LM's rule: the schedule drives the param gather only with align_param_gather; otherwise the DDP
+    # forward pre-hooks do it bucket by bucket, and a param_sync_func would start every gather up front.
+    config.param_sync_func = (_per_chunk(chunks, "start_param_sync")
+                              if ddp.overlap_param_gather and ddp.align_param_gather else None)
     return optimizer
 
 

@@ -56,11 +56,10 @@ class Trainer:
         cfg = self.cfg
         if not validated:  # the vocabulary, schedule, batch and layout checks live there, once
             validate_run(cfg, env_world_size())
-        if cfg.train.deterministic:
-            import os
+        if cfg.train.deterministic:  # a non-deterministic op is named in the log (training/determinism.py)
+            from .determinism import enable_deterministic
 
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            enable_deterministic()
         self.layout = init_distributed(cfg.model, cfg.parallel, seed=cfg.train.seed,
                                        timeout_minutes=cfg.train.collective_timeout_s / 60)
         self.rank0 = torch.distributed.get_rank() == 0

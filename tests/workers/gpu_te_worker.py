@@ -33,6 +33,9 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     te_model = build_model(cfg, par, precision="fp32", backend="te")
+    te_sdpa = build_model(cfg, par, precision="fp32", backend="te-sdpa")  # auto's choice with TE
+    result["te_sdpa_core_attention"] = sorted({type(m.core_attention).__name__ for m in te_sdpa.modules()
+                                               if hasattr(m, "core_attention")})
     local = build_model(cfg, par, precision="fp32", backend="local",
                         config=to_transformer_config(cfg, par, precision="fp32", moe_grouped_gemm=False,
                                                      gradient_accumulation_fusion=False,
@@ -41,11 +44,12 @@ def main():
         "megatron.core.extensions.transformer_engine")})
     weights = gather_global_state_dict(local)
     load_global_state_dict(te_model, weights)
+    load_global_state_dict(te_sdpa, weights)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=g).cuda()
     pos = torch.arange(32, device="cuda").expand(2, 32)
     losses = {}
-    for name, m in (("te", te_model), ("local", local)):
+    for name, m in (("te", te_model), ("te-sdpa", te_sdpa), ("local", local)):
         out = m(tokens[:, :-1], pos, None, labels=tokens[:, 1:])
         loss = out.float().mean()
         loss.backward()
