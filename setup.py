@@ -48,6 +48,7 @@ setup(
         "scidfm-info=scidfm_megatron.cli.info:main",
         "scidfm-build-tokenizer=scidfm_megatron.cli.build_tokenizer:main",
         "scidfm-preprocess=scidfm_megatron.cli.preprocess:main",
+        "scidfm-merge-data=scidfm_megatron.data.shards:main",
         "scidfm-mixture=scidfm_megatron.cli.mixture:main",
         "scidfm-train=scidfm_megatron.cli.stages:train",
         "scidfm-pretrain=scidfm_megatron.cli.stages:pretrain",

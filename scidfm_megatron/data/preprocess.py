@@ -65,12 +65,15 @@ class Summary:
     seconds: float = 0.0
     rejections: list[Rejection] = field(default_factory=list)  # the first ``max_listed``
     sft: dict = field(default_factory=dict)  # SFT packing statistics (SFT mode only)
+    skipped: str = ""  # --shard: the complete manifest that made this run skip the shard
 
     @property
     def mb_per_s(self) -> float:
         return self.bytes_read / 1e6 / max(self.seconds, 1e-9)
 
     def render(self, max_listed: int = 20) -> str:
+        if self.skipped:
+            return f"already complete ({self.skipped}): skipped; delete that manifest to redo the shard"
         docs = sum(self.documents.values())
         toks = sum(self.tokens.values())
         lines = [f"{self.lines:,} lines, {self.bytes_read / 1e6:.1f} MB in {self.seconds:.1f} s "
@@ -232,14 +235,23 @@ def _encode_batch(batch: tuple[int, int, bytes]):
 
 
 # ---------------------------------------------------------------------------------- reading
-def _blocks(files: list[str], block_bytes: int) -> Iterator[tuple[int, int, bytes]]:
-    """(file index, first line number, bytes) blocks of whole lines; the main process never parses."""
-    for fi, path in enumerate(files):
-        line = 1
+def _blocks(files: list[str], block_bytes: int, pieces=None) -> Iterator[tuple[int, int, bytes]]:
+    """(file index, first line number, bytes) blocks of whole lines; the main process never parses.
+    ``pieces``: (file index, start byte, end byte or None) parts of the files (a --shard's share)."""
+    from .shards import first_line_number
+
+    for fi, start, end in pieces if pieces is not None else [(fi, 0, None) for fi in range(len(files))]:
+        path = files[fi]
+        line = first_line_number(path, start) if start else 1
         carry = b""
-        with open_binary(path) as f:
+        left = None if end is None else end - start
+        with (open_binary(path) if end is None else open(path, "rb")) as f:
+            if start:
+                f.seek(start)
             while True:
-                data = f.read(block_bytes)
+                data = f.read(block_bytes if left is None else min(block_bytes, left))
+                if left is not None:
+                    left -= len(data)
                 if not data:
                     break
                 data = carry + data
@@ -288,8 +300,12 @@ class _Terminate(Exception):
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, json_keys=("text",),
                spans: Optional[dict] = None, append_eod: bool = True, workers: int = 1, strict: bool = False,
                block_bytes: int = 1 << 20, progress: bool = True, max_listed: int = 20,
-               sft_seq_length: Optional[int] = None, sft_pack: bool = True) -> Summary:
+               sft_seq_length: Optional[int] = None, sft_pack: bool = True,
+               shard: Optional[tuple[int, int]] = None) -> Summary:
     """Tokenize ``inputs`` into one Megatron dataset per json key. Returns the summary.
+
+    ``shard=(K, N)``: only shard K's share of the inputs, into ``<output_prefix>.shard-K-of-N`` with a
+    manifest; skipped when that manifest is already complete (see :mod:`.shards`).
 
     With ``sft_seq_length``, records are conversations (``json_keys[0]``, default ``messages``: a list
     of {role, content}) and the output is a packed SFT dataset (see :mod:`.sft`)."""
@@ -313,6 +329,10 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
                               f"model: build one with scidfm-build-tokenizer --base-model {tokenizer_model}")
     dtype = optimal_dtype(tok.vocab_size)
     mode = "chat" if sft_seq_length else "text"
+    if shard is not None and mode == "chat":
+        raise PreprocessUsageError("--shard splits pretraining text; SFT data (--sft-seq-length) is small: "
+                                   "preprocess it in one run")
+    base_prefix = output_prefix
     if mode == "text":
         from ..tokenizer.fast import prepare
 
@@ -327,12 +347,30 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
         prefixes = {keys[0]: output_prefix}
         writers = {keys[0]: SFTPacker(output_prefix, sft_seq_length, dtype, pack=sft_pack)}
     else:
+        pieces = None
+        if shard is not None:
+            from ..tokenizer.fingerprint import tokenizer_fingerprint
+            from . import shards as sh
+
+            k_shard, n_shard = shard
+            shard_info = dict(files=files, plan=sh.plan_identity(files),
+                              fingerprint=tokenizer_fingerprint(tokenizer_model),
+                              settings={"json_keys": keys, "spans": spans, "append_eod": append_eod})
+            done = sh.finished(output_prefix, k_shard, n_shard, shard_info["plan"], shard_info["fingerprint"],
+                               shard_info["settings"])
+            if done is not None:
+                return Summary(inputs=files, outputs={}, documents=done["documents"], tokens=done["tokens"],
+                               lines=done["lines"], bytes_read=done["bytes"], rejected=done["rejected"],
+                               skipped=str(sh.manifest_path(output_prefix, k_shard, n_shard)))
+            pieces = sh.plan_shard(files, k_shard, n_shard)
+            output_prefix = sh.shard_prefix(output_prefix, k_shard, n_shard)
         prefixes = {k: output_prefix_for(output_prefix, k) for k in keys}
         writers = {k: IndexedWriter(p, dtype) for k, p in prefixes.items()}
     rejected_path = Path(f"{output_prefix}_rejected.jsonl")
     rejected_tmp = Path(f"{rejected_path}.tmp")
     summary = Summary(inputs=files, outputs=prefixes, documents={k: 0 for k in keys}, tokens={k: 0 for k in keys})
-    total_bytes = sum(os.path.getsize(f) for f in files)
+    total_bytes = sum(os.path.getsize(f) for f in files) if mode == "chat" or pieces is None else \
+        sum((os.path.getsize(files[fi]) if e is None else e - s) for fi, s, e in pieces)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -385,7 +423,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
                     bar.set_postfix_str(f"{sum(summary.documents.values()) / el:,.0f} docs/s, "
                                         f"{sum(summary.tokens.values()) / el:,.0f} tok/s", refresh=False)
 
-            for batch in _blocks(files, block_bytes):
+            for batch in _blocks(files, block_bytes, None if mode == "chat" else pieces):
                 inflight.append(submit(batch))
                 if len(inflight) >= 4 * max(workers, 1):
                     drain_one()
@@ -413,6 +451,9 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
     write_json_atomic(Path(f"{output_prefix}_summary.json"),
                       dict(asdict(summary), mb_per_s=summary.mb_per_s, rejections=[asdict(r) for r in summary.rejections],
                            **({"sft": extra} if extra else {})))
+    if mode == "text" and shard is not None:
+        sh.write_manifest(base_prefix, *shard, pieces=pieces, summary=summary,
+                          outputs=prefixes, **shard_info)
     return summary
 
 
