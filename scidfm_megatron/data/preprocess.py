@@ -1,4 +1,4 @@
-"""Raw jsonl corpora (plain, .gz, .zst) -> Megatron ``<prefix>_<key>_document.{bin,idx}``.
+"""Raw jsonl corpora (plain, .gz, .zst) and parquet files -> Megatron ``<prefix>_<key>_document.{bin,idx}``.
 
 Streaming and parallel: the main process reads raw lines and writes tokens; worker processes validate,
 decode, wrap and tokenize batches of lines. At most ``4 x workers`` batches are in flight, so memory is
@@ -235,13 +235,19 @@ def _encode_batch(batch: tuple[int, int, bytes]):
 
 
 # ---------------------------------------------------------------------------------- reading
-def _blocks(files: list[str], block_bytes: int, pieces=None) -> Iterator[tuple[int, int, bytes]]:
+def _blocks(files: list[str], block_bytes: int, pieces=None, columns=()) -> Iterator[tuple[int, int, bytes]]:
     """(file index, first line number, bytes) blocks of whole lines; the main process never parses.
-    ``pieces``: (file index, start byte, end byte or None) parts of the files (a --shard's share)."""
+    ``pieces``: (file index, start byte, end byte or None) parts of the files (a --shard's share);
+    ``columns``: the keys read (the only parquet columns loaded)."""
     from .shards import first_line_number
 
     for fi, start, end in pieces if pieces is not None else [(fi, 0, None) for fi in range(len(files))]:
         path = files[fi]
+        if path.endswith(".parquet"):  # rows -> jsonl lines of the columns read (data/parquet.py)
+            from .parquet import parquet_blocks
+
+            yield from parquet_blocks(path, fi, list(columns), block_bytes)
+            continue
         line = first_line_number(path, start) if start else 1
         carry = b""
         left = None if end is None else end - start
@@ -267,7 +273,7 @@ def _blocks(files: list[str], block_bytes: int, pieces=None) -> Iterator[tuple[i
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files, directories (their *.jsonl, *.jsonl.gz, *.jsonl.zst, *.json) and globs, in sorted order."""
+    """Files, directories (their *.jsonl, *.jsonl.gz, *.jsonl.zst, *.json, *.parquet) and globs, sorted."""
     import glob
 
     files: list[str] = []
@@ -277,7 +283,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
                 continue
             p = Path(part)
             if p.is_dir():
-                found = sorted(str(x) for pat in ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.json")
+                found = sorted(str(x) for pat in ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.json", "*.parquet")
                                for x in p.glob(pat))
             elif any(c in part for c in "*?["):
                 found = sorted(glob.glob(part))
@@ -396,7 +402,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
                 _init_worker(*init_args, in_pool=False)
                 submit = lambda b: _Done(_encode_batch(b))  # noqa: E731
             inflight: collections.deque = collections.deque()
-            compressed = [f.endswith((".gz", ".zst")) for f in files]
+            compressed = [f.endswith((".gz", ".zst", ".parquet")) for f in files]
 
             def drain_one():
                 fi, out, rejects, empty, blank, nbytes, nlines = inflight.popleft().get()
@@ -423,7 +429,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
                     bar.set_postfix_str(f"{sum(summary.documents.values()) / el:,.0f} docs/s, "
                                         f"{sum(summary.tokens.values()) / el:,.0f} tok/s", refresh=False)
 
-            for batch in _blocks(files, block_bytes, None if mode == "chat" else pieces):
+            for batch in _blocks(files, block_bytes, None if mode == "chat" else pieces, keys):
                 inflight.append(submit(batch))
                 if len(inflight) >= 4 * max(workers, 1):
                     drain_one()
