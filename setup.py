@@ -53,6 +53,7 @@ setup(
         "scidfm-info=scidfm_megatron.cli.info:main",
         "scidfm-build-tokenizer=scidfm_megatron.cli.build_tokenizer:main",
         "scidfm-preprocess=scidfm_megatron.cli.preprocess:main",
+        "scidfm-merge-data=scidfm_megatron.data.shards:main",
         "scidfm-mixture=scidfm_megatron.cli.mixture:main",
         "scidfm-prepare-data=scidfm_megatron.data.prepare:main",
         "scidfm-train=scidfm_megatron.cli.stages:train",

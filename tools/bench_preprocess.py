@@ -1,18 +1,29 @@
-"""Benchmark: scidfm-preprocess vs Megatron-LM's tools/preprocess_data.py vs raw SentencePiece.
+"""Benchmark in one run: scidfm-preprocess, Megatron-LM's tools/preprocess_data.py, the GigaToken path of
+Megatron-LM's tools/preprocess_data_fast.py, and raw SentencePiece.
 
-    python tools/bench_preprocess.py --megatron-lm /path/to/Megatron-LM --size-mb 200 --workers 2
+    python tools/bench_preprocess.py --megatron-lm /path/to/Megatron-LM --megatron-lm-deps DIR --size-mb 40 --workers 2
 
-Same input, tokenizer (the extended science tokenizer.model) and worker count for both tools. Prints,
-per tool, wall time, MB/s, docs/s, tokens/s and the peak RSS summed over the tool's process tree
-(sampled every 20 ms), the ratio to Megatron-LM, and raw SentencePiece's in-memory encode speed with as
-many threads as workers (the ceiling: no JSON, no I/O). Also prints our peak RSS at 1/10 of the size,
-to show memory does not grow with the input.
+Same input, tokenizer (the extended science tokenizer.model) and cores for every tool: ``--workers``
+worker processes for ours and Megatron-LM's, as many GigaToken (rayon) threads for the GigaToken path,
+as many SentencePiece threads for raw SentencePiece. Prints, per tool, wall time, MB/s, docs/s,
+tokens/s and the peak RSS summed over the tool's process tree (sampled every 20 ms), the ratio of each
+tool's MB/s to the GigaToken path's, whether our .bin equals the GigaToken path's byte for byte, and
+our and the GigaToken path's peak RSS at 1/10 of the size (memory flat in input size, or not).
+
+GigaToken path: Megatron-LM's preprocess_data_fast.py tokenizes whole jsonl files with
+``gigatoken.Tokenizer.encode_files(JsonlFileSource(files, field), parallel=True)`` and writes them with
+``IndexedDatasetBuilder.add_documents``. At its HEAD that path exists only for Hugging Face tokenizers
+(``tokenize_files``: "Only supported for huggingface and megatron libraries") and needs a newer
+megatron-core than 0.16.1, so it is reproduced here (gigatoken_path()): GigaToken loads the
+SentencePiece .model directly, encode_files with all threads, then what add_documents does (flatten,
+insert the EOD, one write) through megatron-core 0.16.1's IndexedDatasetBuilder.
 
 Input: ``--input FILE`` (jsonl with a "text" key), or generated: paragraphs of the sample corpus's
 PMC papers recombined into abstract-sized documents until ``--size-mb``.
 Megatron-LM: a checkout at tag core_v0.16.1 (matches megatron-core 0.16.1). Its tool imports
-megatron.training, which needs ``six`` and ``triton`` importable (pip install six triton); its own
-``megatron/core`` is not used (the installed megatron-core is), see run_megatron_lm().
+megatron.training, which needs ``six`` and ``triton`` importable: install them apart from the project's
+environment (``pip install --no-deps --target DIR six triton``) and pass ``--megatron-lm-deps DIR``; its
+own ``megatron/core`` is not used (the installed megatron-core is), see run_megatron_lm().
 """
 
 from __future__ import annotations
@@ -65,7 +76,7 @@ def run_measured(cmd, env=None) -> tuple[float, int, str]:
     return wall, peak, out
 
 
-def run_megatron_lm(mlm: Path, inp: Path, out: Path, model: Path, workers: int):
+def run_megatron_lm(mlm: Path, inp: Path, out: Path, model: Path, workers: int, deps: Path | None = None):
     # Use only Megatron-LM's tools/ and megatron/{training,legacy}: its megatron/core would need triton
     # kernels for CPU-irrelevant code; the installed megatron-core 0.16.1 is the same version.
     shadow = out.parent / "mlm"
@@ -74,7 +85,8 @@ def run_megatron_lm(mlm: Path, inp: Path, out: Path, model: Path, workers: int):
         for sub in ("training", "legacy", "post_training", "rl"):
             if (mlm / "megatron" / sub).exists():
                 shutil.copytree(mlm / "megatron" / sub, shadow / "megatron" / sub)
-    env = dict(os.environ, PYTHONPATH=str(shadow), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shadow)] + ([str(deps)] if deps else [])),
+               PYTHONWARNINGS="ignore")
     cmd = [sys.executable, str(shadow / "tools" / "preprocess_data.py"), "--input", str(inp), "--output-prefix",
            str(out), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(model),
            "--workers", str(workers), "--append-eod", "--log-interval", "100000"]
@@ -85,6 +97,39 @@ def run_ours(inp: Path, out: Path, model: Path, workers: int):
     cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(inp), "--output-prefix", str(out),
            "--tokenizer-model", str(model), "--workers", str(workers), "--append-eod", "--no-progress"]
     return run_measured(cmd)
+
+
+def run_gigatoken_path(inp: Path, out: Path, model: Path, threads: int):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--gigatoken-path", str(inp), str(out), str(model)]
+    return run_measured(cmd, dict(os.environ, RAYON_NUM_THREADS=str(threads)))
+
+
+def gigatoken_path(inp: str, out: str, model: str, key: str = "text") -> None:
+    """preprocess_data_fast.py's GigaToken path (see the module docstring), for a SentencePiece .model."""
+    import awkward as ak
+    import gigatoken
+    import numpy as np
+    import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    sp = spm.SentencePieceProcessor(model_file=model)
+    eod = sp.piece_to_id("<|eod|>")  # the EOD our tools append (Megatron-LM's SentencePiece EOD is </s>)
+    eod = eod if eod != sp.unk_id() else sp.eos_id()
+    tok = gigatoken.Tokenizer.from_sentencepiece(model)
+    docs = tok.encode_files(gigatoken.JsonlFileSource([inp], field=key), parallel=True)
+    dtype = DType.optimal_dtype(sp.get_piece_size())
+    builder = IndexedDatasetBuilder(f"{out}_{key}_document.bin", dtype=dtype)
+    for start in range(0, len(docs), 1_000_000):  # IndexedDatasetBuilder.add_documents (megatron-core > 0.16.1)
+        chunk = docs[start:start + 1_000_000]
+        flat = np.asarray(ak.flatten(chunk), dtype=dtype)
+        lengths = np.asarray(ak.num(chunk, axis=1))
+        flat = np.insert(flat, np.cumsum(lengths), eod).astype(dtype, copy=False)
+        lengths = lengths + 1
+        builder.data_file.write(flat.tobytes(order="C"))
+        offset = len(builder.sequence_lengths)
+        builder.sequence_lengths.extend(lengths.tolist())
+        builder.document_indices.extend((offset + np.arange(1, len(lengths) + 1)).tolist())
+    builder.finalize(f"{out}_{key}_document.idx")
 
 
 def raw_sentencepiece(inp: Path, model: Path, threads: int) -> tuple[float, float]:
@@ -100,10 +145,14 @@ def raw_sentencepiece(inp: Path, model: Path, threads: int) -> tuple[float, floa
 
 
 def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "--gigatoken-path":
+        return gigatoken_path(*sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--megatron-lm", type=Path, help="Megatron-LM checkout (tag core_v0.16.1); omit to skip it")
+    ap.add_argument("--megatron-lm-deps", type=Path, default=None,
+                    help="folder holding six and triton for Megatron-LM's tool (pip install --target)")
     ap.add_argument("--input", type=Path, default=None)
-    ap.add_argument("--size-mb", type=float, default=200)
+    ap.add_argument("--size-mb", type=float, default=40)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tokenizer-dir", type=Path, default=None, help="built science tokenizer (default: build one)")
     ap.add_argument("--workdir", type=Path, default=None)
@@ -127,35 +176,43 @@ def main():
         make_input(small, args.size_mb / 10)
     size_mb = inp.stat().st_size / 1e6
     docs = sum(1 for _ in open(inp, "rb"))
-    print(f"input: {inp} ({size_mb:.1f} MB, {docs:,} documents); workers {args.workers}; cores {os.cpu_count()}")
+    print(f"input: {inp} ({size_mb:.1f} MB, {docs:,} documents); workers/threads {args.workers}; "
+          f"cores {os.cpu_count()}; load average before {os.getloadavg()[0]:.1f}")
 
     rows = []
     wall, peak, _ = run_ours(inp, work / "ours", model, args.workers)
     summary = json.loads((work / "ours_summary.json").read_text())
     tokens = summary["tokens"]["text"]
     rows.append(("scidfm-preprocess", wall, peak))
-    if args.input is None:
-        _, peak_small, _ = run_ours(small, work / "ours_small", model, args.workers)
+    wall_g, peak_g, _ = run_gigatoken_path(inp, work / "gigatoken", model, args.workers)
+    rows.append(("GigaToken path (preprocess_data_fast)", wall_g, peak_g))
     if args.megatron_lm:
-        wall_m, peak_m, _ = run_megatron_lm(args.megatron_lm, inp, work / "mlm", model, args.workers)
+        wall_m, peak_m, _ = run_megatron_lm(args.megatron_lm, inp, work / "mlm", model, args.workers,
+                                            args.megatron_lm_deps)
         rows.append(("Megatron-LM preprocess_data.py", wall_m, peak_m))
     sp_mbs, text_mb = raw_sentencepiece(inp, model, args.workers)
-
-    print(f"\n{'tool':<34}{'wall s':>8}{'MB/s':>8}{'docs/s':>10}{'tokens/s':>12}{'peak RSS MB':>13}")
-    for name, wall, peak in rows:
-        print(f"{name:<34}{wall:>8.1f}{size_mb / wall:>8.2f}{docs / wall:>10,.0f}{tokens / wall:>12,.0f}{peak / 1e6:>13.0f}")
-    print(f"{'raw SentencePiece, ' + str(args.workers) + ' threads':<34}{text_mb / sp_mbs:>8.1f}{sp_mbs:>8.2f}"
-          f"{'':>10}{'':>12}{'':>13}   (text bytes only, in memory)")
-    ours = size_mb / rows[0][1]
-    ours_text = text_mb / rows[0][1]
-    print(f"\nours / raw SentencePiece, both over text bytes: {ours_text:.2f} / {sp_mbs:.2f} MB/s = "
-          f"{ours_text / sp_mbs:.2f}x  (target >= 0.85)")
-    if args.megatron_lm:
-        print(f"ours / Megatron-LM: {ours / (size_mb / rows[1][1]):.2f}x MB/s (target >= 1.3); "
-              f"peak memory {rows[0][2] / rows[1][2]:.2f}x of Megatron-LM's (target <= 1.0)")
     if args.input is None:
-        print(f"our peak RSS at {size_mb / 10:.0f} MB input: {peak_small / 1e6:.0f} MB; at {size_mb:.0f} MB: "
-              f"{rows[0][2] / 1e6:.0f} MB ({rows[0][2] / peak_small:.2f}x; target <= 1.2)")
+        _, peak_small, _ = run_ours(small, work / "ours_small", model, args.workers)
+        _, peak_small_g, _ = run_gigatoken_path(small, work / "gigatoken_small", model, args.workers)
+
+    giga = size_mb / wall_g
+    print(f"\n{'tool':<40}{'wall s':>8}{'MB/s':>8}{'x GigaToken':>12}{'docs/s':>10}{'tokens/s':>12}{'peak RSS MB':>13}")
+    for name, wall, peak in rows:
+        print(f"{name:<40}{wall:>8.1f}{size_mb / wall:>8.2f}{size_mb / wall / giga:>12.2f}{docs / wall:>10,.0f}"
+              f"{tokens / wall:>12,.0f}{peak / 1e6:>13.0f}")
+    print(f"{'raw SentencePiece, ' + str(args.workers) + ' threads':<40}{text_mb / sp_mbs:>8.1f}{sp_mbs:>8.2f}"
+          f"{sp_mbs * size_mb / text_mb / giga:>12.2f}{'':>10}{'':>12}{'':>13}   (text bytes only, in memory)")
+    same = all((work / f"ours_text_document{e}").read_bytes() == (work / f"gigatoken_text_document{e}").read_bytes()
+               for e in (".bin", ".idx"))
+    print(f"\nours / GigaToken path: {size_mb / rows[0][1] / giga:.2f}x MB/s (target >= 1.0); "
+          f"our .bin/.idx {'identical to' if same else 'DIFFERENT from'} the GigaToken path's")
+    if args.megatron_lm:
+        print(f"ours / Megatron-LM preprocess_data.py: {size_mb / rows[0][1] / (size_mb / rows[2][1]):.2f}x MB/s")
+    if args.input is None:
+        print(f"peak RSS at {size_mb / 10:.0f} MB -> {size_mb:.0f} MB input: ours {peak_small / 1e6:.0f} -> "
+              f"{rows[0][2] / 1e6:.0f} MB ({rows[0][2] / peak_small:.2f}x), GigaToken path {peak_small_g / 1e6:.0f} -> "
+              f"{peak_g / 1e6:.0f} MB ({peak_g / peak_small_g:.2f}x)")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scidfm-preprocess", description=__doc__.splitlines()[0])
     g = ap.add_argument_group("Megatron-LM compatible")
-    g.add_argument("--input", required=True, nargs="+", help="jsonl / .jsonl.gz / .jsonl.zst files, dirs or globs")
+    g.add_argument("--input", required=True, nargs="+", help="jsonl / .jsonl.gz / .jsonl.zst / .parquet files, dirs or globs")
     g.add_argument("--output-prefix", required=True)
     g.add_argument("--json-keys", nargs="+", default=["text"], help="(SFT: the messages key, default messages)")
     g.add_argument("--workers", type=int, default=1)
@@ -42,6 +42,9 @@ def main(argv=None) -> int:
                         "alpaca (instruction/input/output), query_response (MetaMathQA); auto (default) chooses "
                         "per file from its first record and prints the choice")
     s.add_argument("--no-pack", action="store_true", help="SFT: one conversation per sequence")
+    s.add_argument("--shard", default=None, metavar="K/N",
+                   help="only share K (0..N-1) of N of the inputs, into <prefix>.shard-K-of-N_* with a manifest "
+                        "(skipped when already complete); merge with scidfm-merge-data")
     s.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.tokenizer_type not in ("SciDFMTokenizer", "SentencePieceTokenizer"):
@@ -53,12 +56,17 @@ def main(argv=None) -> int:
             ap.error(f"--span {item!r}: expected KEY=molecule or KEY=protein")
         spans[key] = kind
     from ..data.preprocess import PreprocessError, preprocess
+    from ..data.shards import ShardError, parse_shard
 
+    try:
+        shard = parse_shard(args.shard) if args.shard else None
+    except ShardError as exc:
+        ap.error(str(exc))
     try:
         summary = preprocess(args.input, args.output_prefix, args.tokenizer_model, json_keys=args.json_keys,
                              spans=spans, append_eod=args.append_eod, workers=args.workers, strict=args.strict,
                              progress=not args.no_progress, sft_seq_length=args.sft_seq_length,
-                             sft_pack=not args.no_pack, sft_format=args.sft_format)
+                             sft_pack=not args.no_pack, sft_format=args.sft_format, shard=shard)
     except PreprocessError as exc:
         print(f"scidfm-preprocess: error: {exc}", file=sys.stderr)
         return 2 if type(exc).__name__ == "PreprocessUsageError" else 1

@@ -1,4 +1,4 @@
-"""Raw jsonl corpora (plain, .gz, .zst) -> Megatron ``<prefix>_<key>_document.{bin,idx}``.
+"""Raw jsonl corpora (plain, .gz, .zst) and parquet files -> Megatron ``<prefix>_<key>_document.{bin,idx}``.
 
 Streaming and parallel: the main process reads raw lines and writes tokens; worker processes validate,
 decode, wrap and tokenize batches of lines. At most ``4 x workers`` batches are in flight, so memory is
@@ -71,12 +71,15 @@ class Summary:
     nul_documents: int = 0  # documents kept that hold an escaped NUL (\u0000)
     tokenizer: dict = field(default_factory=dict)  # tokenizer.fingerprint: sha256, vocab_size, kind
     largest_id: dict = field(default_factory=dict)  # per output key: the largest token id written
+    skipped: str = ""  # --shard: the complete manifest that made this run skip the shard
 
     @property
     def mb_per_s(self) -> float:
         return self.bytes_read / 1e6 / max(self.seconds, 1e-9)
 
     def render(self, max_listed: int = 20) -> str:
+        if self.skipped:
+            return f"already complete ({self.skipped}): skipped; delete that manifest to redo the shard"
         docs = sum(self.documents.values())
         toks = sum(self.tokens.values())
         lines = [f"{self.lines:,} lines, {self.bytes_read / 1e6:.1f} MB in {self.seconds:.1f} s "
@@ -242,14 +245,29 @@ def _encode_batch(batch: tuple[int, int, bytes]):
 
 
 # ---------------------------------------------------------------------------------- reading
-def _blocks(files: list[str], block_bytes: int) -> Iterator[tuple[int, int, bytes]]:
-    """(file index, first line number, bytes) blocks of whole lines; the main process never parses."""
-    for fi, path in enumerate(files):
-        line = 1
+def _blocks(files: list[str], block_bytes: int, pieces=None, columns=()) -> Iterator[tuple[int, int, bytes]]:
+    """(file index, first line number, bytes) blocks of whole lines; the main process never parses.
+    ``pieces``: (file index, start byte, end byte or None) parts of the files (a --shard's share);
+    ``columns``: the keys read (the only parquet columns loaded)."""
+    from .shards import first_line_number
+
+    for fi, start, end in pieces if pieces is not None else [(fi, 0, None) for fi in range(len(files))]:
+        path = files[fi]
+        if path.endswith(".parquet"):  # rows -> jsonl lines of the columns read (data/parquet.py)
+            from .parquet import parquet_blocks
+
+            yield from parquet_blocks(path, fi, list(columns), block_bytes)
+            continue
+        line = first_line_number(path, start) if start else 1
         carry = b""
-        with open_binary(path) as f:
+        left = None if end is None else end - start
+        with (open_binary(path) if end is None else open(path, "rb")) as f:
+            if start:
+                f.seek(start)
             while True:
-                data = f.read(block_bytes)
+                data = f.read(block_bytes if left is None else min(block_bytes, left))
+                if left is not None:
+                    left -= len(data)
                 if not data:
                     break
                 data = carry + data
@@ -265,7 +283,7 @@ def _blocks(files: list[str], block_bytes: int) -> Iterator[tuple[int, int, byte
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files, directories (their *.jsonl, *.jsonl.gz, *.jsonl.zst, *.json) and globs, in sorted order."""
+    """Files, directories (their *.jsonl, *.jsonl.gz, *.jsonl.zst, *.json, *.parquet) and globs, sorted."""
     import glob
 
     files: list[str] = []
@@ -275,7 +293,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
                 continue
             p = Path(part)
             if p.is_dir():
-                found = sorted(str(x) for pat in ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.json")
+                found = sorted(str(x) for pat in ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.json", "*.parquet")
                                for x in p.glob(pat))
             elif any(c in part for c in "*?["):
                 found = sorted(glob.glob(part))
@@ -298,8 +316,12 @@ class _Terminate(Exception):
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, json_keys=("text",),
                spans: Optional[dict] = None, append_eod: bool = True, workers: int = 1, strict: bool = False,
                block_bytes: int = 1 << 20, progress: bool = True, max_listed: int = 20,
-               sft_seq_length: Optional[int] = None, sft_pack: bool = True, sft_format: str = "auto") -> Summary:
+               sft_seq_length: Optional[int] = None, sft_pack: bool = True, sft_format: str = "auto",
+               shard: Optional[tuple[int, int]] = None) -> Summary:
     """Tokenize ``inputs`` into one Megatron dataset per json key. Returns the summary.
+
+    ``shard=(K, N)``: only shard K's share of the inputs, into ``<output_prefix>.shard-K-of-N`` with a
+    manifest; skipped when that manifest is already complete (see :mod:`.shards`).
 
     With ``sft_seq_length``, records are conversations (``json_keys[0]``, default ``messages``: a list
     of {role, content}; or ShareGPT / Alpaca / query-response records, ``sft_format``, chosen per file
@@ -328,6 +350,10 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
                               kind=getattr(tok, "kind", "science"))
     dtype = optimal_dtype(tok.vocab_size)
     mode = "chat" if sft_seq_length else "text"
+    if shard is not None and mode == "chat":
+        raise PreprocessUsageError("--shard splits pretraining text; SFT data (--sft-seq-length) is small: "
+                                   "preprocess it in one run")
+    base_prefix = output_prefix
     if mode == "text":
         from ..tokenizer.fast import prepare
 
@@ -346,13 +372,30 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
         if sft_format != "auto":
             raise PreprocessUsageError(f"--sft-format {sft_format} applies to SFT data: add --sft-seq-length")
         file_formats = ()
+        pieces = None
+        if shard is not None:
+            from . import shards as sh
+
+            k_shard, n_shard = shard
+            shard_info = dict(files=files, plan=sh.plan_identity(files),
+                              fingerprint=dict(fingerprint),
+                              settings={"json_keys": keys, "spans": spans, "append_eod": append_eod})
+            done = sh.finished(output_prefix, k_shard, n_shard, shard_info["plan"], shard_info["fingerprint"],
+                               shard_info["settings"])
+            if done is not None:
+                return Summary(inputs=files, outputs={}, documents=done["documents"], tokens=done["tokens"],
+                               lines=done["lines"], bytes_read=done["bytes"], rejected=done["rejected"],
+                               skipped=str(sh.manifest_path(output_prefix, k_shard, n_shard)))
+            pieces = sh.plan_shard(files, k_shard, n_shard)
+            output_prefix = sh.shard_prefix(output_prefix, k_shard, n_shard)
         prefixes = {k: output_prefix_for(output_prefix, k) for k in keys}
         writers = {k: IndexedWriter(p, dtype) for k, p in prefixes.items()}
     rejected_path = Path(f"{output_prefix}_rejected.jsonl")
     rejected_tmp = Path(f"{rejected_path}.tmp")
     summary = Summary(inputs=files, outputs=prefixes, documents={k: 0 for k in keys}, tokens={k: 0 for k in keys},
                       tokenizer=dict(fingerprint, model_file=os.path.abspath(tokenizer_model)))
-    total_bytes = sum(os.path.getsize(f) for f in files)
+    total_bytes = sum(os.path.getsize(f) for f in files) if mode == "chat" or pieces is None else \
+        sum((os.path.getsize(files[fi]) if e is None else e - s) for fi, s, e in pieces)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -378,7 +421,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
                 _init_worker(*init_args, in_pool=False)
                 submit = lambda b: _Done(_encode_batch(b))  # noqa: E731
             inflight: collections.deque = collections.deque()
-            compressed = [f.endswith((".gz", ".zst")) for f in files]
+            compressed = [f.endswith((".gz", ".zst", ".parquet")) for f in files]
 
             def drain_one():
                 fi, out, rejects, empty, blank, nbytes, nlines, nul = inflight.popleft().get()
@@ -407,7 +450,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
                     bar.set_postfix_str(f"{sum(summary.documents.values()) / el:,.0f} docs/s, "
                                         f"{sum(summary.tokens.values()) / el:,.0f} tok/s", refresh=False)
 
-            for batch in _blocks(files, block_bytes):
+            for batch in _blocks(files, block_bytes, None if mode == "chat" else pieces, keys):
                 inflight.append(submit(batch))
                 if len(inflight) >= 4 * max(workers, 1):
                     drain_one()
@@ -435,6 +478,9 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
     write_json_atomic(Path(f"{output_prefix}_summary.json"),
                       dict(asdict(summary), mb_per_s=summary.mb_per_s, rejections=[asdict(r) for r in summary.rejections],
                            **({"sft": extra} if extra else {})))
+    if mode == "text" and shard is not None:
+        sh.write_manifest(base_prefix, *shard, pieces=pieces, summary=summary,
+                          outputs=prefixes, **shard_info)
     return summary
 
 
