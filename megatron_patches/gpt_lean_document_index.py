@@ -15,14 +15,27 @@ from ._base import Patch, Target
 MODULE = "megatron.core.datasets.gpt_dataset"
 
 
+_FILL = 1 << 24
+
+
 def build_document_index(documents, num_epochs, numpy_random_state, separate_final_epoch):
+    """megatron's ``_build_document_index``; ``documents`` may also be a range-like object with ``start``
+    and ``stop`` (scidfm_megatron's DocumentSpan): the ids are then written chunk by chunk, never held
+    as a separate array."""
     import numpy
 
-    documents = numpy.asarray(documents)
+    span = (documents.start, documents.stop) if hasattr(documents, "start") and hasattr(documents, "stop") else None
+    if span is None:
+        documents = numpy.asarray(documents)
     n = len(documents)
     out = numpy.empty(num_epochs * n, dtype=numpy.int32)
     for e in range(num_epochs):
-        out[e * n:(e + 1) * n] = documents
+        if span is None:
+            out[e * n:(e + 1) * n] = documents
+        else:
+            for a in range(0, n, _FILL):
+                b = min(n, a + _FILL)
+                out[e * n + a:e * n + b] = numpy.arange(span[0] + a, span[0] + b, dtype=numpy.int32)
     if not separate_final_epoch or num_epochs == 1:
         numpy_random_state.shuffle(out)
     else:

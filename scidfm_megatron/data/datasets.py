@@ -107,11 +107,17 @@ def _stable_gpt_dataset():
                 epochs = self._get_num_epochs(per_epoch)
                 seed = self.config.random_seed
                 rngs = [numpy.random.RandomState(seed if e == 0 else [seed % 2**32, e]) for e in range(epochs)]
-                docs = numpy.asarray(self.indices, dtype=numpy.int32)
-                document_index = numpy.empty(epochs * len(docs), dtype=numpy.int32)
+                docs = self.indices  # an id array, or data/index_cache.py's DocumentSpan (ids start..stop)
+                n_docs = len(docs)
+                document_index = numpy.empty(epochs * n_docs, dtype=numpy.int32)
                 for e, rng in enumerate(rngs):  # filled and shuffled in place: a 1-D view draws the same swaps
-                    part = document_index[e * len(docs):(e + 1) * len(docs)]
-                    part[:] = docs
+                    part = document_index[e * n_docs:(e + 1) * n_docs]
+                    if hasattr(docs, "start"):
+                        for a in range(0, n_docs, 1 << 24):  # chunk by chunk: the ids are never held twice
+                            b = min(n_docs, a + (1 << 24))
+                            part[a:b] = numpy.arange(docs.start + a, docs.start + b, dtype=numpy.int32)
+                    else:
+                        part[:] = docs
                     rng.shuffle(part)
                 drop_last = True if self.index_split != Split.valid else \
                     self.config.drop_last_partial_validation_sequence

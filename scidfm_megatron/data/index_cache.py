@@ -7,7 +7,9 @@ three changes made through subclasses (the sample order is megatron's, element f
   ``numpy.arange(begin, end, dtype=int32)`` of its document ids, which each ``GPTDataset`` keeps for the
   whole run although a cached index never reads it: 4 bytes per document, ~3.9 GB per process for the
   967M documents of SciDFM's Table 2. :class:`LeanBuilder` passes a :class:`DocumentSpan` (begin, end)
-  instead; :class:`LeanGPTDataset` turns it into the array only while it builds an index.
+  instead; the document index is filled from it directly (megatron_patches' gpt_lean_document_index,
+  which also drops megatron's 16 bytes-per-document mgrid); without that patch :class:`LeanGPTDataset`
+  makes the array only while it builds an index.
 * **Built indices are mapped, not held.** After a build, the document / sample / shuffle indices (and the
   blend's dataset indices) are re-opened from the cache files with ``mmap_mode="r"``, as a cached load
   opens them: the process that built them holds no more than one that loaded them.
@@ -66,8 +68,14 @@ def _classes(base):
 
         def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
             span = indexed_indices
-            super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
+            self._reserved = 0
+            try:
+                super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
+            finally:
+                BUDGET.release(self._reserved)
             self.indices = span  # the arange a build needed is dropped
+            if self.index_built:
+                _drop_mapped_pages(indexed_dataset)
             if self.index_built and config.path_to_cache:
                 base = os.path.join(config.path_to_cache,
                                     f"{self.unique_description_hash}-{type(self).__name__}-{index_split.name}")
@@ -78,11 +86,21 @@ def _classes(base):
         def _get_num_tokens_per_epoch(self) -> int:
             # Called first (and only) when megatron builds the index: the one place the ids are needed.
             if isinstance(self.indices, DocumentSpan):
+                import megatron.core.datasets.gpt_dataset as gd
+
                 span = self.indices
                 self.index_built = True
-                self.indices = span.array()
+                if not getattr(gd._build_document_index, "__scidfm_patched__", False):
+                    self.indices = span.array()  # megatron's own function needs the ids as an array
                 lengths = self.dataset.sequence_lengths[span.start:span.stop]
-                return int(numpy.sum(lengths, dtype=numpy.int64))
+                tokens = int(numpy.sum(lengths, dtype=numpy.int64))
+                # what megatron's build will hold: the document index (4 B per document and epoch), its
+                # copy of the source's lengths, the sample (8-16 B) and shuffle (4-8 B) indices
+                epochs = self._get_num_epochs(tokens) if tokens else 1
+                self._reserved = (4 * len(span) * epochs + 4 * len(self.dataset.sequence_lengths)
+                                  + 24 * (epochs * tokens // self.config.sequence_length + 1))
+                BUDGET.acquire(self._reserved)
+                return tokens
             return super()._get_num_tokens_per_epoch()
 
     class LeanBlendedDataset(BlendedDataset):
@@ -126,6 +144,46 @@ def _classes(base):
             return BlendedMegatronDatasetBuilder.build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args)
 
     return LeanGPTDataset, LeanBlendedDataset, LeanBuilder
+
+
+class BuildBudget:
+    """Bytes of index arrays being built at once, across builder threads: a build waits while others
+    hold memory and it would exceed ``limit``; one build always runs (however large). Keeps the largest
+    sources (PubChem's 458M documents: ~5.5 GB of arrays) from being built side by side."""
+
+    def __init__(self, limit: int):
+        import threading
+
+        self.limit, self.used, self._cv = limit, 0, threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cv:
+            while self.used and self.used + n > self.limit:
+                self._cv.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        if n:
+            with self._cv:
+                self.used -= n
+                self._cv.notify_all()
+
+
+BUDGET = BuildBudget(4 << 30)
+
+
+def _drop_mapped_pages(indexed_dataset) -> None:
+    """Unmap the .idx pages a build read (the page cache keeps them): a source's lengths are read once,
+    and would otherwise stay resident in this process for the whole run (4 B per document)."""
+    import mmap
+
+    buf = getattr(getattr(indexed_dataset, "index", None), "bin_buffer_mmap", None)
+    raw = getattr(buf, "_mmap", None)
+    if raw is not None and hasattr(raw, "madvise"):
+        try:
+            raw.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 _CLASSES: dict = {}
