@@ -99,6 +99,9 @@ def test_sft_loss_mask_is_exactly_the_assistant_turns(sft_data, science_tokenize
         starts = [k for k, t in enumerate(ids) if t == tok.bos_id] + [len(ids)]
         pieces += [(ids[a:b], mask[a:b]) for a, b in zip(starts, starts[1:])]
     assert len(pieces) == len(convs) == summary.sft["conversations"]
+    recorded = json.loads(open(f"{prefix}_summary.json").read())  # what training checks its recipe against
+    assert recorded["tokenizer"]["kind"] == "science" and recorded["tokenizer"]["vocab_size"] == tok.vocab_size
+    assert recorded["largest_id"] == {"messages": max(max(ids) for ids, _ in pieces)}
     truncated = 0
     for (ids, mask), msgs in zip(pieces, convs):
         want = "".join(m["content"] + "</s>" for m in msgs if m["role"] == "assistant")

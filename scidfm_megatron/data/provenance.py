@@ -114,11 +114,14 @@ def run_tokenizer(cfg) -> dict:
     from ..config import ConfigError
     from ..tokenizer.fingerprint import tokenizer_fingerprint
 
+    from google.protobuf.message import DecodeError
+
     d = cfg.data
     try:
         fp = tokenizer_fingerprint(d.tokenizer_model)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"data.tokenizer_model: {d.tokenizer_model} is not a SentencePiece model ({exc})") from None
+    except (OSError, ValueError, RuntimeError, DecodeError) as exc:
+        raise ConfigError(f"data.tokenizer_model: {d.tokenizer_model} is not a SentencePiece model ({exc}); give the "
+                          f"tokenizer.model the data was preprocessed with") from None
     if cfg.train.stage == "sft" and fp["kind"] != "science":
         raise ConfigError(f"train.stage: sft needs the chat markers of a science tokenizer, and data.tokenizer_model "
                           f"{d.tokenizer_model} is a plain SentencePiece model: build one with scidfm-build-tokenizer "
