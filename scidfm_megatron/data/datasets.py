@@ -83,5 +83,8 @@ def build_pretrain_datasets(mixture: Mixture, epoch: int, tokenizer, *, seq_leng
     config = gpt_dataset_config(mixture.blend(epoch), tokenizer, seq_length=seq_length, seed=epoch_seed(seed, epoch),
                                 split=split,
                                 cache_dir=cache_dir)
+    from ..quiet import quiet_dataset_cache_lines
+
+    quiet_dataset_cache_lines()  # no cache without data.cache_dir: megatron says so per dataset and start
     builder = BlendedMegatronDatasetBuilder(GPTDataset, list(samples), is_built_on_rank or (lambda: True), config)
     return builder.build()

@@ -321,7 +321,7 @@ def convert(benchmark: str, src: str | Path, dst: str | Path) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scidfm-eval-data", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("benchmark", choices=sorted(CONVERTERS))
+    ap.add_argument("benchmark", choices=sorted(CONVERTERS), help="which benchmark's public file format")
     ap.add_argument("src", help="the benchmark's public file (or MATH's folder)")
     ap.add_argument("-o", "--output", required=True, help="task file to write (<task>.jsonl)")
     a = ap.parse_args(argv)

@@ -149,11 +149,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scidfm-analyze-experts", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--model", required=True, help="Hugging Face folder or megatron checkpoint")
-    ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "examples" / "sample_corpus"))
-    ap.add_argument("--per-domain", type=int, default=30)
+    ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "examples" / "sample_corpus"),
+                    help="folder of domain texts (default: the bundled sample corpus)")
+    ap.add_argument("--per-domain", type=int, default=30, help="texts per domain (default 30)")
     ap.add_argument("--max-tokens", type=int, default=256, help="first N tokens of each text")
     ap.add_argument("--out", required=True, help="output directory (PNGs, summary.json, expert_choice.npz)")
-    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--tokenizer", default=None, help="megatron checkpoints: tokenizer (default: the one it keeps)")
     args = ap.parse_args(argv)
     from .models import load_model
 
