@@ -97,9 +97,13 @@ def _texts_from(spec: str, skipped: list) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scidfm-build-tokenizer", description=__doc__.splitlines()[0])
     ap.add_argument("--base-model", required=True, help="Llama-style SentencePiece BPE tokenizer.model")
-    ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--bracket-atoms-from", nargs="*", default=[], metavar="FILE[:KEY]")
-    ap.add_argument("--min-count", type=int, default=1)
+    ap.add_argument("--output-dir", required=True,
+                    help="folder for tokenizer.model, science_tokens.json and the Hugging Face files")
+    ap.add_argument("--bracket-atoms-from", nargs="*", default=[], metavar="FILE[:KEY]",
+                    help="make the bracket atoms ([C@@H], [Fe+2]...) of these files single tokens: .smi/.txt (first "
+                         "column), or jsonl with KEY (a SMILES field, or a text field's molecule spans)")
+    ap.add_argument("--min-count", type=int, default=1,
+                    help="keep a bracket atom seen at least this often in --bracket-atoms-from (default 1)")
     ap.add_argument("--strict", action="store_true",
                     help="stop at the first unreadable --bracket-atoms-from line (default: skip and list it)")
     ap.add_argument("--probe-from", nargs="*", default=[], metavar="FILE[:KEY]",

@@ -19,7 +19,8 @@ import sys
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scidfm-convert", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--direction", required=True, choices=["mcore-to-hf", "hf-to-mcore"])
+    ap.add_argument("--direction", required=True, choices=["mcore-to-hf", "hf-to-mcore"],
+                    help="mcore-to-hf: megatron checkpoint -> Hugging Face Mixtral folder; hf-to-mcore: the way back")
     ap.add_argument("--load", required=True, help="source: megatron checkpoint (run dir, checkpoints/ or "
                     "iter_XXXXXXX) or Hugging Face folder")
     ap.add_argument("--save", required=True, help="destination directory (written only when complete)")

@@ -12,8 +12,8 @@ import sys
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scidfm-mixture", description=__doc__.splitlines()[0])
-    ap.add_argument("recipe")
-    ap.add_argument("--epoch", type=int, default=1)
+    ap.add_argument("recipe", help="mixture YAML (examples/mixtures/)")
+    ap.add_argument("--epoch", type=int, default=1, help="which epoch of the mixture (its re-sampled sources)")
     ap.add_argument("--data-root", default=None, help="override the recipe's data_root")
     ap.add_argument("--blend", action="store_true", help="print 'w1 prefix1 w2 prefix2 ...' (Megatron-LM --data-path)")
     args = ap.parse_args(argv)

@@ -21,9 +21,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scidfm-preprocess", description=__doc__.splitlines()[0])
     g = ap.add_argument_group("Megatron-LM compatible")
     g.add_argument("--input", required=True, nargs="+", help="jsonl / .jsonl.gz / .jsonl.zst / .parquet files, dirs or globs")
-    g.add_argument("--output-prefix", required=True)
+    g.add_argument("--output-prefix", required=True,
+                   help="output path prefix: <prefix>_<key>_document.bin/.idx (SFT: <prefix>_tokens/_lossmask)")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="(SFT: the messages key, default messages)")
-    g.add_argument("--workers", type=int, default=1)
+    g.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
     g.add_argument("--append-eod", action="store_true", help="end every document with <|eod|>")
     g.add_argument("--tokenizer-model", required=True, help="extended tokenizer.model (scidfm-build-tokenizer)")
     g.add_argument("--tokenizer-type", default="SciDFMTokenizer",
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     s.add_argument("--shard", default=None, metavar="K/N",
                    help="only share K (0..N-1) of N of the inputs, into <prefix>.shard-K-of-N_* with a manifest "
                         "(skipped when already complete); merge with scidfm-merge-data")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (logs, batch jobs)")
     args = ap.parse_args(argv)
     if args.tokenizer_type not in ("SciDFMTokenizer", "SentencePieceTokenizer"):
         ap.error(f"--tokenizer-type {args.tokenizer_type}: only the SciDFM science tokenizer is supported")

@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-domain", type=int, default=30, help="texts per domain (the first N)")
     ap.add_argument("--max-tokens", type=int, default=256, help="first N tokens of each text")
     ap.add_argument("--out", required=True, help="output directory (PNGs, summary.json, expert_choice.npz)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the model's")
+    ap.add_argument("--tokenizer", default=None, help="megatron checkpoints: tokenizer (default: the one it keeps)")
     args = ap.parse_args(argv)
     from .models import load_model
 

@@ -168,10 +168,10 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N records of each file")
     ap.add_argument("--strict", action="store_true",
                     help="stop at the first bad task-file line (default: skip it, list it, keep every good line)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="generation tasks (default per kind)")
     ap.add_argument("--tokenizer", default=None, help="megatron checkpoints: tokenizer (default: the run's)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="Hugging Face models: torch device, e.g. cuda (default cpu)")
     ap.add_argument("--output", default=None, help="write results (with per-sample details) as JSON here")
     args = ap.parse_args(argv)
     if args.suite and args.task:

@@ -256,6 +256,9 @@ def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common:
     is kept besides the last ``keep_last``."""
     from megatron.core import dist_checkpointing
 
+    from ..quiet import quiet_checkpoint_warnings
+
+    quiet_checkpoint_warnings()
     if optimizer_format not in FORMATS:
         raise ValueError(f"checkpoint format must be one of {FORMATS}, got {optimizer_format!r}")
     if async_queue is not None:
@@ -508,6 +511,9 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only:
     """Load into this rank's shards (any layout). Returns the common state (iteration, consumed samples...)."""
     from megatron.core import dist_checkpointing
 
+    from ..quiet import quiet_checkpoint_warnings
+
+    quiet_checkpoint_warnings()
     path = Path(path)
     check_files(path)
     check_model_shapes(path, chunks)

@@ -18,9 +18,10 @@ from . import checkpoint as ckpt
 
 def start_point(cfg) -> tuple[Optional[Path], bool]:
     """(checkpoint directory, weights_only) the run will load, or (None, False) for a fresh start.
-    Reads only: interrupted saves are left for the run itself to clean up."""
+    Reads only: interrupted saves are left for the run itself to report and clean up."""
     c = cfg.checkpoint
-    resume = ckpt.find_resume(c.save, cleanup=False) if c.save else None
+    done = ckpt.complete_checkpoints(c.save) if c.save else []  # the trainer's find_resume, without its log
+    resume = done[-1][1] if done else None
     if resume is not None:
         return resume, ckpt.is_weights_only(resume)
     if c.resume_from:
