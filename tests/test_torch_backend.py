@@ -235,10 +235,18 @@ def test_sdpa_kernel_taken_names_the_kernel():
 
     from scidfm_megatron.model.torch_backend import sdpa_kernel_taken
 
+    from scidfm_megatron.model.builder import attention_kernel
+
+    before = torch.get_rng_state()
     if not torch.cuda.is_available():
         assert sdpa_kernel_taken(2, 100, seq=16) == "cpu-flash"
+        # the trainer's first line: the torch backend's padded SDPA, as packed SFT calls it too
+        assert attention_kernel(get_preset("scidfm-debug", backend="torch"), masked=True) == "SDPA cpu-flash"
     with sdpa_kernel([SDPBackend.MATH]):
         assert sdpa_kernel_taken(2, 100, seq=16, masked=True) == "math"
+        assert attention_kernel(get_preset("scidfm-debug", backend="torch")) == "SDPA math"
+    assert attention_kernel(get_preset("scidfm-debug", backend="local")).startswith("unfused")
+    assert torch.equal(torch.get_rng_state(), before)  # the run's random stream is not touched
 
 
 @pytest.mark.gpu

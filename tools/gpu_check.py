@@ -712,6 +712,17 @@ def probe_env(out: str) -> int:
         r["library"] = str(Path(scidfm_megatron.inference.__file__).parent)
         r["patches_applied"] = megatron_patches.apply()
         r["model_backend_auto"] = resolve_backend("auto")
+        import torch
+
+        from scidfm_megatron.model.builder import attention_kernel, chosen_pieces
+        from scidfm_megatron.model.presets import get_preset
+
+        big = get_preset("scidfm-18b")  # what auto builds for it here, and the SDPA kernel its attention takes
+        r["auto_pieces_scidfm_18b"] = chosen_pieces(big)
+        bf16 = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        r["attention_kernel_scidfm_18b"] = {
+            "pretrain": attention_kernel(big, backend="torch", dtype=bf16),
+            "sft": attention_kernel(big, backend="torch", dtype=bf16, masked=True)}
     except Exception as exc:  # noqa: BLE001
         r["import_error"] = f"{type(exc).__name__}: {exc}"
         r["import_traceback"] = traceback.format_exc()[-2000:]

@@ -38,6 +38,26 @@ def attention_kind(backend: str, head_dim: int) -> str:
     return "unfused"
 
 
+def attention_kernel(model: ModelConfig, *, tp: int = 1, masked: bool = False, dtype=None,
+                     backend: Optional[str] = None) -> str:
+    """The attention kernel a run takes, for its first log line. The padded SDPA (``torch``, ``te-sdpa``):
+    the kernel one small forward + backward at the model's head_dim, heads per TP rank and ``dtype`` takes on
+    this device, with a document mask when ``masked`` (packed SFT): "SDPA flash", "SDPA cudnn", "SDPA
+    efficient" or "SDPA math" on CUDA ("SDPA cpu-flash" is PyTorch's fused CPU kernel). Otherwise the
+    attention the spec builds (TE's fused or unfused attention, megatron's unfused one)."""
+    kind = attention_kind(resolve_backend(backend or model.backend), model.head_dim)
+    if kind != "padded-sdpa":
+        return {"te-fused": "TE fused attention", "te-unfused": "TE unfused attention (s x s scores)",
+                "unfused": "unfused (megatron DotProductAttention, s x s scores)"}[kind]
+    from .torch_backend import sdpa_kernel_taken
+
+    try:
+        return "SDPA " + sdpa_kernel_taken(max(1, model.num_attention_heads // tp), model.head_dim, masked=masked,
+                                           dtype=dtype)
+    except Exception as exc:  # a log line never stops a run
+        return f"SDPA (kernel not determined: {type(exc).__name__}: {exc})"
+
+
 def sft_backend_error(model: ModelConfig) -> Optional[str]:
     """Packed SFT needs an attention that takes the document mask: every backend's but TE's own attention
     (it takes the causal mask type and ignores an explicit mask: packed conversations would see each other;
@@ -51,8 +71,8 @@ def sft_backend_error(model: ModelConfig) -> Optional[str]:
 
 def chosen_pieces(model: ModelConfig, backend: Optional[str] = None) -> dict:
     """What ``model.backend`` (or ``backend``) builds on this machine, piece by piece: the resolved backend,
-    the core attention (:func:`attention_kind`), the experts, the linear layers and the norms. The first log
-    line of a run prints it; tests stub TE and the device to check the choice."""
+    the core attention (:func:`attention_kind`), the experts, the linear layers and the norms (the GPU
+    check's environment probe records it; tests stub TE and the device to check the choice)."""
     b = resolve_backend(backend or model.backend)
     experts = {"te": "TEGroupedMLP", "te-sdpa": "TEGroupedMLP", "local": "SequentialMLP"}.get(b)
     if experts is None:  # torch: one torch._grouped_mm per linear where it runs and equals the loop

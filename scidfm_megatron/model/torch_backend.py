@@ -93,7 +93,9 @@ def sdpa_kernel_taken(heads: int, head_dim: int, *, device=None, dtype=None, mas
     (default bf16 on CUDA, fp32 on CPU). What the first log line of a run names."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    q, k, v = (torch.randn(1, heads, seq, head_dim, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.Generator(device=dev).manual_seed(0)  # the run's own random streams stay untouched
+    q, k, v = (torch.randn(1, heads, seq, head_dim, device=dev, dtype=dtype, generator=g).requires_grad_()
+               for _ in range(3))
     mask = torch.ones(seq, seq, dtype=torch.bool, device=dev).tril() if masked else None
 
     def run():

@@ -93,12 +93,15 @@ class Trainer:
     def _engine(self):
         from .engine import build_engine
 
-        from ..model.builder import resolve_backend
+        from ..model.builder import attention_kernel, resolve_backend
 
         engine = build_engine(self.cfg, self.layout)
         if self.rank0:
+            kernel = attention_kernel(self.cfg.model, tp=self.layout.tp, masked=self.cfg.train.stage == "sft",
+                                      dtype=torch.bfloat16 if engine.config.bf16 else torch.float32)
             print(f"[scidfm] {self.cfg.model.name} ({'bf16' if engine.config.bf16 else 'fp32'}, backend "
-                  f"{resolve_backend(self.cfg.model.backend)}): {engine.describe()}", flush=True)
+                  f"{resolve_backend(self.cfg.model.backend)}): attention kernel {kernel}; {engine.describe()}",
+                  flush=True)
             from .megatron_check import applied_defaults
 
             for note in applied_defaults(self.cfg.model):
