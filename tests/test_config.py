@@ -98,3 +98,20 @@ def test_yaml_overrides_are_typed_and_unknown_keys_named():
 def test_every_preset_validates():
     for name in PRESETS:
         get_preset(name).validate()
+
+
+def test_schedule_changes_are_one_line_per_key():
+    """What a resume (and --check) logs against the checkpoint's saved schedule (training/schedule.py)."""
+    from types import SimpleNamespace
+
+    from scidfm_megatron.training.schedule import changes, recipe_schedule
+
+    t = SimpleNamespace(lr=3e-4, min_lr=3e-5, warmup_iters=0, lr_decay_iters=None, lr_decay_style="cosine",
+                        weight_decay=0.1)
+    saved = recipe_schedule(t, 100)
+    assert changes(saved, recipe_schedule(t, 100)) == [] and changes(None, saved) == []
+    new = recipe_schedule(SimpleNamespace(**{**vars(t), "lr": 1.5e-4, "warmup_iters": 2, "lr_decay_style": "linear",
+                                             "weight_decay": 0.0}), 150)
+    assert changes(saved, new) == ["train.lr 3.0e-4 -> 1.5e-4", "train.warmup_iters 0 -> 2",
+                                   "decay length (train.lr_decay_iters, else train.train_iters) 100 -> 150",
+                                   "train.lr_decay_style cosine -> linear", "train.weight_decay 0.1 -> 0.0"]

@@ -107,16 +107,17 @@ def test_changed_global_batch_is_refused_with_the_reason():
 
 def test_async_save_killed_mid_write_is_never_published(runs, tmp_path):
     """checkpoint.async_save with the distributed optimizer (periodic saves in the fast dp_reshardable
-    format): SIGKILL while the iteration-4 save is being written leaves iter_0000004.tmp, never iter_0000004
-    or `latest` = 4; the next run resumes from iteration 2 and continues bitwise as the uninterrupted run,
-    whose last save (the end of the run) is the layout-free fully_reshardable format."""
+    format): the job is SIGKILLed while the iteration-4 save is written but not yet finalized (a fault point,
+    SCIDFM_TEST_HOLD_ASYNC_WRITE=4, holds every rank's writer after its last byte: no race with the write);
+    iter_0000004.tmp stays, never iter_0000004 or `latest` = 4; the next run resumes from iteration 2 and
+    continues bitwise as the uninterrupted run, whose last save (the end of the run) is the layout-free
+    fully_reshardable format."""
     import signal
     import subprocess
-    import time
 
     from conftest import ROOT, cmd, overrides, train
     from scidfm_megatron.testing.distributed import cpu_env
-    from test_training import kill_tree, losses
+    from test_training import kill_tree, losses, wait_for
 
     common = {"train.train_iters": 6, "train.use_distributed_optimizer": "true", "checkpoint.save_interval": 2,
               "checkpoint.async_save": "true"}
@@ -126,20 +127,14 @@ def test_async_save_killed_mid_write_is_never_published(runs, tmp_path):
     assert "saved checkpoint" in r.stdout and "iter_0000006 (fully_reshardable)" in r.stdout
     run = tmp_path / "run"
     args = overrides(runs, run, **common) + ["parallel.ep=2"]
-    for attempt in range(3):  # the kill must land inside the write; retried if the write was too quick
-        shutil.rmtree(run, ignore_errors=True)
-        proc = subprocess.Popen(cmd(2, "tiny_stage1.yaml", args), cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        tmp4, final4 = run / "ckpt" / "iter_0000004.tmp", run / "ckpt" / "iter_0000004"
-        deadline = time.time() + 300
-        while not tmp4.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        kill_tree(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if tmp4.exists() and not final4.exists():
-            break
-    else:
-        pytest.skip("the asynchronous write always finished before the kill landed")
+    proc = subprocess.Popen(cmd(2, "tiny_stage1.yaml", args), cwd=ROOT, stdout=subprocess.PIPE,
+                            env=cpu_env({"SCIDFM_TEST_HOLD_ASYNC_WRITE": "4"}), stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    tmp4, final4 = run / "ckpt" / "iter_0000004.tmp", run / "ckpt" / "iter_0000004"
+    wait_for(lambda: all((tmp4 / f"written.rank{k}").exists() for k in (0, 1)), timeout=600, proc=proc)
+    kill_tree(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert tmp4.exists() and not final4.exists()
     assert (run / "ckpt" / "latest").read_text().strip() == "2"
     r = train(2, args)
     assert "ignoring interrupted checkpoint save" in r.stdout + r.stderr and "iteration 2" in r.stdout

@@ -75,6 +75,8 @@ def saved_schedule(path: str | Path) -> Optional[dict]:
 
 def fmt(v) -> str:
     """3.0e-4 for LRs (the shortest exact form), plain for the rest."""
+    if isinstance(v, float) and 1e-2 <= abs(v) < 1e4:
+        return repr(v)  # weight decay 0.1
     if isinstance(v, float) and v != 0 and not v.is_integer():
         for p in range(1, 17):
             s = f"{v:.{p}e}"
@@ -131,7 +133,11 @@ def check_report(cfg) -> Optional[str]:
     path = resume_point(cfg)
     if path is None:
         return None
-    lines = changes(saved_schedule(path), recipe_schedule(cfg.train, train_iters_of(cfg)))
+    try:
+        saved = saved_schedule(path)
+    except Exception as exc:  # a damaged checkpoint: the run itself names the file (checkpoint.check_files)
+        return f"[scidfm] resumes from {path}, whose schedule cannot be read ({type(exc).__name__}: {exc})"
+    lines = changes(saved, recipe_schedule(cfg.train, train_iters_of(cfg)))
     from .checkpoint import read_meta
 
     iteration = int(read_meta(path).get("iteration", 0))
