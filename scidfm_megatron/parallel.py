@@ -96,7 +96,7 @@ def env_world_size() -> int:
 
 
 def init_distributed(model: ModelConfig, par: ParallelConfig, *, seed: int = 1234,
-                     timeout_minutes: int = 30) -> Layout:
+                     timeout_minutes: float = 30) -> Layout:
     """Validate, then start torch.distributed (NCCL on GPU, gloo on CPU) and megatron's groups.
 
     Works under torchrun and as a plain single process (world size 1, no launcher needed).
@@ -120,7 +120,18 @@ def init_distributed(model: ModelConfig, par: ParallelConfig, *, seed: int = 123
         if backend == "nccl":
             # modulo: sites that bind one GPU per task (srun --gpus-per-task=1) show each process one device
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's static rendezvous (--master-addr/--master-port) keeps one store across automatic
+            # restarts, so a restarted group reads the dead group's keys and hangs creating megatron's
+            # subgroups: each attempt gets its own key prefix.
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            store = dist.PrefixStore(f"scidfm_attempt_{restart}", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout))
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=par.tp,

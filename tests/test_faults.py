@@ -61,7 +61,8 @@ def test_nan_skip_keeps_the_state_keep_every_and_stragglers(runs, tmp_path):
               + ["parallel.ep=1"])
     out = r.stdout + r.stderr
     skipped = [line for line in out.splitlines() if " skipped: " in line]
-    assert len(skipped) == 1 and "iteration 4 skipped: loss nan not finite (samples 24..31)" in skipped[0], skipped
+    assert len(skipped) == 1 and "iteration 4 skipped: gradients not finite, loss " in skipped[0]
+    assert "(samples 24..31); weights and optimizer state unchanged" in skipped[0], skipped
     by_it = {x["iteration"]: x for x in rows(w) if x["phase"] == "train"}
     assert sorted(by_it) == [1, 2, 3, 4, 5] and by_it[4]["skipped"] and by_it[4]["first_sample"] == 24
     assert [it for it, _ in complete_checkpoints(w / "ckpt")] == [3, 4, 5]  # keep_last 2 + every 3rd
@@ -107,7 +108,7 @@ def test_failed_save_stops_then_resumes_and_nan_stops(runs, tmp_path):
     assert f"resumed from {ck / 'iter_0000001'}: iteration 1" in r.stdout, r.stdout[-3000:]
     lines = [x for x in r.stderr.splitlines() if "stopped:" in x]
     assert r.returncode != 0 and len(lines) == 1, r.stdout[-2000:] + r.stderr[-3000:]
-    assert re.search(r"stopped: iteration 3: loss nan not finite \(samples 16\.\.23\); the step was not applied "
+    assert re.search(r"stopped: iteration 3: gradients not finite, loss [\d.]+ \(samples 16\.\.23\); the step was not applied "
                      r"\(train\.on_nan=stop\); last good checkpoint: \S+iter_0000002\.", lines[0]), lines
     assert [it for it, _ in complete_checkpoints(ck)] == [1, 2] and (ck / "latest").read_text() == "2"
     assert not list(ck.glob("*.tmp"))

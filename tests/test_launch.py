@@ -67,11 +67,16 @@ def test_recipe_layout_is_used_unless_overridden(runs, tmp_path):
     i = argv.index("-m")
     assert argv[i + 1:i + 4] == ["scidfm_megatron.train", "--config", recipe], argv
     assert argv[argv.index("--nproc-per-node") + 1] == "2" and argv[argv.index("--nnodes") + 1] == "1"
+    assert argv[argv.index("--max-restarts") + 1] == "3", argv  # automatic restart by default (issue 22)
 
     r, argv = launch(tmp_path, "torchrun_single.sh", {"RECIPE": recipe, "NPROC": "2", "EP": "1"}, data_args(runs))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "on TP1 x PP1 x DP2 (experts: ETP1 x EP1 x EDP2) on 2 processes" in r.stdout
     assert [a for a in argv if a.startswith("parallel.")] == ["parallel.ep=1"], argv
+
+    r, argv = launch(tmp_path, "torchrun_single.sh", {"RECIPE": recipe, "NPROC": "2", "MAX_RESTARTS": "0"},
+                     data_args(runs))
+    assert r.returncode == 0 and argv[argv.index("--max-restarts") + 1] == "0", r.stdout + r.stderr
 
     # STAGE (scripts/run_main.sh sets it) still selects the alias module, which checks the recipe's stage
     r, argv = launch(tmp_path, "torchrun_single.sh", {"RECIPE": recipe, "NPROC": "2", "STAGE": "pretrain"},
@@ -136,7 +141,10 @@ exit $rc
 
 def test_slurm_time_limit_signal_reaches_the_trainers_through_srun(runs, tmp_path):
     """SIGTERM to the batch shell (what --signal=B:TERM@300 does) -> srun -> every trainer: complete
-    checkpoint at the last logged step, exit 0."""
+    checkpoint at the last logged step, exit 0. Then the job as SLURM requeues it after a preemption
+    (#SBATCH --requeue; the same script again with SLURM_RESTART_COUNT=1): it says so and the trainers
+    resume from that checkpoint."""
+    assert "\n#SBATCH --requeue\n" in (LAUNCH / "slurm.sbatch").read_text()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(SRUN)
@@ -167,6 +175,13 @@ def test_slurm_time_limit_signal_reaches_the_trainers_through_srun(runs, tmp_pat
         done = complete_checkpoints(work / "ckpt")
         last = max(losses(work))
         assert done and done[-1][0] == last and (work / "ckpt" / "latest").read_text() == str(last), (done, last)
+        requeued = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"),
+                                   *overrides(runs, work, **{"train.train_iters": 1000, "train.exit_after_iters": 1})],
+                                  cwd=ROOT, env={**env, "SLURM_RESTART_COUNT": "1", "MASTER_PORT": str(free_port())},
+                                  capture_output=True, text=True, timeout=600)
+        text = requeued.stdout + requeued.stderr
+        assert requeued.returncode == 0 and "[launch] requeued job (SLURM_RESTART_COUNT=1)" in text, text[-3000:]
+        assert f"resumed from {done[-1][1]}: iteration {last}" in text and max(losses(work)) == last + 1, text[-3000:]
     finally:  # without the forwarding the trainers would run on, orphaned: never leave them behind
         if proc.poll() is None:
             kill_tree(proc.pid, signal.SIGKILL)

@@ -18,11 +18,17 @@
 # step, save a checkpoint and exit 0, and so does this script. (Signalling the torchrun agent itself makes
 # it exit non-zero whatever its workers did.) SLURM: slurm.sbatch starts the trainers with srun directly.
 # PYTHON selects the interpreter (default: python).
+#
+# Automatic restart: torchrun --max-restarts MAX_RESTARTS (default 3). When a worker dies (a crash, a
+# SIGKILL, the hang watchdog's exit 124, a stop by train.on_nan / checkpoint.on_save_error), the agent
+# stops the others and starts the whole group again, which resumes from the newest complete checkpoint
+# in checkpoint.save. MAX_RESTARTS=0 turns it off. (A stop by SIGTERM/SIGINT exits 0: nothing restarts.)
 set -uo pipefail
 RECIPE=${RECIPE:?set RECIPE}
 NNODES=${NNODES:?set NNODES}; NODE_RANK=${NODE_RANK:?set NODE_RANK}
 MASTER_ADDR=${MASTER_ADDR:?set MASTER_ADDR}; MASTER_PORT=${MASTER_PORT:-29500}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
@@ -45,7 +51,7 @@ if [ ${#layout[@]} -gt 0 ]; then echo "[launch] layout overrides from the enviro
 "$PYTHON" -m "$module" --check --world-size $((NNODES * GPUS_PER_NODE)) "${args[@]}" || exit $?
 
 "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
-  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m "$module" "${args[@]}" &
+  --max-restarts "$MAX_RESTARTS" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m "$module" "${args[@]}" &
 agent=$!
 forward() { pkill -"$1" -P "$agent" 2>/dev/null || true; }
 trap 'forward TERM' TERM

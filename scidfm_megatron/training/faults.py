@@ -54,7 +54,7 @@ class FaultsConfig:
     are 1-based (the iteration the step produces); a drill fires in the first attempt of a torchrun job
     only (TORCHELASTIC_RESTART_COUNT unset or 0)."""
 
-    nan_at_iter: Optional[int] = None  # the loss (and so every gradient) of this iteration is NaN, on every rank
+    nan_at_iter: Optional[int] = None  # every gradient of this iteration is NaN (the loss stays finite), every rank
     hang_at_iter: Optional[int] = None  # hang_rank stops in this iteration (sleeps forever) before its step
     hang_rank: int = 0
     kill_at_iter: Optional[int] = None  # kill_rank SIGKILLs itself in this iteration, after backward
@@ -251,13 +251,15 @@ class FaultGuard:
             model_config.finalize_model_grads_func = timed
         self._straggler_streak: dict = {}
         self.watchdog: Optional[Watchdog] = None
+        if cfg.checkpoint.save:
+            orphan_safe_write_queue()
 
     # ------------------------------------------------------------------ drills
     def _poison(self, module, args, output):
         import torch
 
-        if self._nan_now and isinstance(output, torch.Tensor) and output.is_floating_point():
-            return output * float("nan")
+        if self._nan_now and isinstance(output, torch.Tensor) and output.is_floating_point() and output.requires_grad:
+            return _NanGrad.apply(output)
         return None
 
     def _fires(self, key: str, iteration: int, rank_key: Optional[str] = None) -> bool:
@@ -309,18 +311,19 @@ class FaultGuard:
                                 r.loss, z, len(self.spikes.losses) - 1, where)
                 return {"loss_spike_z": z}
             return {}
-        what = f"loss {r.loss}" + ("" if r.loss is None or not math.isfinite(r.loss) else ", a gradient")
+        what = (f"loss {r.loss} not finite" if r.loss is None or not math.isfinite(r.loss)
+                else f"gradients not finite, loss {r.loss:.4f}")
         if t.on_nan == "skip" and self.skipped < t.max_skipped_steps:
             self.skipped += 1
             if self.rank0:
-                print(f"[scidfm] iteration {iteration} skipped: {what} not finite ({where}); weights and optimizer "
+                print(f"[scidfm] iteration {iteration} skipped: {what} ({where}); weights and optimizer "
                       f"state unchanged; {self.skipped} of train.max_skipped_steps={t.max_skipped_steps} skipped",
                       flush=True)
             return {"skipped": True, "first_sample": first_sample, "samples": samples}
         finalize()  # a save still in flight is published: the last good checkpoint is the newest
         why = (f"more than train.max_skipped_steps={t.max_skipped_steps} skipped steps" if t.on_nan == "skip"
                else "train.on_nan=stop")
-        raise RunStopped(f"iteration {iteration}: {what} not finite ({where}); the step was not applied "
+        raise RunStopped(f"iteration {iteration}: {what} ({where}); the step was not applied "
                          f"({why}); last good checkpoint: {last_checkpoint or 'none saved yet'}. Resume it with a lower "
                          f"train.lr (a resume applies the recipe's LR schedule), or "
                          f"resume with train.on_nan=skip")
@@ -379,6 +382,62 @@ class FaultGuard:
         if self.rank0:
             log.warning("checkpoint save at iteration %d failed: %s; checkpoint.on_save_error=continue: training "
                         "goes on, the next save interval tries again", iteration, exc)
+
+
+def _nan_grad_class():
+    import torch
+
+    class NanGrad(torch.autograd.Function):
+        """Identity forward; NaN gradient backward (the NaN drill: a step whose gradients overflow)."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    return NanGrad
+
+
+class _LazyNanGrad:
+    def apply(self, x):
+        global _NanGradCls
+        if _NanGradCls is None:
+            _NanGradCls = _nan_grad_class()
+        return _NanGradCls.apply(x)
+
+
+_NanGradCls = None
+_NanGrad = _LazyNanGrad()
+
+
+def _die_with_parent() -> None:  # runs in megatron's Manager process (spawned): SIGKILL when its rank dies
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def orphan_safe_write_queue() -> None:
+    """megatron's checkpoint writer (dist_checkpointing/strategies/filesystem_async.py) keeps the write
+    results in a ``multiprocessing`` Manager process per rank, made on the first save. A rank killed by
+    SIGKILL leaves that process behind forever (holding the job's stdout open, so a launcher reading it
+    never sees the end). The same queue, from a Manager that dies with its rank (Linux: PR_SET_PDEATHSIG)."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if getattr(fa, "_results_queue", "absent") is not None or not sys.platform.startswith("linux"):
+        return  # already made (or megatron changed): leave it
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    fa._results_queue = manager.Queue()
+    fa._scidfm_manager = manager  # keep it alive
 
 
 class SaveFailed(OSError):
