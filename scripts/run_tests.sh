@@ -3,6 +3,6 @@
 # Extra arguments go to pytest (e.g. -k parity, -m "not slow").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=${EXTRAS:-test,hf,eval} bash scripts/setup_env.sh
+EXTRAS=${EXTRAS:-test,hf,eval,fast,parquet} bash scripts/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCHDYNAMO_DISABLE=1
 exec .venv/bin/python -m pytest tests -q -rs --durations=15 "$@"

@@ -35,10 +35,16 @@ def trained_models(tmp_path_factory):
     return out
 
 
+_PAIRS: dict = {}
+
+
 def _pair(model):
+    """(SentencePiece, fast) tokenizers of ``model``, loaded once per module."""
     from scidfm_megatron.tokenizer.plain import load_tokenizer
 
-    return load_tokenizer(model), load_tokenizer(model, fast=True)
+    if str(model) not in _PAIRS:
+        _PAIRS[str(model)] = load_tokenizer(model), load_tokenizer(model, fast=True)
+    return _PAIRS[str(model)]
 
 
 def _assert_same(ref, fast, docs):
@@ -76,9 +82,8 @@ def test_the_guard_is_what_keeps_control_text_as_text(science_tokenizer_dir):
 
     for model, text in ((BASE_MODEL, 'tokenizer("<s>" + sentence)'),
                         (science_tokenizer_dir / "tokenizer.model", "the end <|eod|> marker")):
-        ref = load_tokenizer(model)
+        ref, guarded = _pair(model)
         forced = accelerate(load_tokenizer(model), guard=False)
-        guarded = load_tokenizer(model, fast=True)
         assert forced.encode(text) != ref.encode(text), "GigaToken now agrees: the guard may be unneeded"
         assert guarded.encode(text) == ref.encode(text)
 
@@ -86,10 +91,12 @@ def test_the_guard_is_what_keeps_control_text_as_text(science_tokenizer_dir):
 def test_models_it_cannot_promise_fall_back_once(trained_models, capsys, monkeypatch):
     from scidfm_megatron.tokenizer import fast as fast_mod
 
+    from scidfm_megatron.tokenizer.plain import load_tokenizer
+
     ref, fast = _pair(trained_models["nobytes"])
     assert fast.fast is None and fast.encode("hello world") == ref.encode("hello world")
-    _, fast2 = _pair(trained_models["nobytes"])
+    assert load_tokenizer(trained_models["nobytes"], fast=True).fast is None
     err = capsys.readouterr().err
     assert err.count("cannot promise SentencePiece's ids") == 1 and "byte_fallback" in err
     monkeypatch.setenv("SCIDFM_FAST_TOKENIZER", "0")
-    assert _pair(BASE_MODEL)[1].fast is None
+    assert load_tokenizer(BASE_MODEL, fast=True).fast is None
