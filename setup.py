@@ -26,12 +26,13 @@ EXTRAS = {
              "matplotlib==3.11.2", "lm-eval==0.4.13",
              "accelerate==1.15.0"],  # lm-eval's hf model imports accelerate without declaring it
     "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
+    "dev": ["ruff==0.17.6", "mypy==2.4.1", "pre-commit==4.7.0"],  # checks configured in pyproject.toml
     # Preprocessing: GigaToken for the base BPE (ids checked equal to SentencePiece's; without it,
     # SentencePiece), parquet inputs. Never required.
     "fast": ["gigatoken==0.10.0"],
     "parquet": ["pyarrow==26.0.1"],
 }
-EXTRAS["all-cpu"] = sorted({r for k, v in EXTRAS.items() if k != "gpu" for r in v})
+EXTRAS["all-cpu"] = sorted({r for k, v in EXTRAS.items() if k not in ("gpu", "dev") for r in v})
 
 setup(
     name="scidfm-megatron",
