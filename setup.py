@@ -31,12 +31,13 @@ EXTRAS = {
              "matplotlib>=3.8", "lm-eval>=0.4.8,<0.5",
              "accelerate>=1.0"],  # lm-eval's hf model imports accelerate without declaring it
     "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    "dev": ["ruff>=0.15", "mypy>=1.15", "pre-commit>=3.0"],  # checks configured in pyproject.toml
     # Preprocessing: GigaToken for the base BPE (ids checked equal to SentencePiece's; without it,
     # SentencePiece), parquet inputs. Never required.
     "fast": ["gigatoken>=0.10"],
     "parquet": ["pyarrow>=14"],
 }
-EXTRAS["all-cpu"] = sorted({r for k, v in EXTRAS.items() if k != "gpu" for r in v})
+EXTRAS["all-cpu"] = sorted({r for k, v in EXTRAS.items() if k not in ("gpu", "dev") for r in v})
 
 setup(
     name="scidfm-megatron",
