@@ -81,7 +81,7 @@ def _log_path(script, args) -> Path:
 
     d = Path(os.environ["SCIDFM_TORCHRUN_LOG_DIR"])
     d.mkdir(parents=True, exist_ok=True)
-    name = Path(str(args[0]) if str(script) == "-m" and args else str(script)).stem.replace(".", "_")
+    name = (str(args[0]) if str(script) == "-m" and args else Path(str(script)).stem).replace(".", "_")
     stamp = time.strftime("%H%M%S")
     for i in range(1000):
         p = d / f"torchrun_{name}_{stamp}_{i}.log"
