@@ -2,8 +2,8 @@
 
 ``gpt_dataset._build_document_index`` builds ``numpy.mgrid[0:num_epochs, 0:len(documents)]``: an int64
 array of shape (2, epochs, documents), 16 bytes per document and epoch, then an int32 copy, to end with 4.
-At the corpus scale of SciDFM's Table 2 (PubChem alone 458M documents, two epochs) that is a 14.6 GB
-transient for one source, and the reason a cold index build peaked at 18.4 GiB. The replacement fills
+At the corpus scale of SciDFM's Table 2 (PubChem alone 458M documents, two epochs) that is, by
+arithmetic, a 14.7 GB transient for one source: the bulk of the 18.4 GiB peak issue 23 measured. The replacement fills
 one int32 array epoch by epoch and shuffles it (or its leading ``epochs - 1`` epochs and its final epoch
 separately, as megatron does with ``separate_final_epoch``) with the same ``RandomState`` calls in the
 same order: numpy's legacy 1-D ``shuffle`` draws the same swaps whatever the item size, so the index is
@@ -57,7 +57,7 @@ PATCH = Patch(
     name="gpt_lean_document_index",
     when="always",
     summary="GPT document index built in int32 in place (same values), not through a 16 B/document mgrid",
-    why="a cold index build of the Table-2 corpus peaked at 18.4 GiB (PubChem's two-epoch mgrid: 14.6 GB)",
+    why="a cold index build of the Table-2 corpus peaked at 18.4 GiB (PubChem's two-epoch mgrid: 14.7 GB)",
     targets=[Target(MODULE, "_build_document_index",
                     ("documents", "num_epochs", "numpy_random_state", "separate_final_epoch"))],
     apply=_apply,

@@ -162,3 +162,30 @@ def test_prepare_data_then_the_trainer_builds_nothing(tmp_path, sample_datasets,
                      (["data.cache_dir=null"], "data.cache_dir is not set")):
         assert main(["--config", str(recipe), *bad]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_build_budget_runs_large_builds_alone():
+    """BuildBudget: a build that would pass the limit waits for the running ones; one alone always runs."""
+    import threading
+    import time
+
+    from scidfm_megatron.data.index_cache import BuildBudget
+
+    budget, events = BuildBudget(10), []
+    budget.acquire(8)  # a running build
+
+    def big():
+        budget.acquire(50)  # over the limit: waits for the first, then runs alone
+        events.append("big")
+        budget.release(50)
+
+    t = threading.Thread(target=big)
+    t.start()
+    time.sleep(0.2)
+    assert events == [] and budget.used == 8
+    budget.release(8)
+    t.join(5)
+    assert events == ["big"] and budget.used == 0
+    budget.acquire(4)
+    budget.acquire(6)  # within the limit: no wait
+    assert budget.used == 10

@@ -12,7 +12,11 @@ three changes made through subclasses (the sample order is megatron's, element f
   makes the array only while it builds an index.
 * **Built indices are mapped, not held.** After a build, the document / sample / shuffle indices (and the
   blend's dataset indices) are re-opened from the cache files with ``mmap_mode="r"``, as a cached load
-  opens them: the process that built them holds no more than one that loaded them.
+  opens them: the process that built them holds no more than one that loaded them. The ``.idx`` pages
+  a build read (every document's length) are released from the process (``madvise(DONTNEED)``).
+* **Parallel builds within a memory budget.** Sources are built by megatron's
+  ``num_dataset_builder_threads``; :data:`BUDGET` (4 GiB of index arrays under construction) makes a
+  build wait while others run and it would pass the budget, so the largest sources are built alone.
 * **Caches only where they are asked for.** ``path_to_cache`` is always set (megatron falls back to
   ``<data prefix>/cache/GPTDataset_indices`` when it is ``None``, i.e. writes into the corpus), and a
   process without a process group gets a one-process gloo group for the build, because
