@@ -1,2 +1,2 @@
-"""Evaluation helpers: metrics (metrics.py) and lm-eval on converted Hugging Face checkpoints
+"""Evaluation helpers: metrics (metrics/, one module per family) and lm-eval on converted Hugging Face checkpoints
 (lm_eval_local.py, docs/lm_eval.md)."""
