@@ -300,8 +300,14 @@ def encode_arrays(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prepare(tok) -> None:
-    """Convert ``tok``'s model for GigaToken once, before worker processes fork (they inherit it)."""
+    """Convert ``tok``'s model for GigaToken once, before worker processes fork (they inherit it, and
+    the record of what was already said, so a fallback is reported once, not once per worker)."""
     if not enabled():
+        return
+    try:
+        import gigatoken  # noqa: F401
+    except ImportError:
+        fast_bpe(b"", None, tok.model_file)  # says so once
         return
     try:
         proto_bytes = getattr(tok, "_proto_bytes", None)
@@ -311,5 +317,6 @@ def prepare(tok) -> None:
         tokenizer_json(proto_bytes)
         if getattr(tok, "kind", None) != "plain":
             tokenizer_json(proto_bytes, dummy_prefix=False)
-    except (ImportError, ValueError):
-        pass  # the workers fall back and say why
+    except ValueError as exc:
+        _say_once(f"unsupported:{tok.model_file}", f"scidfm: {tok.model_file}: fast tokenizer cannot promise "
+                                                   f"SentencePiece's ids ({exc}); using SentencePiece")
