@@ -55,7 +55,7 @@ class FastBPE:
 
     ``guard=False`` skips the per-document check (a test shows what it catches); never use it for data."""
 
-    def __init__(self, proto_bytes: bytes, sp, gt, risky: list[str], normalizes: bool, guard: bool = True):
+    def __init__(self, sp, gt, risky: list[str], normalizes: bool, guard: bool = True):
         self.sp, self.gt = sp, gt
         self.normalizes = normalizes
         self.guard_enabled = guard
@@ -188,7 +188,7 @@ def fast_bpe(proto_bytes: bytes, sp, what: str, guard: bool = True, dummy_prefix
                                          f"({exc}); using SentencePiece")
         return None
     normalizes = bool(proto.normalizer_spec.precompiled_charsmap)
-    fast = FastBPE(proto_bytes, sp, gt, risky_surfaces(proto), normalizes, guard=guard)
+    fast = FastBPE(sp, gt, risky_surfaces(proto), normalizes, guard=guard)
     if not guard:  # forced (tests only): GigaToken on every document, no probes either
         return fast
     for probe in PROBES:
@@ -300,13 +300,23 @@ def encode_arrays(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prepare(tok) -> None:
-    """Convert ``tok``'s model for GigaToken once, before worker processes fork (they inherit it)."""
+    """Convert ``tok``'s model for GigaToken once, before worker processes fork (they inherit it, and
+    the record of what was already said, so a fallback is reported once, not once per worker)."""
     if not enabled():
         return
     try:
-        proto_bytes = getattr(tok, "_proto_bytes", None) or open(tok.model_file, "rb").read()
+        import gigatoken  # noqa: F401
+    except ImportError:
+        fast_bpe(b"", None, tok.model_file)  # says so once
+        return
+    try:
+        proto_bytes = getattr(tok, "_proto_bytes", None)
+        if proto_bytes is None:
+            with open(tok.model_file, "rb") as f:
+                proto_bytes = f.read()
         tokenizer_json(proto_bytes)
         if getattr(tok, "kind", None) != "plain":
             tokenizer_json(proto_bytes, dummy_prefix=False)
-    except (ImportError, ValueError):
-        pass  # the workers fall back and say why
+    except ValueError as exc:
+        _say_once(f"unsupported:{tok.model_file}", f"scidfm: {tok.model_file}: fast tokenizer cannot promise "
+                                                   f"SentencePiece's ids ({exc}); using SentencePiece")
