@@ -17,11 +17,13 @@ Then, each in a fresh subprocess, on one rank and ``--threads`` builder threads:
   into an empty cache directory;
 * **cached**: the same call again, the cache now full: what every rank of the run does at start-up.
 
-Each reports the call's wall time, the process's peak RSS (``ru_maxrss``: includes torch/megatron, ~0.4
+Each reports the call's wall time and CPU time (user + system, all threads: on a loaded machine the
+wall time says little), the process's peak RSS (``ru_maxrss``: includes torch/megatron, ~0.4
 GiB, and the resident pages of mapped files) and its RSS after the call, then reads the first 8 and the
 last training samples. ``--old`` runs the same two phases with megatron-core's plain builder as this
 project used it before (``GPTDataset``, its mgrid document index, ``create_attention_mask`` on, one
-builder thread). Run the old code only at a small --scale: at --scale 1 it peaked at 18.4 GiB.
+builder thread). The new code's build budget (data/index_cache.py, 4 GiB) is scaled by --scale too, so
+that the same builds run side by side as at --scale 1. Run the old code only at a small --scale: at --scale 1 it peaked at 18.4 GiB.
 Figures at --scale < 1 are printed with a linear projection to --scale 1, labelled as such.
 """
 
@@ -157,9 +159,15 @@ def child(args) -> None:
     import megatron.core.datasets.gpt_dataset  # noqa: F401
 
     base = _rss_gib()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = ru.ru_utime + ru.ru_stime
     t0 = time.perf_counter()
     if args.impl == "new":
+        from scidfm_megatron.data import index_cache
         from scidfm_megatron.data.datasets import build_pretrain_datasets
+
+        # the build budget shrinks with the corpus, so that builds overlap as they would at --scale 1
+        index_cache.BUDGET.limit = max(1, int(index_cache.BUDGET.limit * min(1.0, args.scale)))
 
         train, valid, _ = build_pretrain_datasets(mix, 1, _Tok(), seq_length=SEQ, samples=samples, seed=SEED,
                                                   split=SPLIT, cache_dir=args.cache, threads=args.threads)
@@ -177,6 +185,8 @@ def child(args) -> None:
         with process_group():
             train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, list(samples), lambda: True, config).build()
     seconds = time.perf_counter() - t0
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = ru.ru_utime + ru.ru_stime - cpu0
     peak_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     after = _rss_gib()
     t1 = time.perf_counter()
@@ -185,7 +195,7 @@ def child(args) -> None:
         s = train[i]
         mask |= "attention_mask" in s
     read_s = time.perf_counter() - t1
-    print(json.dumps({"seconds": seconds, "peak_gib": peak_build, "base_gib": base, "after_gib": after,
+    print(json.dumps({"seconds": seconds, "cpu_s": cpu, "peak_gib": peak_build, "base_gib": base, "after_gib": after,
                       "peak_with_reads_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                       "read_s": read_s, "mask": mask, "train": len(train), "valid": len(valid) if valid else 0,
                       "samples": samples}))
@@ -262,7 +272,7 @@ def main(argv=None) -> int:
             for phase in ("cold", "cached"):
                 r = run_phase(args, impl, cache)
                 rows.append((impl, phase, r))
-                print(f"  {impl:>3} {phase:<6} {r['seconds']:7.1f} s  peak {r['peak_gib']:5.2f} GiB "
+                print(f"  {impl:>3} {phase:<6} {r['seconds']:7.1f} s (CPU {r['cpu_s']:.1f} s)  peak {r['peak_gib']:5.2f} GiB "
                       f"(after imports {r['base_gib']:.2f}, after the call {r['after_gib']:.2f}; with 9 reads "
                       f"{r['peak_with_reads_gib']:.2f}, {r['read_s']:.1f} s; sampled peaks: anonymous "
                       f"{r['sampled_anon_gib']:.2f}, file-backed {r['sampled_file_gib']:.2f})  mask built: {r['mask']}  "
@@ -273,11 +283,11 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nscale {args.scale:g}: {docs:,} documents; plan {round(TRAIN_SAMPLES * args.scale):,} train + "
           f"{round(VALID_SAMPLES * args.scale):,} validation samples of {SEQ}")
-    print(f"{'code':<5}{'phase':<8}{'seconds':>9}{'peak GiB':>10}{'anon GiB':>10}" + ("" if args.scale == 1 else
+    print(f"{'code':<5}{'phase':<8}{'seconds':>9}{'CPU s':>8}{'peak GiB':>10}{'anon GiB':>10}" + ("" if args.scale == 1 else
                                                                      f"{'-> x1 s':>10}{'-> x1 GiB':>11}")
           + f"{'target':>16}")
     for impl, phase, r in rows:
-        line = f"{impl:<5}{phase:<8}{r['seconds']:>9.1f}{r['peak_gib']:>10.2f}{r['sampled_anon_gib']:>10.2f}"
+        line = f"{impl:<5}{phase:<8}{r['seconds']:>9.1f}{r['cpu_s']:>8.1f}{r['peak_gib']:>10.2f}{r['sampled_anon_gib']:>10.2f}"
         if args.scale != 1:  # linear projection of what grows with the corpus (the import baseline does not)
             line += (f"{r['seconds'] / args.scale:>10.0f}"
                      f"{r['base_gib'] + (r['peak_gib'] - r['base_gib']) / args.scale:>11.2f}")
