@@ -53,11 +53,11 @@ def test_nan_skip_keeps_the_state_keep_every_and_stragglers(runs, tmp_path):
     the run finishes; one step is logged as skipped with its iteration and samples; the checkpoints before
     and after it hold the same weights, Adam moments and Adam step (every tensor equal), and the next
     batch trains. checkpoint.keep_every=3 with keep_last=2 leaves iterations 3, 4 and 5. faults.slow_rank=1
-    sleeping 1 s per step: per-rank step times in the metrics file and a straggler warning naming rank 1."""
+    sleeping 2 s per step: per-rank step times in the metrics file and a straggler warning naming rank 1."""
     w = tmp_path / "skip"
     r = train(2, overrides(runs, w, **{"train.train_iters": 5, "checkpoint.save_interval": 1, "checkpoint.keep_last": 2,
                                        "checkpoint.keep_every": 3, "faults.nan_at_iter": 4, "train.on_nan": "skip",
-                                       "faults.slow_rank": 1, "faults.slow_s": 1.0, "logging.log_interval": 5})
+                                       "faults.slow_rank": 1, "faults.slow_s": 2.0, "logging.log_interval": 5})
               + ["parallel.ep=1"])
     out = r.stdout + r.stderr
     skipped = [line for line in out.splitlines() if " skipped: " in line]
@@ -73,10 +73,11 @@ def test_nan_skip_keeps_the_state_keep_every_and_stragglers(runs, tmp_path):
     assert not changed, f"the skipped step changed {changed[:4]}"
     assert adam_step(ck / "iter_0000003") == adam_step(ck / "iter_0000004") == 3.0 and adam_step(ck / "iter_0000005") == 4.0
     assert not torch.equal(after["embedding.word_embeddings.weight"], nxt["embedding.word_embeddings.weight"])
-    # stragglers: rank 1 sleeps 1 s at the start of each step, rank 0 waits for it in the gradient reduction;
-    # the log interval (5) averages the 5 steps
+    # stragglers: rank 1 sleeps 2 s at the start of each step, rank 0 waits for it in the gradient reduction;
+    # the log interval (5) averages the 5 steps. (Under a heavily loaded CPU the ranks' compute times vary by
+    # seconds: the margin asked for is well below the 2 s.)
     x = by_it[5]
-    assert x["slowest_rank"] == 1 and x["rank_step_s_max"] - x["rank_step_s_min"] > 0.8, x
+    assert x["slowest_rank"] == 1 and x["rank_step_s_max"] - x["rank_step_s_min"] > 0.5, x
     assert x["rank_step_s_min"] <= x["rank_step_s_median"] <= x["rank_step_s_max"]
     assert not any("slowest_rank" in by_it[i] for i in range(1, 5))
     assert "straggler: rank 1 took" in out
