@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 WHEN_VALUES = ("always", "no_te", "cpu")
 
@@ -41,8 +41,8 @@ class Target:
         except (ImportError, AttributeError) as exc:
             return f"{self.module}.{self.attribute} not found ({exc})"
         if self.params:
-            fn = inspect.unwrap(obj)
-            if isinstance(fn, type):
+            fn: Any = inspect.unwrap(obj)  # a function, or a class whose __init__ holds the parameters
+            if inspect.isclass(fn):
                 fn = fn.__init__
             try:
                 sig = inspect.signature(fn)
@@ -80,9 +80,17 @@ def wrap_once(owner, name: str, make: Callable):
     if getattr(orig, "__scidfm_patched__", False):
         return orig
     new = make(orig)
-    new.__scidfm_patched__ = True
+    mark_patched(new)
     setattr(owner, name, new)
     return new
+
+
+def mark_patched(fn: Any, **attrs: Any) -> None:
+    """Mark a replacement callable as installed by a patch (``wrap_once`` and the patches' ``apply`` look for
+    the mark, so applying twice installs once), with ``attrs`` set beside it (e.g. ``__wrapped_original__``)."""
+    fn.__scidfm_patched__ = True
+    for k, v in attrs.items():
+        setattr(fn, k, v)
 
 
 def caller_is_megatron(depth: int = 2) -> bool:

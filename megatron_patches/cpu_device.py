@@ -17,10 +17,11 @@ device 0. Set ``SCIDFM_TRACE_CPU_DEVICE=1`` to print each megatron call site tha
 import functools
 import os
 import sys
+from typing import Any
 
 import torch
 
-from ._base import Patch, Target, caller_is_megatron
+from ._base import Patch, Target, caller_is_megatron, mark_patched
 
 _CPU = torch.device("cpu")
 FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "rand", "randn",
@@ -60,7 +61,7 @@ def _wrap_factory(fn):
             kwargs["device"] = _CPU
         return fn(*args, **kwargs)
 
-    wrapper.__scidfm_patched__ = True
+    mark_patched(wrapper)
     return wrapper
 
 
@@ -99,8 +100,9 @@ def _apply():
             return self
         return orig_cuda(self, *args, **kwargs)
 
-    to.__scidfm_patched__ = True
-    torch.Tensor.to, torch.Tensor.cuda = to, cuda
+    mark_patched(to)
+    tensor: Any = torch.Tensor  # its methods are replaced at runtime; torch types them as fixed
+    tensor.to, tensor.cuda = to, cuda
     torch.cuda.current_device = lambda: 0
     torch.cuda.set_device = lambda *a, **k: None
     torch.cuda.synchronize = lambda *a, **k: None

@@ -11,6 +11,7 @@ filtered.
 """
 
 import logging
+from typing import Any
 
 import torch
 
@@ -38,7 +39,8 @@ def _apply():
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     # The CPU generator itself: torch.manual_seed would recurse through torch.cuda.manual_seed_all.
-    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda: Any = torch.cuda  # torch types manual_seed as returning None; the stand-in returns the generator
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     logging.getLogger(MODULE).addFilter(_DropForkWarning())
 
 

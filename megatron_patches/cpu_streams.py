@@ -5,6 +5,8 @@ split sizes, and DDP / the schedules record events. CPU work is synchronous, so 
 immediately and events that are always complete are exact stand-ins (no numerics involved).
 """
 
+from typing import Any
+
 import torch
 
 from ._base import Patch, Target
@@ -32,12 +34,13 @@ class CpuStream(torch.cpu.Stream):
 
 def _apply():
     default = CpuStream()
-    torch.cuda.Stream = CpuStream
-    torch.cuda.Event = torch.cpu.Event
-    torch.cuda.current_stream = lambda device=None: default
-    torch.cuda.default_stream = lambda device=None: default
-    torch.cuda.stream = torch.cpu.stream
-    torch.cuda.set_stream = lambda stream: None
+    cuda: Any = torch.cuda  # given CPU stand-ins; torch types its attributes as the CUDA ones
+    cuda.Stream = CpuStream
+    cuda.Event = torch.cpu.Event
+    cuda.current_stream = lambda device=None: default
+    cuda.default_stream = lambda device=None: default
+    cuda.stream = torch.cpu.stream
+    cuda.set_stream = lambda stream: None
 
 
 PATCH = Patch(

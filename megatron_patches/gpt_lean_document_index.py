@@ -10,7 +10,7 @@ same order: numpy's legacy 1-D ``shuffle`` draws the same swaps whatever the ite
 equal element for element (tests/test_data_cache.py compares it with megatron's own function).
 """
 
-from ._base import Patch, Target
+from ._base import Patch, Target, mark_patched
 
 MODULE = "megatron.core.datasets.gpt_dataset"
 
@@ -48,8 +48,7 @@ def _apply():
     import megatron.core.datasets.gpt_dataset as gd
 
     if not getattr(gd._build_document_index, "__scidfm_patched__", False):
-        build_document_index.__scidfm_patched__ = True
-        build_document_index.__wrapped_original__ = gd._build_document_index
+        mark_patched(build_document_index, __wrapped_original__=gd._build_document_index)
         gd._build_document_index = build_document_index
 
 

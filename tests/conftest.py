@@ -12,6 +12,11 @@ WORKERS = ROOT / "tests" / "workers"
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/assets/losses/*.txt from this run (tests/test_golden_losses.py)")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -415,7 +415,7 @@ _MOLECULENET = {
 }
 
 
-def _moleculenet(name: str) -> Callable[[Path], list[dict]]:
+def _moleculenet(name: str) -> Callable[[Path, Report], list[dict]]:
     smiles_col, tasks = _MOLECULENET[name]
 
     def convert(path: Path, rep: Report) -> list[dict]:

@@ -88,7 +88,8 @@ def domain_texts(corpus: str | Path, per_domain: int = 30, min_chars: int = 20, 
 
     for f in files:
         stem = _stem(f)
-        found, bad, first_bad = 0, 0, None
+        found, bad = 0, 0
+        first_bad: tuple[int, str] | None = None  # (line, reason) of the first skipped line
         opener = gzip.open if f.name.endswith(".gz") else open
         with opener(f, "rt", encoding="utf-8", errors="replace") as fh:
             for no, line in enumerate(fh, 1):
@@ -132,7 +133,7 @@ def domain_texts(corpus: str | Path, per_domain: int = 30, min_chars: int = 20, 
                 raise CorpusError(problem)
             problems.append(problem)
             log(f"[scidfm] {problem}: file left out")
-        elif bad:
+        elif first_bad:  # set with the first skipped line, so exactly when bad > 0
             log(f"[scidfm] {f}: {bad} line(s) skipped, the first at line {first_bad[0]}: {first_bad[1]}")
     kept = OrderedDict((k, v) for k, v in groups.items() if len(v) >= MIN_TEXTS)
     for k, v in groups.items():

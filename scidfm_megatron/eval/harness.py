@@ -16,13 +16,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from .tasks import PROMPT_FORMATS, TASKS, TaskDataError, load_records, run_task
 from .metrics import MOLECULE_CONVENTIONS
 
 # The paper's SciDFM rows (../shared/SCIDFM.md; Sun et al. 2024).
-PAPER = {
+PAPER: dict[str, dict[str, Any]] = {  # a figure, or Table 8's row of six
     "Table 4": {"scieval": 62.48, "sciq": 88.00, "arc_challenge": 64.76, "arc_easy": 81.48, "gsm8k": 59.14,
                 "math": 27.28, "medqa": 44.54, "medmcqa": 53.10, "pubmedqa": 78.00},
     "Table 7": {"bace": 76.4, "bbbp": 64.8, "clintox": 98.5, "hiv": 71.5, "tox21": 75.6},
@@ -133,10 +133,10 @@ def format_table(results: dict) -> str:
         lines += _grid("Table 9: Mol-Instructions protein understanding, ROUGE-L", head, rows)
     in_paper = set(t4) | set(t7) | set(t8) | set(t9)
     for kind, cols in _COLUMNS.items():
-        rows = [(n, r) for n, r in results.items() if r["kind"] == kind and n not in in_paper]
-        if not rows:
+        others = [(n, r) for n, r in results.items() if r["kind"] == kind and n not in in_paper]
+        if not others:
             continue
-        body = [[n, str(r["n"])] + [_fmt(r["metrics"][k]) for k, _ in cols] for n, r in rows]
+        body = [[n, str(r["n"])] + [_fmt(r["metrics"][k]) for k, _ in cols] for n, r in others]
         lines += _grid(f"{kind} (tasks outside the paper's tables)", ["task", "n"] + [c for _, c in cols], body)
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 TASK = "scidfm_science_mc"
 TASK_DIR_ENV = "SCIDFM_LM_EVAL_TASKS"
@@ -42,9 +43,10 @@ def ensure_offline() -> None:
     hub_off = os.environ["HF_HUB_OFFLINE"].upper() in _TRUE
     ds_off = os.environ["HF_DATASETS_OFFLINE"].upper() in _TRUE
     if "huggingface_hub.constants" in sys.modules and hub_off:
-        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+        hub: Any = sys.modules["huggingface_hub.constants"]  # the caller's import, not typed here
+        hub.HF_HUB_OFFLINE = True
     if "datasets.config" in sys.modules and ds_off:
-        cfg = sys.modules["datasets.config"]
+        cfg: Any = sys.modules["datasets.config"]
         cfg.HF_HUB_OFFLINE = cfg.HF_DATASETS_OFFLINE = True
 
 
@@ -55,7 +57,7 @@ def resolve_task_dir(task_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def run_lm_eval(model_dir: str, data_file: str, limit: int | None = None, batch_size: int = 4,
+def run_lm_eval(model_dir: str, data_file: str | os.PathLike, limit: int | None = None, batch_size: int = 4,
                 device: str = "cpu", *, dtype: str = "float32", task_dir: str | None = None) -> dict:
     """Evaluate ``model_dir`` on the local multiple-choice task over ``data_file``, offline.
 

@@ -15,7 +15,7 @@ and its conversion see identical token sequences and their scores are comparable
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ import torch
 class LanguageModel:
     """Subclasses implement ``_logits(ids [b, s]) -> [b, s, vocab]``; the rest is shared."""
 
-    tokenizer = None  # ScienceTokenizer, or PlainSentencePieceTokenizer (tokenizer/plain.py)
+    tokenizer: Any = None  # ScienceTokenizer, or PlainSentencePieceTokenizer (tokenizer/plain.py)
     max_length: int = 2048
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,9 @@ class HFModel(LanguageModel):
         from transformers import AutoModelForCausalLM
 
         self.dir = Path(directory)
-        self.model = AutoModelForCausalLM.from_pretrained(self.dir, dtype=getattr(torch, dtype)).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(self.dir, dtype=getattr(torch, dtype))
+        # transformers types PreTrainedModel.to through functools.wraps, as if unbound (wants the model first)
+        self.model = model.to(device).eval()  # type: ignore[arg-type]
         self.device = device
         self.tokenizer = _science_tokenizer(self.dir / "tokenizer.model")
         self.vocab_size = self.model.config.vocab_size

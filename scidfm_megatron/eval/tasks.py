@@ -49,7 +49,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from . import metrics
 from ..tokenizer.core import chat_segments, wrap_molecule, wrap_protein
@@ -128,10 +128,10 @@ def load_records(path: str | Path, kind: str, limit: Optional[int] = None, stric
     p = Path(path)
     if not p.exists():
         raise TaskDataError(f"{p}: no such data file")
-    out = []
+    out: list[dict] = []
     with open(p, "rb") as f:
         for no, raw in enumerate(f, 1):
-            rec = None
+            rec: Any = None  # parsed JSON, checked by _record_problem before it is kept
             line, reason = decode_line(raw)
             if line is not None and not line.strip():
                 continue
@@ -293,8 +293,8 @@ def run_task(model, task: Task, records: list[dict], *, batch_size: int = 8, pro
              max_new_tokens: Optional[int] = None, molecule_convention: str = "mol_instructions",
              prompt_format: str = "chat") -> tuple[dict, list[dict]]:
     """(metrics, per-sample details) of ``model`` on ``records``. ``molecule_convention``: how molecule
-    generation is scored, ``"mol_instructions"`` (Table 8's pipeline) or ``"molt5"`` (see metrics.py);
-    ``prompt_format``: ``"chat"`` (the SFT chat template) or ``"raw"`` (base models)."""
+    generation is scored, ``"mol_instructions"`` (Table 8's pipeline) or ``"molt5"`` (docs/evaluation.md,
+    "Metric conventions"); ``prompt_format``: ``"chat"`` (the SFT chat template) or ``"raw"`` (base models)."""
     pr = Prompter(model, prompt_format)
     if task.kind == "multiple_choice":
         return _mc(pr, records, batch_size, progress)
