@@ -125,15 +125,17 @@ def test_data_made_with_another_tokenizer_stops_check_in_one_line(plain_data, sc
 
     work, data = plain_data
     science = science_tokenizer_dir / "tokenizer.model"
+    fresh = {"checkpoint.save": tmp_path / "ckpt"}  # no checkpoint to resume: the data check is what is tested
     rc, out, err = entry(capsys, "tiny_stage1.yaml", *run_args(work, data, **{"data.tokenizer_model": science,
-                                                                                "model.vocab_size": 32554}))
+                                                                                "model.vocab_size": 32554}, **fresh))
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{data / 'papers_summary.json'} says {data / 'papers_text_document'} was made with tokenizer" in err
     assert "(plain, 32000 tokens)" in err and "(science, 32554 tokens)" in err
     assert f"re-run scidfm-preprocess with --tokenizer-model {science}" in err
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"junk\xff\x00")
-    rc, out, err = entry(capsys, "tiny_stage1.yaml", *run_args(work, data, **{"data.tokenizer_model": junk}))
+    rc, out, err = entry(capsys, "tiny_stage1.yaml", *run_args(work, data, **{"data.tokenizer_model": junk},
+                                                                 **fresh))
     assert rc == 2 and err.count("\n") == 1 and f"data.tokenizer_model: {junk} is not a SentencePiece model" in err
 
     # an older summary (no fingerprint, no largest id): the ids are read from the .bin

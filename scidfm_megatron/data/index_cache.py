@@ -1,7 +1,8 @@
 """megatron-core's GPT / blended dataset indices at corpus scale: built once, cached, mapped (not held).
 
 megatron-core 0.16.1's ``BlendedMegatronDatasetBuilder`` + ``GPTDataset`` + ``BlendedDataset``, with
-three changes made through subclasses (the sample order is megatron's, element for element: tested):
+three changes made through subclasses of a GPT dataset class (over megatron's ``GPTDataset`` the sample order
+is megatron's, element for element: tested; the trainer uses data/datasets.py's epoch-stable one):
 
 * **No document-id list per source.** The builder hands every split of every source a
   ``numpy.arange(begin, end, dtype=int32)`` of its document ids, which each ``GPTDataset`` keeps for the

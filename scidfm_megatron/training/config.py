@@ -271,7 +271,6 @@ def validate_run(cfg: RunConfig, world_size: int, layout_only: bool = False):
     if vocab != cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but {d.tokenizer_model} has {vocab} tokens: "
                           f"set model.vocab_size={vocab}")
-    check_run_data(cfg, fp)  # every dataset made with this tokenizer, its ids inside the vocabulary
     iters = train_iters_of(cfg)
     if iters < 1:
         raise ConfigError(f"the run has no iteration: {t.stage} data gives {iters} global batches of "
@@ -296,7 +295,8 @@ def validate_run(cfg: RunConfig, world_size: int, layout_only: bool = False):
     from .resume_check import check_resume
 
     check_megatron_configs(cfg, layout)
-    check_resume(cfg)
+    check_resume(cfg)  # before the data check: a checkpoint of another tokenizer is named as such
+    check_run_data(cfg, fp)  # every dataset made with this tokenizer, its ids inside the vocabulary
     return layout
 
 

@@ -252,7 +252,7 @@ class Trainer:
             with self.engine.synced_params():  # the tokenizer travels with the checkpoint (a copy + its fingerprint)
                 path = ckpt.save(c.save, self.iteration, self.chunks, self.optimizer, self.scheduler, common,
                                  keep_last=c.keep_last, optimizer_format=fmt, async_queue=queue,
-                                 files={ckpt.TOKENIZER_FILE: self.cfg.data.tokenizer_model},
+                                 files=self._tokenizer_files(),
                                  keep_every=c.keep_every, inject_error=self.guard.save_error(self.iteration))
         except SaveFailed as exc:
             self.guard.on_save_error(exc, self.iteration)  # stop: raises RunStopped
@@ -262,6 +262,14 @@ class Trainer:
         if self.rank0:
             print(f"[scidfm] {'writing' if queue else 'saved'} checkpoint {path} ({fmt}"
                   f"{', asynchronously' if queue else ''})", flush=True)
+
+    def _tokenizer_files(self) -> dict:
+        # the model, and the science tokenizer's inventory beside it (the HF export ships it)
+        model = Path(self.cfg.data.tokenizer_model)
+        files = {ckpt.TOKENIZER_FILE: str(model)}
+        if (model.parent / "science_tokens.json").is_file():
+            files["science_tokens.json"] = str(model.parent / "science_tokens.json")
+        return files
 
     def _tokenizer_record(self) -> dict:
         if getattr(self, "_tok_record", None) is None:
