@@ -250,7 +250,8 @@ def _breakdown(trainer, k: int) -> dict:
     for mod, name in patches:
         setattr(mod, name, tm.wrap(name, getattr(mod, name)))
     inst = [(trainer, "_moe_aux"), (trainer, "_stop_everywhere"), (trainer.scheduler, "step"),
-            (trainer.reporter, "step"), (trainer.reporter, "start_step")]
+            (trainer.reporter, "step"), (trainer.reporter, "start_step"),
+            (trainer.guard, "optimizer_step"), (trainer.guard, "check")]  # the optimizer step is the guard's
     if trainer.expert_load is not None:
         inst.append((trainer.expert_load, "reduce"))
     for obj, name in inst:
