@@ -5,8 +5,7 @@ import sys
 
 import pytest
 
-from scidfm_megatron.config import (ConfigError, ModelConfig, ParallelConfig, apply_overrides, from_dict,
-                                    to_dict)
+from scidfm_megatron.config import ConfigError, ModelConfig, ParallelConfig, apply_overrides, from_dict, to_dict
 from scidfm_megatron.model.presets import PRESETS, get_preset
 from scidfm_megatron.parallel import ParallelConfigError, validate_layout
 

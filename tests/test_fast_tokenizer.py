@@ -89,8 +89,6 @@ def test_the_guard_is_what_keeps_control_text_as_text(science_tokenizer_dir):
 
 
 def test_models_it_cannot_promise_fall_back_once(trained_models, capsys, monkeypatch):
-    from scidfm_megatron.tokenizer import fast as fast_mod
-
     from scidfm_megatron.tokenizer.plain import load_tokenizer
 
     ref, fast = _pair(trained_models["nobytes"])

@@ -100,7 +100,7 @@ def test_failed_save_stops_then_resumes_and_nan_stops(runs, tmp_path):
     ck = w / "ckpt"
     lines = [x for x in r.stderr.splitlines() if "stopped:" in x]
     assert r.returncode != 0 and len(lines) == 1, r.stdout[-2000:] + r.stderr[-3000:]
-    assert f"checkpoint save at iteration 2 failed: [Errno 28] No space left on device" in lines[0], lines
+    assert "checkpoint save at iteration 2 failed: [Errno 28] No space left on device" in lines[0], lines
     assert "on rank 1" in lines[0] and str(ck / "iter_0000002") in lines[0] and "kept latest=1" in lines[0], lines
     assert [it for it, _ in complete_checkpoints(ck)] == [1] and (ck / "latest").read_text() == "1"
     assert sorted(p.name for p in ck.iterdir()) == ["iter_0000001", "latest"]  # no iter_0000002.tmp
@@ -138,9 +138,9 @@ def test_hang_writes_every_ranks_stacks_and_exits(runs, tmp_path):
 
 
 def test_fault_settings_are_checked(runs, tmp_path):
+    from conftest import RECIPES
     from scidfm_megatron.config import ConfigError
     from scidfm_megatron.training.config import load_run_config, validate_run
-    from conftest import RECIPES
 
     base = [f"data.tokenizer_model={runs / 'tokenizer' / 'tokenizer.model'}", f"data.data_root={runs / 'data'}"]
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['faults.nan_at_iteration'\]"):

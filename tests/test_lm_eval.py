@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate")
 pytest.importorskip("lm_eval")
 
-from scidfm_megatron.eval.lm_eval_local import TASK, run_lm_eval  # noqa: E402
+from scidfm_megatron.eval.lm_eval_local import TASK, run_lm_eval
 
 QUESTIONS = [
     {"question": "What is the chemical symbol for sodium?", "choices": ["Na", "So", "Sd", "N"], "answer": 0},

@@ -176,9 +176,9 @@ def test_a_longer_plan_keeps_every_sample_of_the_shorter(tmp_path, sample_datase
     own GPTDataset reorders that source from its first sample (the test's control); with one epoch planned
     the index is megatron's, array for array. The same plans through the CLI, bitwise, with a resume:
     tests/test_training.py::test_distributed_optimizer_checkpoint_resumes."""
-    from conftest import small_source_mixture
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
+    from conftest import small_source_mixture
     from scidfm_megatron.data.datasets import build_pretrain_datasets
 
     mix = Mixture.load(small_source_mixture(science_tokenizer_dir / "tokenizer.model", sample_datasets["dir"], tmp_path))

@@ -10,9 +10,9 @@ import json
 import logging
 import os
 import re
-import warnings
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest

@@ -74,9 +74,8 @@ def test_padded_attention_equals_unpadded(rank, monkeypatch, head_dim, heads, gr
     tensor's largest entry (its scale here is ~4; megatron's own fp32 error against float64 is 1.2e-6
     absolute, so 1e-6 absolute would test rounding); the kernel is given head_dim 104 and the scale
     1/sqrt(100), and is_causal when no mask is given."""
-    from scidfm_megatron.model.packing import document_attention_mask
-
     from scidfm_megatron.device import device
+    from scidfm_megatron.model.packing import document_attention_mask
 
     ref, mod = _attention_pair(head_dim, heads, groups)
     g = torch.Generator().manual_seed(1)
@@ -233,9 +232,8 @@ def test_sdpa_kernel_taken_names_the_kernel():
     unfused kernel (the GPU names, flash / cudnn / efficient, are asserted by the GPU test below)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from scidfm_megatron.model.torch_backend import sdpa_kernel_taken
-
     from scidfm_megatron.model.builder import attention_kernel
+    from scidfm_megatron.model.torch_backend import sdpa_kernel_taken
 
     before = torch.get_rng_state()
     if not torch.cuda.is_available():
@@ -362,7 +360,6 @@ def stub_machine(monkeypatch):
     """Stub what resolve_backend and the experts' choice look at: TransformerEngine's import, CUDA, the
     device's compute capability and the one-time _grouped_mm probe (recorded, answering True)."""
     import megatron_patches
-
     from scidfm_megatron.model import builder, torch_backend
 
     probes = []

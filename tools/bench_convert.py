@@ -79,7 +79,7 @@ def _child(mode: str, src: str, dst: str, max_shard: str) -> int:
     """One measured conversion. Imports first (the same set for both modes), then reports the baseline."""
     import safetensors.torch  # noqa: F401
     import torch
-    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.checkpoint
     import tqdm  # noqa: F401
     from transformers import GenerationConfig, MixtralConfig  # noqa: F401
 
@@ -88,7 +88,7 @@ def _child(mode: str, src: str, dst: str, max_shard: str) -> int:
     from scidfm_megatron.convert import tokenizer_files as tokfiles
     from scidfm_megatron.tokenizer import core, hf  # noqa: F401
     if mode == "import":  # megatron's model code too (the structure comes from a meta-device model)
-        import megatron.core.dist_checkpointing  # noqa: F401
+        import megatron.core.dist_checkpointing
         import megatron.core.models.gpt  # noqa: F401
 
         import megatron_patches

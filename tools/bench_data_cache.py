@@ -155,8 +155,8 @@ def child(args) -> None:
 
     mix = Mixture.load(args.mixture)
     samples = (max(1, round(TRAIN_SAMPLES * args.scale)), max(1, round(VALID_SAMPLES * args.scale)), 0)
-    import torch  # noqa: F401  (imported before the baseline, as in a training process)
     import megatron.core.datasets.gpt_dataset  # noqa: F401
+    import torch  # noqa: F401  (imported before the baseline, as in a training process)
 
     base = _rss_gib()
     ru = resource.getrusage(resource.RUSAGE_SELF)

@@ -704,9 +704,9 @@ def probe_env(out: str) -> int:
         r["transformer_engine"] = version("transformer_engine") or version("transformer-engine")
         r["transformer_engine_import"] = "ok" if err is None else f"{type(err).__name__}: {err}"
         # The whole training / inference / conversion import path under this torch (no torch pin asserted).
-        import scidfm_megatron.convert.mcore_to_hf  # noqa: F401
-        import scidfm_megatron.inference  # noqa: F401
-        import scidfm_megatron.training.trainer  # noqa: F401
+        import scidfm_megatron.convert.mcore_to_hf
+        import scidfm_megatron.inference
+        import scidfm_megatron.training.trainer
         from scidfm_megatron.model.builder import resolve_backend
 
         r["library"] = str(Path(scidfm_megatron.inference.__file__).parent)

@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _wheeldata import fasta, fetch_wheels, read, write_jsonl  # noqa: E402
+from _wheeldata import fasta, fetch_wheels, read, write_jsonl
 
 WHEELS = {
     "rdkit": "rdkit==2026.9.1",

@@ -13,10 +13,9 @@ import argparse
 import math
 import sys
 
-from ..config import ConfigError, from_dict, parse_override, to_dict
+from ..config import ConfigError, ModelConfig, from_dict, parse_override, to_dict
 from ..model.accounting import count_parameters, matmul_params_per_token, tensor_shapes, training_flops_per_token
 from ..model.presets import PRESETS, get_preset
-from ..config import ModelConfig
 
 
 def _b(n: int) -> str:
@@ -76,9 +75,9 @@ def parse_layout(text: str) -> dict:
 
 def plan_from_args(cfg: ModelConfig, args, recipe=None):
     """The memory plan the flags (and the recipe's parallel/train sections, when given) describe."""
+    from ..config import ParallelConfig
     from ..model.accounting import GiB, memory_plan
     from ..parallel import validate_layout
-    from ..config import ParallelConfig
 
     par = recipe.parallel if recipe is not None else ParallelConfig()
     if args.layout:

@@ -31,9 +31,9 @@ from typing import Optional
 import torch
 from torch.distributed.checkpoint import DefaultSavePlanner
 
+from ..utils import staged_dir
 from . import mapping
 from . import tokenizer_files as tokfiles
-from ..utils import staged_dir
 from .hf_io import HFCheckpoint, HFCheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

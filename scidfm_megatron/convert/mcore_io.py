@@ -128,7 +128,7 @@ class McoreCheckpoint:
         planner = _SlicePlanner(wanted)
         try:
             dcp.load({}, storage_reader=self.reader, planner=planner, no_dist=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise McoreCheckpointError(f"{self.dir}: reading {names[:3]} failed: {exc}") from exc
         return {n: (t.reshape(s.shape) if dtype is None else t.reshape(s.shape).to(dtype))
                 for n, (s, t) in wanted.items()}

@@ -15,10 +15,10 @@ from typing import Optional
 
 import torch
 
+from ..utils import staged_dir
 from . import mapping
 from . import tokenizer_files as tokfiles
 from .hf_io import ShardWriter, plan_shards, write_index
-from ..utils import staged_dir
 from .mcore_io import McoreCheckpoint, McoreCheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -29,8 +29,10 @@ def check_splits(prefixes: list[str], split: str, samples: tuple[int, int, int])
     empty (``_get_num_epochs`` with zero tokens per epoch), e.g. a 6-document source with a 2% validation
     split. Fail instead, naming the source, the split and the fix. Uses megatron's own split arithmetic.
     """
-    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
-                                                                         parse_and_normalize_split)
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
 
     from ..config import ConfigError
     from .indexed import read_index_counts
@@ -92,7 +94,6 @@ def _stable_gpt_dataset():
 
                 import numpy
                 import torch
-
                 from megatron.core.datasets import helpers
                 from megatron.core.datasets.utils import Split
 

@@ -111,10 +111,10 @@ def run_datasets(cfg) -> list[tuple[str, str]]:
 
 def run_tokenizer(cfg) -> dict:
     """The fingerprint of ``data.tokenizer_model`` (science or plain); SFT with a plain one is refused."""
+    from google.protobuf.message import DecodeError
+
     from ..config import ConfigError
     from ..tokenizer.fingerprint import tokenizer_fingerprint
-
-    from google.protobuf.message import DecodeError
 
     d = cfg.data
     try:

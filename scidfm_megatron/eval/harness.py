@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .tasks import PROMPT_FORMATS, TASKS, TaskDataError, load_records, run_task
 from .metrics import MOLECULE_CONVENTIONS
+from .tasks import PROMPT_FORMATS, TASKS, TaskDataError, load_records, run_task
 
 # The paper's SciDFM rows (../shared/SCIDFM.md; Sun et al. 2024).
 PAPER: dict[str, dict[str, Any]] = {  # a figure, or Table 8's row of six
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
         ap.error("--suite paper needs --data-dir (a folder of <task>.jsonl files)")
     if not args.suite and not args.task:
         ap.error("give --task NAME --data FILE (repeatable) or --suite paper --data-dir DIR")
-    from ..config import ConfigError
     from .._errors import conversion_errors
+    from ..config import ConfigError
     from .models import load_model
 
     try:

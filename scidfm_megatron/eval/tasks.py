@@ -51,8 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import metrics
 from ..tokenizer.core import chat_segments, wrap_molecule, wrap_protein
+from . import metrics
 
 KIND_FIELDS = {
     "multiple_choice": ("question", "choices", "answer"),

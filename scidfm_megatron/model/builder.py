@@ -297,8 +297,7 @@ def layer_spec(model: ModelConfig, *, backend: Optional[str] = None):
 
 def block_spec(model: ModelConfig, config, *, backend: Optional[str] = None, vp_stage: Optional[int] = None):
     """Layer spec for this pipeline stage's layers plus the final norm, as a TransformerBlock spec."""
-    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
-                                                             get_num_layers_to_build)
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     backend = resolve_backend(backend or model.backend)
     spec = layer_spec(model, backend=backend)

@@ -71,8 +71,12 @@ def canonical_name(key: str, prepend_offsets: tuple[int, ...]) -> str:
 
 
 def _pieces(module) -> Iterator[Piece]:
-    from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor,
-                                                          ShardedTensorFactory, is_main_replica)
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedObject,
+        ShardedTensor,
+        ShardedTensorFactory,
+        is_main_replica,
+    )
 
     for local_name, obj in module.sharded_state_dict().items():
         if isinstance(obj, ShardedObject) or local_name.endswith("_extra_state"):

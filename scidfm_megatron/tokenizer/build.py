@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..utils import atomic_write
-from .core import (MOL_PREFIX, PROT_PREFIX, SPAN_MARKERS, SPECIALS, ScienceTokenizer, split_smiles)
+from .core import MOL_PREFIX, PROT_PREFIX, SPAN_MARKERS, SPECIALS, ScienceTokenizer, split_smiles
 
 ELEMENTS = (
     "H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr "

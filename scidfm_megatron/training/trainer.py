@@ -91,9 +91,8 @@ class Trainer:
         return load_tokenizer(self.cfg.data.tokenizer_model)  # science or plain; size and data: validate_run
 
     def _engine(self):
-        from .engine import build_engine
-
         from ..model.builder import attention_kernel, resolve_backend
+        from .engine import build_engine
 
         engine = build_engine(self.cfg, self.layout)
         if self.rank0:

@@ -244,9 +244,9 @@ def aux_normalisation(model_cfg, par, wrap_ddp, build_optimizer, train_step):
     (c) pretraining mode (mean loss), same tokens, no padding. All three must agree."""
     import torch.distributed as dist
     from megatron.core import tensor_parallel
+    from megatron.core.transformer.moe.router import TopKRouter
 
     from scidfm_megatron.model.builder import build_model_chunks
-    from megatron.core.transformer.moe.router import TopKRouter
 
     g = torch.Generator().manual_seed(5)
     L = 16
