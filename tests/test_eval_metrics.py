@@ -213,7 +213,7 @@ def test_protein_rouge_l_equals_mol_instructions_eval():
     got = M.mol_instructions_rouge_l(preds, refs, seed=ref["expected"]["seed"])
     assert abs(got["rouge_l"] - ref["expected"]["aggregated"]["rougeL"]) <= 1e-12
     per = ref["expected"]["per_pair_rougeL"]
-    assert [M.rouge_l(p, r) for p, r in zip(preds, refs)] == pytest.approx(per, abs=1e-12)
+    assert [M.rouge_l(p, r) for p, r in zip(preds, refs, strict=False)] == pytest.approx(per, abs=1e-12)
     assert got["rouge_l_mean"] == pytest.approx(sum(per) / len(per))
     assert abs(got["rouge_l"] - got["rouge_l_mean"]) > 1e-3  # the bootstrap median is not the mean
 
@@ -398,7 +398,7 @@ def _lm_eval_gsm8k_task_scores(completions, golds):
 def test_gsm8k_scores_equal_lm_eval_gsm8k_task():
     comps, golds = [c[0] for c in GSM8K_CASES], [c[1] for c in GSM8K_CASES]
     scores, per = M.gsm8k_scores(comps, golds)
-    for (c, g, strict, flexible), p in zip(GSM8K_CASES, per):  # hand-labelled
+    for (c, g, strict, flexible), p in zip(GSM8K_CASES, per, strict=False):  # hand-labelled
         assert (p["strict_match"]["correct"], p["flexible_extract"]["correct"]) == (strict, flexible), c
     assert scores["strict_match"] == pytest.approx(100 * sum(c[2] for c in GSM8K_CASES) / len(GSM8K_CASES))
     assert scores["flexible_extract"] == pytest.approx(100 * sum(c[3] for c in GSM8K_CASES) / len(GSM8K_CASES))

@@ -55,7 +55,7 @@ def _assert_same(ref, fast, docs):
     flat, lengths = encode_arrays(fast, docs)  # what scidfm-preprocess writes
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     got = [flat[offsets[k]:offsets[k + 1]].tolist() for k in range(len(docs))]
-    bad = [d[:60] for d, w, g in zip(docs, want, got) if g != w]
+    bad = [d[:60] for d, w, g in zip(docs, want, got, strict=False) if g != w]
     assert not bad, f"fast ids differ from SentencePiece's on {len(bad)} documents, e.g. {bad[:3]}"
     assert docs[-len(HOSTILE):] == HOSTILE and fast.encode_batch(HOSTILE) == want[-len(HOSTILE):]
     assert [fast.encode(h) for h in HOSTILE[:20]] == [ref.encode(h) for h in HOSTILE[:20]]

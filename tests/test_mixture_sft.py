@@ -26,7 +26,7 @@ def test_table2_recipe_reproduces_the_paper():
         "general science": 219.48, "general": 268.60}
     (p1, w1), (p2, w2) = m.blend(1), m.blend(2)
     assert w1 == w2 and abs(sum(w1) - 1) < 1e-12
-    changed = {s.name for s, a, b in zip(m.sources, p1, p2) if a != b}
+    changed = {s.name for s, a, b in zip(m.sources, p1, p2, strict=False) if a != b}
     assert changed == {"SlimPajama-CommonCrawl", "SlimPajama-C4", "SlimPajama-GitHub"}
     report = m.report(2)
     assert "re-sampled" in report and "306.59" in report and "268.60" in report
@@ -58,7 +58,7 @@ def test_blended_dataset_samples_in_recipe_proportions(tmp_path, sample_datasets
                                               split="98,2,0", cache_dir=str(tmp_path / "cache"))
     assert len(train) >= 10_000
     counts = np.bincount(train.dataset_index[:10_000], minlength=3) / 10_000
-    for got, want in zip(counts, (0.5, 0.3, 0.2)):
+    for got, want in zip(counts, (0.5, 0.3, 0.2), strict=False):
         assert abs(got - want) <= 0.02 * want, counts
     # Samples are real token windows of the right length from the right source.
     sample = train[0]
@@ -97,21 +97,21 @@ def test_sft_loss_mask_is_exactly_the_assistant_turns(sft_data, science_tokenize
         ids, mask = ds.tokens[i].tolist(), ds.mask[i].tolist()
         assert ids[0] == tok.bos_id and len(ids) <= 513
         starts = [k for k, t in enumerate(ids) if t == tok.bos_id] + [len(ids)]
-        pieces += [(ids[a:b], mask[a:b]) for a, b in zip(starts, starts[1:])]
+        pieces += [(ids[a:b], mask[a:b]) for a, b in zip(starts, starts[1:], strict=False)]
     assert len(pieces) == len(convs) == summary.sft["conversations"]
     recorded = json.loads(open(f"{prefix}_summary.json").read())  # what training checks its recipe against
     assert recorded["tokenizer"]["kind"] == "science" and recorded["tokenizer"]["vocab_size"] == tok.vocab_size
     assert recorded["largest_id"] == {"messages": max(max(ids) for ids, _ in pieces)}
     truncated = 0
-    for (ids, mask), msgs in zip(pieces, convs):
+    for (ids, mask), msgs in zip(pieces, convs, strict=True):
         want = "".join(m["content"] + "</s>" for m in msgs if m["role"] == "assistant")
-        got = tok.decode([t for t, m in zip(ids, mask) if m])
+        got = tok.decode([t for t, m in zip(ids, mask, strict=False) if m])
         if len(ids) == 513:  # truncated to the sequence: its targets are a prefix
             truncated += 1
             assert want.startswith(got)
         else:
             assert got == want
-        assert all(m == 0 for t, m in zip(ids, mask) if t in tok.special_ids.values())  # markers never targets
+        assert all(m == 0 for t, m in zip(ids, mask, strict=False) if t in tok.special_ids.values())  # markers never targets
     assert truncated == summary.sft["truncated"]
 
 
@@ -165,7 +165,7 @@ def test_epoch_two_orders_a_source_differently(tmp_path, sample_datasets, scienc
 
     e1, e2 = first(1), first(2)
     assert not np.array_equal(e1, e2)
-    assert sum(np.array_equal(a, b) for a, b in zip(e1, e2)) <= 2  # not the same windows in the same order
+    assert sum(np.array_equal(a, b) for a, b in zip(e1, e2, strict=False)) <= 2  # not the same windows in the same order
     assert np.array_equal(e2, first(2))
 
 
@@ -195,6 +195,6 @@ def test_a_longer_plan_keeps_every_sample_of_the_shorter(tmp_path, sample_datase
     (_, m6, g6), (_, m8, _) = plan(48, GPTDataset), plan(64, GPTDataset)
     assert not np.array_equal(m6, m8)  # megatron's index: the small source reordered
     assert np.array_equal(s6, m6)  # one epoch planned: megatron's order
-    for ours, theirs in zip(d6, g6):
+    for ours, theirs in zip(d6, g6, strict=False):
         for name in ("document_index", "sample_index", "shuffle_index"):
             assert np.array_equal(getattr(ours, name), getattr(theirs, name)), name

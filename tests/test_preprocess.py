@@ -92,7 +92,7 @@ def test_bad_lines_are_reported_with_line_numbers(tmp_path, science_tokenizer_di
     expected = [(n, why) for n, (_, why) in enumerate(BAD_LINES, 1) if why]
     rejected = [json.loads(line) for line in open(tmp_path / "m_rejected.jsonl")]
     assert [(x["line"], x["file"]) for x in rejected] == [(n, str(src)) for n, _ in expected]
-    for (n, why), x in zip(expected, rejected):
+    for (n, why), x in zip(expected, rejected, strict=False):
         assert why in x["reason"]
         assert f"{src}:{n}: " in r.stdout  # listed in the printed summary too
     ds = megatron_dataset(tmp_path / "m_text_document")

@@ -104,7 +104,7 @@ def test_padded_attention_equals_unpadded(rank, monkeypatch, head_dim, heads, gr
         grads.append([t.grad for t in qkv])
     assert seen == [(104, 1 / math.sqrt(100), not masked, masked)]
     assert_within(outs[1], outs[0], 1e-6, "output")
-    for name, a, r in zip("qkv", grads[1], grads[0]):
+    for name, a, r in zip("qkv", grads[1], grads[0], strict=False):
         assert_within(a, r, 1e-6, f"d{name}")
 
 
@@ -136,7 +136,7 @@ def test_grouped_experts_equal_per_expert_mlp(models):
     torch.testing.assert_close(x1, x0, rtol=0, atol=1e-6)
     torch.testing.assert_close(p1, p0, rtol=0, atol=1e-6)
     assert len(w0) == len(w1) == 2 * cfg.num_experts
-    for a, r in zip(w1, w0):
+    for a, r in zip(w1, w0, strict=True):
         torch.testing.assert_close(a, r, rtol=0, atol=1e-6)
     mod.grouped = True
     try:
@@ -295,7 +295,7 @@ def test_padded_attention_runs_under_each_fused_kernel_on_gpu():
                 res = []
                 taken = sdpa_kernel_of(lambda: res.extend(fwd_bwd(torch.bfloat16, keep if masked else None)))
                 assert taken == name, (name, masked, taken)
-                for what, got, ref in zip(("out", "dq", "dk", "dv"), res, refs[masked]):
+                for what, got, ref in zip(("out", "dq", "dk", "dv"), res, refs[masked], strict=False):
                     assert_within(got, ref, 2e-2, f"{name} masked={masked} {what}")
                 facts["padded_104"][name + (" + document mask" if masked else "")] = "ran, equals math"
     if os.environ.get("SCIDFM_GPU_FACTS"):
@@ -327,7 +327,7 @@ def test_grouped_mm_equals_loop_on_gpu():
             res.append((out.float(), xx.grad.float(), [w.grad.float() for w in ww]))
         torch.testing.assert_close(res[0][0], res[1][0], rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(res[0][1], res[1][1], rtol=2e-2, atol=2e-2)
-        for a, b in zip(res[0][2], res[1][2]):
+        for a, b in zip(res[0][2], res[1][2], strict=False):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
@@ -442,7 +442,7 @@ def test_grouped_mm_probe_requires_equality_with_the_loop(monkeypatch):
     def emulated(x, w, offs):  # rows offs[i-1]:offs[i] times w[i] ([E, in, out])
         ends = offs.tolist()
         starts = [0] + ends[:-1]
-        return torch.cat([x[a:b] @ w[i] for i, (a, b) in enumerate(zip(starts, ends))])
+        return torch.cat([x[a:b] @ w[i] for i, (a, b) in enumerate(zip(starts, ends, strict=False))])
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch, "_grouped_mm", emulated, raising=False)

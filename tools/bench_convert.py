@@ -119,9 +119,9 @@ def _child(mode: str, src: str, dst: str, max_shard: str) -> int:
         state = ckpt.read([m.mcore for m in maps])  # the whole global state dict
         hf_state = {}
         for m in maps:
-            for name, t in zip(m.hf, mapping.to_hf(m, state[m.mcore], cfg)):
+            for name, t in zip(m.hf, mapping.to_hf(m, state[m.mcore], cfg), strict=False):
                 hf_state[name] = t.to(torch.float32)
-        units = [list(zip(m.hf, mapping.hf_shapes(m, cfg))) for m in maps]
+        units = [list(zip(m.hf, mapping.hf_shapes(m, cfg), strict=False)) for m in maps]
         shards = hf_io.plan_shards(units, torch.float32, mcore_to_hf.parse_size(max_shard))
         out = Path(dst)
         out.mkdir(parents=True)

@@ -342,8 +342,8 @@ def overhead_worker(args):
         trainer_loss = trainer.history[-1]["loss"]
         bare_loss = bare.last_loss()
         res = dict(layout=str(trainer.layout), world_size=dist.get_world_size(), steps=args.steps,
-                   rounds=args.rounds, per_step_s=per, ratios=[a / b for a, b in zip(per["trainer"], per["bare"])],
-                   cpu_per_step_s=per_cpu, cpu_ratios=[a / b for a, b in zip(per_cpu["trainer"], per_cpu["bare"])],
+                   rounds=args.rounds, per_step_s=per, ratios=[a / b for a, b in zip(per["trainer"], per["bare"], strict=False)],
+                   cpu_per_step_s=per_cpu, cpu_ratios=[a / b for a, b in zip(per_cpu["trainer"], per_cpu["bare"], strict=False)],
                    trainer_loss=trainer_loss, bare_loss=bare_loss, iteration=trainer.iteration,
                    expert_load=cfg.logging.expert_load, log_interval=cfg.logging.log_interval,
                    trainer_reporter_step_s=statistics.median(h["step_s"] for h in trainer.history[-args.steps:]))

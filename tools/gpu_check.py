@@ -209,7 +209,7 @@ def run(cmd: list, log: Path, budget: Budget, cap: float, env: Optional[dict] = 
 def run_pair(cmds: list, logs: list, budget: Budget, cap: float) -> list:
     """Independent runs side by side (each is one process on one core, or a tiny model on the GPU)."""
     t = budget.timeout(cap)
-    procs = [Proc(c, log) for c, log in zip(cmds, logs)]
+    procs = [Proc(c, log) for c, log in zip(cmds, logs, strict=False)]
     errors = []
     end = time.monotonic() + t
     for pr in procs:

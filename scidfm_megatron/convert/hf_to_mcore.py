@@ -96,7 +96,7 @@ def check_hf_tensors(ckpt: HFCheckpoint, cfg) -> None:
     src = HFTensors(ckpt, cfg)
     have = src.names()
     maps = mapping.tensor_maps(cfg)
-    want = {n: s for m in maps for n, s in zip(m.hf, mapping.hf_shapes(m, cfg))}
+    want = {n: s for m in maps for n, s in zip(m.hf, mapping.hf_shapes(m, cfg), strict=False)}
     missing = sorted(set(want) - have)
     extra = sorted(have - set(want) - (set() if cfg.untie_embeddings else {"lm_head.weight"}))
     if missing:
@@ -160,7 +160,7 @@ def megatron_structure(cfg) -> tuple[list[Chunk], dict[str, object]]:
                 raise RuntimeError(f"{st.key}: not a main-replica, unflattened shard at TP1 x PP1 x EP1")
             p = st.prepend_axis_num
             name = canonical_name(st.key, tuple(st.global_offset[:p]))
-            region = tuple(slice(o, o + n) for o, n in zip(st.global_offset[p:], st.local_shape))
+            region = tuple(slice(o, o + n) for o, n in zip(st.global_offset[p:], st.local_shape, strict=False))
             chunks.append(Chunk(st.key, tuple(st.global_shape), tuple(st.global_offset),
                                 (1,) * p + tuple(st.local_shape), name, region))
     return chunks, objects
@@ -232,7 +232,7 @@ def _unit_maker(src: HFTensors, cfg, dtype: torch.dtype):
         elif m.kind == "copy":
             out = src.read(m.hf[0], dtype, shapes[0])
         else:
-            out = mapping.to_mcore(m, [src.read(h, dtype, s) for h, s in zip(m.hf, shapes)], cfg)
+            out = mapping.to_mcore(m, [src.read(h, dtype, s) for h, s in zip(m.hf, shapes, strict=False)], cfg)
         return out
 
     return make

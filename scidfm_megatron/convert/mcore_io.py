@@ -180,7 +180,7 @@ class _SlicePlanner(DefaultLoadPlanner):
 
     def resolve_tensor(self, read_item):
         t = self.lookup_tensor(read_item.dest_index)
-        for dim, (o, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+        for dim, (o, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=False)):
             t = t.narrow(dim, o, n)
         return t
 

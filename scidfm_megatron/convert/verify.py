@@ -144,7 +144,7 @@ def compare(ref: Trace, got: Trace, dtype: str) -> tuple[list[dict], Optional[st
     if len(ref.hidden) != len(got.hidden) or len(ref.topk) != len(got.topk):
         return rows, f"layer count differs: {len(ref.hidden)} vs {len(got.hidden)}"
     alike = torch.ones(ref.logits.shape[:2], dtype=torch.bool)
-    for i, (a, b, ta, tb) in enumerate(zip(ref.hidden, got.hidden, ref.topk, got.topk)):
+    for i, (a, b, ta, tb) in enumerate(zip(ref.hidden, got.hidden, ref.topk, got.topk, strict=False)):
         same = (ta == tb).all(-1).view(alike.shape)
         alike &= same
         d = (a - b).abs()

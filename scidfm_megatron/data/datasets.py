@@ -40,7 +40,7 @@ def check_splits(prefixes: list[str], split: str, samples: tuple[int, int, int])
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for prefix in prefixes:
         _, n = read_index_counts(prefix)  # megatron splits a GPTDataset by documents
-        for name, bounds, want in zip(("train", "valid", "test"), matrix, samples):
+        for name, bounds, want in zip(("train", "valid", "test"), matrix, samples, strict=False):
             if want and bounds is not None and int(round(bounds[1] * n)) - int(round(bounds[0] * n)) < 1:
                 raise ConfigError(f"{prefix}: its {name} split is empty ({n} documents, data.split={split!r}) but "
                                   f"{want} {name} samples are requested; give {name} a larger share of data.split, "
@@ -135,7 +135,7 @@ def _stable_gpt_dataset():
                     start = end
                 if paths and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
                     os.makedirs(cache, exist_ok=True)
-                    for p, arr in zip(paths[1:], (document_index, sample_index, shuffle_index)):
+                    for p, arr in zip(paths[1:], (document_index, sample_index, shuffle_index), strict=False):
                         with open(p + ".tmp", "wb") as f:
                             numpy.save(f, arr, allow_pickle=True)
                         os.replace(p + ".tmp", p)

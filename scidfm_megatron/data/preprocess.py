@@ -222,7 +222,7 @@ def _encode_batch(batch: tuple[int, int, bytes]):
             rejects.append((lineno, bad))
             continue
         nul += any("\x00" in v for v in values)  # escaped NUL: valid JSON, kept (and counted)
-        for k, v in zip(keys, values):
+        for k, v in zip(keys, values, strict=False):
             if not v.strip():
                 empty += 1
                 continue
@@ -473,7 +473,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
     summary.seconds = time.perf_counter() - start
-    extra = dict(writers[keys[0]].stats(), formats=dict(zip(files, file_formats))) if mode == "chat" else {}
+    extra = dict(writers[keys[0]].stats(), formats=dict(zip(files, file_formats, strict=False))) if mode == "chat" else {}
     summary.sft = extra
     write_json_atomic(Path(f"{output_prefix}_summary.json"),
                       dict(asdict(summary), mb_per_s=summary.mb_per_s, rejections=[asdict(r) for r in summary.rejections],

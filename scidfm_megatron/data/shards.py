@@ -55,7 +55,7 @@ def manifest_path(prefix: str, k: int, n: int) -> Path:
 
 def plan_identity(files: list[str]) -> dict:
     sizes = [os.path.getsize(f) for f in files]
-    h = hashlib.sha256(json.dumps([[os.path.abspath(f), s] for f, s in zip(files, sizes)]).encode()).hexdigest()
+    h = hashlib.sha256(json.dumps([[os.path.abspath(f), s] for f, s in zip(files, sizes, strict=False)]).encode()).hexdigest()
     return {"files": len(files), "bytes": sum(sizes), "sha256": h}
 
 
@@ -85,7 +85,7 @@ def plan_shard(files: list[str], k: int, n: int) -> list[tuple[int, int, Optiona
     lo, hi = k * total // n, (k + 1) * total // n
     pieces = []
     offset = 0
-    for fi, (path, size) in enumerate(zip(files, sizes)):
+    for fi, (path, size) in enumerate(zip(files, sizes, strict=False)):
         f_lo, f_hi = offset, offset + size
         offset = f_hi
         if path.endswith(WHOLE_FILE_SUFFIXES):

@@ -78,8 +78,8 @@ def _fmt(x, digits=4) -> str:
 
 def _grid(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    return [title, "  ".join(h.ljust(w) for h, w in zip(head, widths))] + \
-        ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in rows] + [""]
+    return [title, "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=False))] + \
+        ["  ".join(x.ljust(w) for x, w in zip(r, widths, strict=False)) for r in rows] + [""]
 
 
 def _table4_cell(r) -> str:

@@ -207,7 +207,7 @@ def _mc(pr: Prompter, recs, bs, progress):
         scores = ll[k:k + n]
         k += n
         width = 1 if pr.format == "raw" else 0  # the leading space is part of the scored text in raw
-        normed = [s / max(1, len(str(c)) + width) for s, c in zip(scores, r["choices"])]
+        normed = [s / max(1, len(str(c)) + width) for s, c in zip(scores, r["choices"], strict=False)]
         preds.append(max(range(n), key=lambda j: scores[j]))
         norm_preds.append(max(range(n), key=lambda j: normed[j]))
         samples.append(dict(answer=r["answer"], pred=preds[-1], pred_norm=norm_preds[-1], loglik=scores))
@@ -232,7 +232,7 @@ def _math(pr: Prompter, recs, bs, progress, style, max_new):
         scores["acc"] = scores["strict_match"]
     else:
         scores, per = metrics.math_scores(texts, golds)
-    return scores, [dict(generation=t, **dict(dict(gold=g), **d)) for t, g, d in zip(texts, golds, per)]
+    return scores, [dict(generation=t, **dict(dict(gold=g), **d)) for t, g, d in zip(texts, golds, per, strict=False)]
 
 
 def _molgen(pr: Prompter, recs, bs, progress, max_new, convention="mol_instructions"):
@@ -245,7 +245,7 @@ def _molgen(pr: Prompter, recs, bs, progress, max_new, convention="mol_instructi
     refs = [r["output"] for r in recs]
     scores = metrics.molecule_generation_scores(preds, refs, convention=convention)
     scores["convention"] = convention
-    return scores, [dict(pred=p, ref=r) for p, r in zip(preds, refs)]
+    return scores, [dict(pred=p, ref=r) for p, r in zip(preds, refs, strict=False)]
 
 
 def _protein(pr: Prompter, recs, bs, progress, max_new):
@@ -255,7 +255,7 @@ def _protein(pr: Prompter, recs, bs, progress, max_new):
     preds = [(t.split("\n")[0] if pr.format == "raw" else t).strip() for t in texts]
     refs = [r["output"] for r in recs]
     scores = metrics.mol_instructions_rouge_l(preds, refs)
-    return scores, [dict(pred=p, ref=r, rouge_l=metrics.rouge_l(p, r)) for p, r in zip(preds, refs)]
+    return scores, [dict(pred=p, ref=r, rouge_l=metrics.rouge_l(p, r)) for p, r in zip(preds, refs, strict=False)]
 
 
 def _moleculenet(pr: Prompter, recs, bs, progress):
@@ -273,7 +273,7 @@ def _moleculenet(pr: Prompter, recs, bs, progress):
     labels = [int(r["label"]) for r in recs]
     groups = [str(r.get("task", r["question"])) for r in recs]  # no task field: one task per question
     res = metrics.moleculenet_auc(labels, scores, groups)
-    return res, [dict(label=l_, p_yes=s, task=g) for l_, s, g in zip(labels, scores, groups)]
+    return res, [dict(label=l_, p_yes=s, task=g) for l_, s, g in zip(labels, scores, groups, strict=False)]
 
 
 def _batched(fn: Callable, items: list, bs: int, progress: bool, what: str) -> list:

@@ -94,7 +94,7 @@ def _pieces(module) -> Iterator[Piece]:
             yield Piece(
                 name=canonical_name(st.key, tuple(st.global_offset[:p])),
                 global_shape=tuple(st.global_shape[p:]),
-                index=tuple(slice(o, o + s) for o, s in zip(st.global_offset[p:], st.local_shape)),
+                index=tuple(slice(o, o + s) for o, s in zip(st.global_offset[p:], st.local_shape, strict=False)),
                 tensor=st.data,
                 main_replica=is_main_replica(st.replica_id),
             )

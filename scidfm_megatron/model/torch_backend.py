@@ -189,7 +189,7 @@ def _grouped_mm_probe(device: torch.device, dtype: torch.dtype) -> bool:
             res.append([out.float(), xx.grad.float(), *(w.grad.float() for w in ww)])
     except (RuntimeError, NotImplementedError, TypeError):
         return False
-    for a, b in zip(*res):
+    for a, b in zip(*res, strict=False):
         scale = float(b.abs().max())
         if scale > 0 and float((a - b).abs().max()) > 2e-2 * scale:
             return False
@@ -222,7 +222,7 @@ GROUP_ALIGN = 16  # rows per expert group in the grouped GEMM are padded to a mu
 def _aligned_rows(counts: tuple, padded: tuple, device) -> torch.Tensor:
     """Row of each token in the padded layout where expert i's group starts at sum(padded[:i])."""
     parts, p = [], 0
-    for c, pc in zip(counts, padded):
+    for c, pc in zip(counts, padded, strict=False):
         parts.append(torch.arange(p, p + c))
         p += pc
     return torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.long, device=device)
@@ -252,7 +252,7 @@ def grouped_linear(x: torch.Tensor, weights: list, counts: list, offsets: Option
         offs = torch.tensor(padded, device=x.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(xp, w, offs=offs).index_select(0, rows)
     parts = torch.split(x, counts)
-    return torch.cat([torch.matmul(p, w.t()) for p, w in zip(parts, weights)], dim=0)
+    return torch.cat([torch.matmul(p, w.t()) for p, w in zip(parts, weights, strict=False)], dim=0)
 
 
 def _experts_class():

@@ -230,7 +230,7 @@ class ScienceTokenizer:
             batch = [texts[k] for k in plain]
             encoded = self.fast.encode_batch(batch) if self.fast is not None else \
                 self.sp.encode(batch, num_threads=self.num_threads)
-            for k, ids in zip(plain, encoded):
+            for k, ids in zip(plain, encoded, strict=False):
                 out[k] = ids
         for k, t in enumerate(texts):
             if out[k] is None:

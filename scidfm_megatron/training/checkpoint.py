@@ -197,7 +197,7 @@ def _rebuild_optimizer_state(template, loaded, step: float):
         return out
     if isinstance(template, (list, tuple)):
         subs = loaded if isinstance(loaded, (list, tuple)) and len(loaded) == len(template) else [None] * len(template)
-        return type(template)(_rebuild_optimizer_state(v, sv, step) for v, sv in zip(template, subs))
+        return type(template)(_rebuild_optimizer_state(v, sv, step) for v, sv in zip(template, subs, strict=True))
     return template
 
 
@@ -475,13 +475,13 @@ def masters_reloaded(optimizer) -> Optional[bool]:
     pairs = []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if hasattr(opt, "shard_fp32_from_float16_groups"):  # distributed: this rank's shards
-            groups = zip(opt.shard_float16_groups, opt.shard_fp32_from_float16_groups)
+            groups = zip(opt.shard_float16_groups, opt.shard_fp32_from_float16_groups, strict=False)
         elif hasattr(opt, "fp32_from_float16_groups"):
-            groups = zip(opt.float16_groups, opt.fp32_from_float16_groups)
+            groups = zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=False)
         else:
             continue
         for model_group, master_group in groups:
-            pairs.extend(zip(model_group, master_group))
+            pairs.extend(zip(model_group, master_group, strict=False))
     from ..device import comm_device
 
     equal = all(torch.equal(m.detach().to(p.dtype).view(-1), p.detach().view(-1)) for p, m in pairs)

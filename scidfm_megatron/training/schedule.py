@@ -57,7 +57,7 @@ def restore_group_lrs(optimizer, scheduler, lrs: list[tuple]) -> None:
     groups = optimizer.param_groups
     if len(groups) != len(lrs):
         raise RuntimeError(f"optimizer has {len(groups)} parameter groups after the load, {len(lrs)} before")
-    for g, (hi, lo) in zip(groups, lrs):
+    for g, (hi, lo) in zip(groups, lrs, strict=True):
         if hi is not None:
             g["max_lr"] = hi
         if lo is not None:

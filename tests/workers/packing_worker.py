@@ -166,7 +166,7 @@ def rotary_rows(chunks, run, packed, convs, where, alone, S):
         run(chunks, [packed], S, 2, False)
         got = rec.rows[0]  # [s, b, 1, d] of the first chunk
         diff, moved = torch.zeros(()), torch.zeros(())
-        for c, (smp, st) in zip(convs, where):
+        for c, (smp, st) in zip(convs, where, strict=False):
             n = len(c) - 1
             rec.rows.clear()
             run(chunks, [alone(c)], n, 1, False)
