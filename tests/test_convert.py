@@ -236,7 +236,7 @@ def test_fused_expert_layout_is_read_as_per_expert(hf_tiny, tmp_path):
         if ".experts." not in n:
             fused[n.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = t
     for layer in range(cfg.num_layers):
-        e = lambda i, w: want[f"model.layers.{layer}.block_sparse_moe.experts.{i}.{w}.weight"]  # noqa: E731
+        e = lambda i, w: want[f"model.layers.{layer}.block_sparse_moe.experts.{i}.{w}.weight"]  # noqa: E731, B023  used in this iteration only
         fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
             [torch.cat([e(i, "w1"), e(i, "w3")]) for i in range(cfg.num_experts)])
         fused[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([e(i, "w2") for i in range(cfg.num_experts)])

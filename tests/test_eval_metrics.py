@@ -398,7 +398,7 @@ def _lm_eval_gsm8k_task_scores(completions, golds):
 def test_gsm8k_scores_equal_lm_eval_gsm8k_task():
     comps, golds = [c[0] for c in GSM8K_CASES], [c[1] for c in GSM8K_CASES]
     scores, per = M.gsm8k_scores(comps, golds)
-    for (c, g, strict, flexible), p in zip(GSM8K_CASES, per, strict=False):  # hand-labelled
+    for (c, _g, strict, flexible), p in zip(GSM8K_CASES, per, strict=False):  # hand-labelled
         assert (p["strict_match"]["correct"], p["flexible_extract"]["correct"]) == (strict, flexible), c
     assert scores["strict_match"] == pytest.approx(100 * sum(c[2] for c in GSM8K_CASES) / len(GSM8K_CASES))
     assert scores["flexible_extract"] == pytest.approx(100 * sum(c[3] for c in GSM8K_CASES) / len(GSM8K_CASES))

@@ -203,7 +203,7 @@ def test_torch_model_is_a_local_model(models):
         (l0, g0), (l1, g1) = outs
         torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
         for n, gr in g0.items():
-            torch.testing.assert_close(g1[n], gr, rtol=1e-4, atol=1e-8, msg=lambda m: f"grad {n}: {m}")
+            torch.testing.assert_close(g1[n], gr, rtol=1e-4, atol=1e-8, msg=lambda m: f"grad {n}: {m}")  # noqa: B023
     assert len(calls) == 2 * cfg.num_layers, calls
 
 
@@ -293,7 +293,7 @@ def test_padded_attention_runs_under_each_fused_kernel_on_gpu():
                 facts["unpadded_head_dim_100"][name] = "refused: " + str(exc).splitlines()[0][:200]
             for masked in ((False, True) if name == "efficient" else (False,)):
                 res = []
-                taken = sdpa_kernel_of(lambda: res.extend(fwd_bwd(torch.bfloat16, keep if masked else None)))
+                taken = sdpa_kernel_of(lambda: res.extend(fwd_bwd(torch.bfloat16, keep if masked else None)))  # noqa: B023
                 assert taken == name, (name, masked, taken)
                 for what, got, ref in zip(("out", "dq", "dk", "dv"), res, refs[masked], strict=False):
                     assert_within(got, ref, 2e-2, f"{name} masked={masked} {what}")

@@ -546,7 +546,7 @@ def bench_slice_backend(cfg, backend: str, args) -> dict:
                    mfu=(flops * tps / (peak_tflops * 1e12)) if peak_tflops else None,
                    peak_gib=(_peak() - base) / 2**30 if torch.cuda.is_available() else None,
                    plan_gib=(plan.total - plan.reserve) / 2**30)
-    except Exception as exc:  # one backend failing (out of memory, a kernel refused) must not hide the others
+    except Exception as exc:  # noqa: BLE001  one backend failing (out of memory, a kernel refused) must not hide the others
         row.update(error=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
     finally:
         del chunks, optimizer
@@ -593,7 +593,8 @@ def bench_attention(args, heads: int, head_dim: int, seq: int) -> list[dict]:
                 t0 = time.perf_counter()
 
                 def fwd_bwd():
-                    out = sdpa_padded(qq, kk, vv, is_causal=True)
+                    # called only within this iteration, before the del below frees the inputs
+                    out = sdpa_padded(qq, kk, vv, is_causal=True)  # noqa: B023, F821
                     out.backward(torch.ones_like(out))
 
                 with sdpa_kernel(kernels) if kernels else contextlib.nullcontext():
@@ -686,7 +687,7 @@ def bench_kernels(args, cfg) -> list[dict]:
             row = dict(kernel=kernel, shape=shape, variant=name)
             try:
                 row.update(_time_fwd_bwd(fn, make, args))
-            except Exception as exc:  # e.g. torch.compile without a working Triton: reported, not fatal
+            except Exception as exc:  # noqa: BLE001  e.g. torch.compile without a working Triton: reported, not fatal
                 row["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
             rows.append(row)
     print(f"\nkernels, forward + backward, bf16, {dev}")

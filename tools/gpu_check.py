@@ -173,7 +173,7 @@ class Proc:
             rc = self.p.wait(timeout=max(timeout, 0.1))
         except subprocess.TimeoutExpired:
             self.kill()
-            raise CheckFailed(f"timed out after {timeout:.0f} s: {' '.join(self.cmd[-6:])}\n{self.tail()}")
+            raise CheckFailed(f"timed out after {timeout:.0f} s: {' '.join(self.cmd[-6:])}\n{self.tail()}") from None
         finally:
             self._fh.close()
         return rc

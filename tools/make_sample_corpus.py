@@ -106,7 +106,7 @@ def lm_eval_abstracts(wheel: Path) -> list[dict]:
         if not path.endswith("README.md"):
             continue
         lines = read(wheel, path).decode("utf-8", "replace").splitlines()
-        start = next((i for i, l in enumerate(lines) if re.match(r"^\s*(#+\s*)?Abstract\b", l)), None)
+        start = next((i for i, line in enumerate(lines) if re.match(r"^\s*(#+\s*)?Abstract\b", line)), None)
         if start is None:
             continue
         body = []

@@ -142,7 +142,7 @@ def _init_worker(model_file: str, keys: list[str], spans: dict, append_eod: bool
         _W.update(tok=tok, encode_arrays=encode_arrays, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype), mode=mode,
                   sft_formats=sft_formats,
                   wrap={k: (wrap_molecule if v == "molecule" else wrap_protein) for k, v in spans.items()})
-    except BaseException as exc:  # surface it on the first batch: a Pool would respawn failing workers forever
+    except BaseException as exc:  # noqa: BLE001  surface it on the first batch: a Pool would respawn failing workers
         _W["init_error"] = f"{type(exc).__name__}: {exc}"
 
 
@@ -496,7 +496,7 @@ def _sft_formats(files: list[str], requested: str, key: str) -> list[str]:
     out = []
     for k, path in enumerate(files):
         def lines():
-            with open_binary(path) as f:
+            with open_binary(path) as f:  # noqa: B023  consumed by choose() within this iteration
                 yield from enumerate(f, 1)
         try:
             fmt, how = choose(lines(), path, requested, key)

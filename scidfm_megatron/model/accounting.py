@@ -289,17 +289,18 @@ def memory_plan(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1, etp:
         n_tensors = len(dense) + len(experts)
 
         def weights_grads(dist: bool):
-            buf = _buffer_numel(dense, dp, dist) + _buffer_numel(experts, edp, dist)
+            # called within this iteration only (B023): the stage's tensors
+            buf = _buffer_numel(dense, dp, dist) + _buffer_numel(experts, edp, dist)  # noqa: B023
             # the distributed optimizer makes the parameters views of a padded param buffer
-            return (buf if dist else n_real) * pbytes, buf * gbytes
+            return (buf if dist else n_real) * pbytes, buf * gbytes  # noqa: B023
 
         def optimizer(dist: bool) -> int:
             # Adam: exp_avg + exp_avg_sq (fp32) and a step per tensor; bf16 adds fp32 master weights. The
             # distributed optimizer keeps the share of its DP rank (the largest share: rounded up).
             per = 8 + (4 if precision == "bf16" else 0)
             if dist:
-                return (-(-sum(dense) // dp) + -(-sum(experts) // edp)) * per + n_tensors * 4
-            return n_real * per + n_tensors * 4
+                return (-(-sum(dense) // dp) + -(-sum(experts) // edp)) * per + n_tensors * 4  # noqa: B023
+            return n_real * per + n_tensors * 4  # noqa: B023
 
         w, g = weights_grads(distributed_optimizer)
         act = activation_bytes(cfg, seq_len=seq_len, micro_batch=micro_batch, tp=tp, pp=pp, etp=etp,
@@ -370,7 +371,7 @@ def startup_memory_line(cfg, layout, engine) -> str:
     measured peak to compare the plan's total with."""
     try:
         return _startup_memory_line(cfg, layout, engine)
-    except Exception as exc:  # a log line never stops a run
+    except Exception as exc:  # noqa: BLE001  a log line never stops a run
         return f"memory plan unavailable ({type(exc).__name__}: {exc})"
 
 

@@ -54,7 +54,7 @@ def attention_kernel(model: ModelConfig, *, tp: int = 1, masked: bool = False, d
     try:
         return "SDPA " + sdpa_kernel_taken(max(1, model.num_attention_heads // tp), model.head_dim, masked=masked,
                                            dtype=dtype)
-    except Exception as exc:  # a log line never stops a run
+    except Exception as exc:  # noqa: BLE001  a log line never stops a run
         return f"SDPA (kernel not determined: {type(exc).__name__}: {exc})"
 
 

@@ -72,7 +72,7 @@ def extend_model(base_model: str | os.PathLike, extra_bracket_atoms: Iterable[st
     proto = pb.ModelProto()
     try:
         proto.ParseFromString(Path(base_model).read_bytes())
-    except Exception as exc:  # DecodeError and friends
+    except Exception as exc:  # noqa: BLE001  DecodeError and friends: any means not a model
         raise ValueError(f"{base_model}: not a SentencePiece model ({exc})") from None
     if not proto.pieces:
         raise ValueError(f"{base_model}: SentencePiece model has no pieces")

@@ -415,7 +415,7 @@ def check_files(path: str | Path) -> None:
 
     try:
         md = FileSystemReader(str(path)).read_metadata()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  any unreadable index is a corrupt checkpoint
         raise CheckpointMismatch(f"{path / '.metadata'} cannot be read ({type(exc).__name__}: {exc}); the "
                                  f"checkpoint is corrupt: resume from an earlier one") from None
     need: dict[str, int] = {}
@@ -441,7 +441,7 @@ def check_model_shapes(path: str | Path, chunks) -> None:
     problems = []
     for c in chunks:
         m = c.module if hasattr(c, "module") else c
-        for name, st in m.sharded_state_dict().items():
+        for _name, st in m.sharded_state_dict().items():
             if not isinstance(st, ShardedTensor):
                 continue  # SwiGLU factories are checked through the sharded load itself
             key = st.key

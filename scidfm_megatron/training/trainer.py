@@ -23,11 +23,9 @@ import torch
 from ..config import ConfigError
 from . import checkpoint as ckpt
 from .config import RunConfig
+from .faults import RunStopped
 
 log = logging.getLogger("scidfm.train")
-
-
-from .faults import RunStopped
 
 
 class TrainingDiverged(RunStopped):
