@@ -130,8 +130,10 @@ def test_converted_tokenizer_matches_and_renders_chat(hf_tiny, science_tokenizer
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "SMILES of ethanol?"},
             {"role": "assistant", "content": "[START_I_SMILES]CCO[END_I_SMILES]"}]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    assert text == "<s><|system|>Be brief.\n<|user|>SMILES of ethanol?\n<|assistant|>[START_I_SMILES]CCO[END_I_SMILES]</s>\n"
-    assert tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"] == encode_chat(science_tokenizer, msgs)[0]
+    assert text == ("<s><|system|>Be brief.\n<|user|>SMILES of ethanol?\n"
+                    "<|assistant|>[START_I_SMILES]CCO[END_I_SMILES]</s>\n")
+    assert (tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+            == encode_chat(science_tokenizer, msgs)[0])
 
 
 # ------------------------------------------------------------------------------------ corrupt inputs

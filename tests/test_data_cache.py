@@ -42,7 +42,8 @@ def test_lean_document_index_equals_megatrons(epochs, separate):
     # from a (start, stop) span, as the lean builder passes it: the same index
     from scidfm_megatron.data.index_cache import DocumentSpan
 
-    assert np.array_equal(build_document_index(DocumentSpan(17, 1017), epochs, np.random.RandomState(5), separate), want)
+    assert np.array_equal(build_document_index(DocumentSpan(17, 1017), epochs, np.random.RandomState(5), separate),
+                          want)
 
 
 def test_lean_datasets_keep_megatrons_order_and_build_no_mask(tmp_path, sample_datasets, science_tokenizer):

@@ -112,7 +112,8 @@ def test_chat_prompt_is_the_sft_template(science_tokenizer):
             return science_tokenizer.encode(text, allow_special=True, bos=bos)
 
     text = "Question: Is [START_I_SMILES]CCO[END_I_SMILES] an alcohol?"
-    ids, mask = encode_chat(science_tokenizer, [{"role": "user", "content": text}, {"role": "assistant", "content": "Yes"}])
+    ids, mask = encode_chat(science_tokenizer,
+                            [{"role": "user", "content": text}, {"role": "assistant", "content": "Yes"}])
     k = mask.index(1)
     chat = Prompter(_M(), "chat")
     assert chat.prompt(text) == ids[:k]
@@ -120,7 +121,8 @@ def test_chat_prompt_is_the_sft_template(science_tokenizer):
     assert chat.continuation("Yes") == target[:-1] and target[-1] == science_tokenizer.eos_id
     assert science_tokenizer.decode(chat.prompt(text)).endswith("<|assistant|>")
     raw = Prompter(_M(), "raw")
-    assert raw.prompt(text, raw_suffix="\nAnswer:") == science_tokenizer.encode(text + "\nAnswer:", allow_special=True, bos=True)
+    assert raw.prompt(text, raw_suffix="\nAnswer:") == science_tokenizer.encode(text + "\nAnswer:", allow_special=True,
+                                                                                bos=True)
     assert raw.continuation("Yes") == science_tokenizer.encode(" Yes", continuation=True) != chat.continuation("Yes")
     with pytest.raises(TaskDataError, match="prompt format must be one of"):
         Prompter(_M(), "alpaca")

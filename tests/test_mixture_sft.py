@@ -50,8 +50,10 @@ def test_blended_dataset_samples_in_recipe_proportions(tmp_path, sample_datasets
 
     recipe = {"name": "props", "unit": "tokens", "data_root": sample_datasets["dir"], "sources": [
         {"name": "papers", "domain": "papers", "category": "science", "tokens": 50, "data": "papers_text_document"},
-        {"name": "molecules", "domain": "chemistry", "category": "science", "tokens": 30, "data": "molecules_smiles_document"},
-        {"name": "proteins", "domain": "biology", "category": "science", "tokens": 20, "data": "proteins_sequence_document"}]}
+        {"name": "molecules", "domain": "chemistry", "category": "science", "tokens": 30,
+         "data": "molecules_smiles_document"},
+        {"name": "proteins", "domain": "biology", "category": "science", "tokens": 20,
+         "data": "proteins_sequence_document"}]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     mix = Mixture.load(tmp_path / "r.yaml")
     train, valid, _ = build_pretrain_datasets(mix, 1, science_tokenizer, seq_length=64, samples=(10_000, 100, 0),
@@ -78,8 +80,8 @@ def sft_data(tmp_path_factory, science_tokenizer_dir):
     from scidfm_megatron.data.preprocess import preprocess
 
     out = tmp_path_factory.mktemp("sft")
-    s = preprocess([str(SAMPLE / "instructions.jsonl")], str(out / "sft"), str(science_tokenizer_dir / "tokenizer.model"),
-                   sft_seq_length=512, workers=2, progress=False)
+    s = preprocess([str(SAMPLE / "instructions.jsonl")], str(out / "sft"),
+                   str(science_tokenizer_dir / "tokenizer.model"), sft_seq_length=512, workers=2, progress=False)
     return out / "sft", s
 
 
@@ -111,7 +113,8 @@ def test_sft_loss_mask_is_exactly_the_assistant_turns(sft_data, science_tokenize
             assert want.startswith(got)
         else:
             assert got == want
-        assert all(m == 0 for t, m in zip(ids, mask, strict=False) if t in tok.special_ids.values())  # markers never targets
+        # markers never targets
+        assert all(m == 0 for t, m in zip(ids, mask, strict=False) if t in tok.special_ids.values())
     assert truncated == summary.sft["truncated"]
 
 
@@ -165,7 +168,8 @@ def test_epoch_two_orders_a_source_differently(tmp_path, sample_datasets, scienc
 
     e1, e2 = first(1), first(2)
     assert not np.array_equal(e1, e2)
-    assert sum(np.array_equal(a, b) for a, b in zip(e1, e2, strict=False)) <= 2  # not the same windows in the same order
+    # not the same windows in the same order
+    assert sum(np.array_equal(a, b) for a, b in zip(e1, e2, strict=False)) <= 2
     assert np.array_equal(e2, first(2))
 
 
@@ -181,7 +185,8 @@ def test_a_longer_plan_keeps_every_sample_of_the_shorter(tmp_path, sample_datase
     from conftest import small_source_mixture
     from scidfm_megatron.data.datasets import build_pretrain_datasets
 
-    mix = Mixture.load(small_source_mixture(science_tokenizer_dir / "tokenizer.model", sample_datasets["dir"], tmp_path))
+    mix = Mixture.load(small_source_mixture(science_tokenizer_dir / "tokenizer.model", sample_datasets["dir"],
+                                            tmp_path))
 
     def plan(n, cls=None):
         train, _, _ = build_pretrain_datasets(mix, 1, science_tokenizer, seq_length=64, samples=(n, 0, 0),

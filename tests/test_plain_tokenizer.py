@@ -68,7 +68,8 @@ def test_plain_tokenizer_end_to_end(plain_data, capsys, tmp_path, monkeypatch):
 
     rc, out, err = entry(capsys, "tiny_stage1.yaml", *run_args(work, data))
     assert rc == 0 and "configuration OK" in out, err
-    rc, out, err = entry(capsys, "tiny_sft.yaml", f"data.tokenizer_model={BASE_MODEL}", f"model.vocab_size={PLAIN_VOCAB}",
+    rc, out, err = entry(capsys, "tiny_sft.yaml", f"data.tokenizer_model={BASE_MODEL}",
+                         f"model.vocab_size={PLAIN_VOCAB}",
                          "parallel.ep=1", "checkpoint.init_from=null")
     assert rc == 2 and err.count("\n") == 1 and "train.stage: sft needs the chat markers of a science tokenizer" in err
     assert f"scidfm-build-tokenizer --base-model {BASE_MODEL}" in err

@@ -148,9 +148,9 @@ def test_grouped_experts_equal_per_expert_mlp(models):
 
 
 def test_torch_model_is_a_local_model(models):
-    """Same state-dict keys and shapes, sharded checkpoint keys and parameter order; the local model's global weights give the same logits (1e-5) and
-    gradients, causal and with a packed-SFT document mask, with the experts' SwiGLU recomputed (moe_act:
-    the checkpoint is registered once per layer and forward)."""
+    """Same state-dict keys and shapes, sharded checkpoint keys and parameter order; the local model's global
+    weights give the same logits (1e-5) and gradients, causal and with a packed-SFT document mask, with the
+    experts' SwiGLU recomputed (moe_act: the checkpoint is registered once per layer and forward)."""
     from megatron.core.tensor_parallel import CheckpointWithoutOutput
 
     from scidfm_megatron.model.packing import document_attention_mask

@@ -797,8 +797,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="global time budget in seconds "
                                                                "(default 450 on the GPU, 600 in the dry run)")
     ap.add_argument("--python", default=None, help="interpreter for the subprocesses (default: this one)")
-    ap.add_argument("--runs", default=None, help="reuse this sample-data folder (RUNS of scripts/prepare_sample_data.sh: "
-                                                 "tokenizer/, data/) instead of preparing one in the work dir")
+    ap.add_argument("--runs", default=None,
+                    help="reuse this sample-data folder (RUNS of scripts/prepare_sample_data.sh: "
+                         "tokenizer/, data/) instead of preparing one in the work dir")
     ap.add_argument("--only", default=None, help="comma-separated check names (sample_data runs when one needs it)")
     args = ap.parse_args(argv)
     checker = Checker(args)

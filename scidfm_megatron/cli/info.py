@@ -45,7 +45,8 @@ def render(cfg: ModelConfig, seq_len: int | None = None) -> str:
     flops = training_flops_per_token(cfg, seq)
     lines += ["",
               f"training FLOPs per token at seq {seq}: {flops / 1e9:.2f} GFLOP "
-              f"(6 x {_b(matmul_params_per_token(cfg))} active matmul weights + attention {12 * cfg.num_layers * seq * cfg.attention_width / 1e9:.2f} GFLOP)",
+              f"(6 x {_b(matmul_params_per_token(cfg))} active matmul weights + attention "
+              f"{12 * cfg.num_layers * seq * cfg.attention_width / 1e9:.2f} GFLOP)",
               "", "layer shapes (layer 0; every layer is the same):"]
     for t in tensor_shapes(cfg):
         if t.name.startswith("decoder.layers.0.") and ".local_experts." in t.name and ".local_experts.0." not in t.name:

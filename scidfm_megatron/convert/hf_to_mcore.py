@@ -310,7 +310,8 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, *, tp: int = 1, pp: in
     if dtype is None:
         dtype, why = source_dtype(hf)
     say = print if progress else (lambda *a, **k: None)
-    say(f"[scidfm] hf->mcore {hf.dir} -> {dst}: dtype {dtype} ({why}); layout TP{tp} PP{pp} EP{ep} recorded", flush=True)
+    say(f"[scidfm] hf->mcore {hf.dir} -> {dst}: dtype {dtype} ({why}); layout TP{tp} PP{pp} EP{ep} recorded",
+        flush=True)
     say(f"[scidfm] tokenizer: {tok.describe()}", flush=True)
     final_tok = (dst.resolve() / "tokenizer" / "tokenizer.model") if any(
         f.name == "tokenizer.model" for f in tok.files) else None

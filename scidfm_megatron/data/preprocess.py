@@ -6,13 +6,13 @@ bounded whatever the input size (``multiprocessing.Pool.imap`` would read the wh
 here imports torch: workers stay small and start fast.
 
 Bad input is never dropped silently. Each bad line (invalid UTF-8, raw NUL bytes, invalid JSON, not an
-object, missing key, non-string value, text holding an escaped lone surrogate such as ``"\ud800"``) is counted and listed with its file, line number and reason in
-the summary and in ``<prefix>_rejected.jsonl``; ``strict=True`` stops at the first one with that
-message and writes nothing. Empty documents are skipped and counted. An escaped NUL (``"\u0000"``) is a
-valid JSON string: the document is kept with its NUL (SentencePiece encodes it, as a byte with byte
-fallback) and counted (``nul_documents``). Outputs are written under temporary names and renamed only
-when everything is complete. The summary records the tokenizer's fingerprint and the largest id written
-per output (``tokenizer``, ``largest_id``), which training checks against its recipe (data/provenance.py).
+object, missing key, non-string value, text holding an escaped lone surrogate such as ``"\ud800"``) is
+counted and listed with its file, line number and reason in the summary and in ``<prefix>_rejected.jsonl``;
+``strict=True`` stops at the first one with that message and writes nothing. Empty documents are skipped and
+counted. An escaped NUL (``"\u0000"``) is a valid JSON string: the document is kept with its NUL (SentencePiece
+encodes it, as a byte with byte fallback) and counted (``nul_documents``). Outputs are written under temporary names
+and renamed only when everything is complete. The summary records the tokenizer's fingerprint and the largest id
+written per output (``tokenizer``, ``largest_id``), which training checks against its recipe (data/provenance.py).
 """
 
 from __future__ import annotations
@@ -92,13 +92,16 @@ class Summary:
                              f"<= {self.sft['seq_length'] + 1} tokens ({self.sft['truncated']:,} truncated) -> "
                              f"{out}_{{tokens,lossmask,convlens}}.{{bin,idx}}")
             else:
-                lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens -> {out}.{{bin,idx}}")
+                lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens -> "
+                             f"{out}.{{bin,idx}}")
         if self.sft.get("formats"):
             counts = collections.Counter(self.sft["formats"].values())
-            lines.append("  SFT record formats: " + ", ".join(f"{f} ({n} file{'s' * (n > 1)})" for f, n in counts.items()))
+            lines.append("  SFT record formats: "
+                         + ", ".join(f"{f} ({n} file{'s' * (n > 1)})" for f, n in counts.items()))
         lines.append(f"  rejected lines: {self.rejected:,}; empty documents skipped: {self.empty:,}; "
                      f"blank lines: {self.blank_lines:,}" +
-                     (f"; documents kept with an escaped NUL (\\u0000): {self.nul_documents:,}" if self.nul_documents else ""))
+                     (f"; documents kept with an escaped NUL (\\u0000): {self.nul_documents:,}"
+                      if self.nul_documents else ""))
         for r in self.rejections[:max_listed]:
             lines.append(f"    {r.file}:{r.line}: {r.reason}")
         if self.rejected > max_listed:
@@ -139,8 +142,8 @@ def _init_worker(model_file: str, keys: list[str], spans: dict, append_eod: bool
         tok.num_threads = 1  # one SentencePiece thread per worker process: the workers are the parallelism
         from ..tokenizer.fast import encode_arrays
 
-        _W.update(tok=tok, encode_arrays=encode_arrays, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype), mode=mode,
-                  sft_formats=sft_formats,
+        _W.update(tok=tok, encode_arrays=encode_arrays, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype),
+                  mode=mode, sft_formats=sft_formats,
                   wrap={k: (wrap_molecule if v == "molecule" else wrap_protein) for k, v in spans.items()})
     except BaseException as exc:  # noqa: BLE001  surface it on the first batch: a Pool would respawn failing workers
         _W["init_error"] = f"{type(exc).__name__}: {exc}"
@@ -473,10 +476,12 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
     summary.seconds = time.perf_counter() - start
-    extra = dict(writers[keys[0]].stats(), formats=dict(zip(files, file_formats, strict=False))) if mode == "chat" else {}
+    extra = (dict(writers[keys[0]].stats(), formats=dict(zip(files, file_formats, strict=False)))
+             if mode == "chat" else {})
     summary.sft = extra
     write_json_atomic(Path(f"{output_prefix}_summary.json"),
-                      dict(asdict(summary), mb_per_s=summary.mb_per_s, rejections=[asdict(r) for r in summary.rejections],
+                      dict(asdict(summary), mb_per_s=summary.mb_per_s,
+                           rejections=[asdict(r) for r in summary.rejections],
                            **({"sft": extra} if extra else {})))
     if mode == "text" and shard is not None:
         sh.write_manifest(base_prefix, *shard, pieces=pieces, summary=summary,

@@ -55,7 +55,8 @@ def manifest_path(prefix: str, k: int, n: int) -> Path:
 
 def plan_identity(files: list[str]) -> dict:
     sizes = [os.path.getsize(f) for f in files]
-    h = hashlib.sha256(json.dumps([[os.path.abspath(f), s] for f, s in zip(files, sizes, strict=False)]).encode()).hexdigest()
+    listing = [[os.path.abspath(f), s] for f, s in zip(files, sizes, strict=False)]
+    h = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     return {"files": len(files), "bytes": sum(sizes), "sha256": h}
 
 
@@ -148,7 +149,8 @@ def finished(prefix: str, k: int, n: int, plan: dict, fingerprint: dict, setting
     except (OSError, ValueError):
         return None
     if not (data.get("complete") and data.get("shard") == [k, n] and data.get("plan") == plan
-            and data.get("settings") == settings and (data.get("tokenizer") or {}).get("sha256") == fingerprint["sha256"]):
+            and data.get("settings") == settings
+            and (data.get("tokenizer") or {}).get("sha256") == fingerprint["sha256"]):
         return None
     for digests in data["outputs"].values():
         for d in digests:

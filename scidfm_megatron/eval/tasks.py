@@ -165,7 +165,8 @@ class Prompter:
         self.model, self.tok, self.format = model, model.tokenizer, prompt_format
         if prompt_format == "chat" and getattr(self.tok, "kind", "science") == "plain":
             raise TaskDataError(f"--prompt-format chat needs the chat markers of a science tokenizer; this model's "
-                                f"tokenizer ({self.tok.model_file}) is a plain SentencePiece model: use --prompt-format raw")
+                                f"tokenizer ({self.tok.model_file}) is a plain SentencePiece model: "
+                                f"use --prompt-format raw")
 
     def prompt(self, text: str, raw_suffix: str = "", answer_prefix: str = "") -> list[int]:
         """raw: ``<s>{text}{raw_suffix}{answer_prefix}``; chat: the user turn ``text`` then ``<|assistant|>``

@@ -201,7 +201,8 @@ def activation_bytes(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: in
     * MoE: the norm's input and output and the router's input (3 Tl h); the experts' input (Te h), the fc1
       output (Te 2f) and, in eager SwiGLU, silu(gate), the product and the prob-weighted output (Te 3f);
     * selective recompute (:data:`~scidfm_megatron.model.builder.SELECTIVE_RECOMPUTE`): ``core_attn`` keeps
-      only its inputs (the QKV output and the rotated q, k), ``moe_act`` drops the three SwiGLU tensors, ``moe`` keeps only the MoE input;
+      only its inputs (the QKV output and the rotated q, k), ``moe_act`` drops the three SwiGLU tensors,
+      ``moe`` keeps only the MoE input;
       ``full`` keeps each layer's input;
     * per model: the final norm's input and output and the output layer's input (3 Tl h, last stage), the
       loss's fp32 softmax (T V / TP x 4 bytes).
@@ -327,7 +328,8 @@ def render_memory_plan(p: MemoryPlan) -> str:
     lines = [f"memory plan per GPU: {p.layout}; pipeline stage {p.stage} (the largest); {p.notes[0]}",
              f"  weights                {g(p.weights)}",
              f"  gradients              {g(p.grads)}",
-             f"  optimizer state        {g(p.optimizer)}   ({'distributed' if p.distributed_optimizer else 'not distributed'}; "
+             f"  optimizer state        {g(p.optimizer)}   "
+             f"({'distributed' if p.distributed_optimizer else 'not distributed'}; "
              f"{other} the distributed optimizer: {p.optimizer_other / GiB:.2f} GiB)",
              f"  activations (estimate) {g(p.activations)}",
              *([f"  attention s x s        {g(p.attention_transient)}   (unfused attention: one layer's scores "

@@ -123,8 +123,10 @@ class ScienceTokenizer:
                 surface.append(p.piece.replace("\u2581", " ").encode())
         missing = [s for s in SPAN_MARKERS + SPECIALS if s not in self.special_ids]
         if missing or not self.mol_vocab or not self.prot_vocab:
-            raise NotScienceTokenizer(f"{self.model_file} is not an extended science tokenizer (missing {missing or 'span vocabularies'}); "
-                             f"build one with tools/build_tokenizer.py --base-model BASE.model --output-dir DIR")
+            raise NotScienceTokenizer(f"{self.model_file} is not an extended science tokenizer "
+                                      f"(missing {missing or 'span vocabularies'}); "
+                                      f"build one with tools/build_tokenizer.py --base-model BASE.model "
+                                      f"--output-dir DIR")
         self._surface = surface
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.pad_id, self.eod_id = self.special_ids[PAD], self.special_ids[EOD]

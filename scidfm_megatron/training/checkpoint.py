@@ -80,7 +80,8 @@ def find_resume(root: str | Path, cleanup: bool = True) -> Optional[Path]:
     if latest.exists() and done:
         marked = int(latest.read_text().strip() or -1)
         if marked != done[-1][0]:
-            log.warning("%s says iteration %s but iter_%07d is complete and newer; using it", latest, marked, done[-1][0])
+            log.warning("%s says iteration %s but iter_%07d is complete and newer; using it",
+                        latest, marked, done[-1][0])
     return done[-1][1] if done else None
 
 
@@ -371,7 +372,8 @@ def _agree_or_fail(err: Optional[OSError], root: Path, tmp: Path, iteration: int
     latest = root / "latest"
     kept = latest.read_text().strip() if latest.exists() else None
     raise SaveFailed(no, f"{text} on rank {rank} ({name or tmp}); removed {tmp.name}; "
-                         f"kept {'latest=' + kept if kept else 'no earlier checkpoint'}", str(iter_dir(root, iteration)))
+                         f"kept {'latest=' + kept if kept else 'no earlier checkpoint'}",
+                    str(iter_dir(root, iteration)))
 
 
 def _load_strategy(path):
@@ -527,7 +529,8 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only:
     by_param = meta.get("optimizer_keys") == "by_param"
     fmt = meta.get("optimizer_format", "fully_reshardable")
     cross_ep = not weights_only and (saved_ep > 1) != (here["ep"] > 1)
-    if not weights_only and fmt != "fully_reshardable" and any(saved_layout.get(k) != here[k] for k in ("tp", "pp", "ep")):
+    if (not weights_only and fmt != "fully_reshardable"
+            and any(saved_layout.get(k) != here[k] for k in ("tp", "pp", "ep"))):
         raise CheckpointMismatch(
             f"{path} holds the distributed optimizer in the {fmt} format (each rank's buffers as they were, the "
             f"fast periodic save), loadable at the same TP/PP/EP only: it was saved at {saved_layout}, this run is "

@@ -159,7 +159,8 @@ def resolve_paths(raw: dict, base) -> dict:
     return out
 
 
-def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None) -> RunConfig:
+def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                    base: Optional[dict] = None) -> RunConfig:
     """Recipe + overrides -> RunConfig. Paths: relative ones written in the recipe file are relative to the
     recipe file's folder (as a mixture's data_root is to the mixture's); relative ones in overrides (and in
     ``base``) to the working directory. All are absolute afterwards, so a checkpoint's saved config, and
@@ -233,7 +234,8 @@ def validate_run(cfg: RunConfig, world_size: int, layout_only: bool = False):
         raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                           f"micro_batch_size x DP = {t.micro_batch_size} x {layout.dp} on {world_size} processes")
     if t.seq_length > cfg.model.max_seq_length:
-        raise ConfigError(f"train.seq_length ({t.seq_length}) exceeds model.max_seq_length ({cfg.model.max_seq_length})")
+        raise ConfigError(f"train.seq_length ({t.seq_length}) exceeds model.max_seq_length "
+                          f"({cfg.model.max_seq_length})")
     if layout_only:
         return _validate_layout_only(cfg, layout)
     if not d.tokenizer_model:

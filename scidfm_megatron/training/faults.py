@@ -324,8 +324,8 @@ class FaultGuard:
         why = (f"more than train.max_skipped_steps={t.max_skipped_steps} skipped steps" if t.on_nan == "skip"
                else "train.on_nan=stop")
         raise RunStopped(f"iteration {iteration}: {what} ({where}); the step was not applied "
-                         f"({why}); last good checkpoint: {last_checkpoint or 'none saved yet'}. Resume it with a lower "
-                         f"train.lr (a resume applies the recipe's LR schedule), or "
+                         f"({why}); last good checkpoint: {last_checkpoint or 'none saved yet'}. Resume it with a "
+                         f"lower train.lr (a resume applies the recipe's LR schedule), or "
                          f"resume with train.on_nan=skip")
 
     # ------------------------------------------------------------------ stragglers

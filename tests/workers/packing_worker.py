@@ -212,7 +212,8 @@ def padding(model_cfg, par, chunks, RouterRecorder, clear_tracker, tracker):
                 kw = dict(attention_mask=document_attention_mask(doc), padding_mask=doc < 0)
             if padded:
                 z = torch.zeros(2, L, dtype=torch.long)
-                t, lab, pos = torch.cat([t, z], 1), torch.cat([lab, z], 1), torch.cat([pos, torch.arange(L).expand(2, L)], 1)
+                t, lab = torch.cat([t, z], 1), torch.cat([lab, z], 1)
+                pos = torch.cat([pos, torch.arange(L).expand(2, L)], 1)
                 doc = torch.cat([torch.zeros(2, L, dtype=torch.long), -torch.ones(2, L, dtype=torch.long)], 1)
                 kw = dict(attention_mask=document_attention_mask(doc), padding_mask=doc < 0)
             clear_tracker()
