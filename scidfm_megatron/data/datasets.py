@@ -148,7 +148,7 @@ def _stable_gpt_dataset():
     return _STABLE
 
 
-_STABLE = None
+_STABLE: Optional[type] = None
 
 
 def build_pretrain_datasets(mixture: Mixture, epoch: int, tokenizer, *, seq_length: int,

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, cast
 
 import numpy as np
 
@@ -202,7 +202,7 @@ def _encode_batch(batch: tuple[int, int, bytes]):
                 rejects.append((lineno, bad + (SURROGATE_FIX if "lone surrogate" in bad else "")))
                 continue
             try:
-                chats.append(encode_chat(tok, messages))
+                chats.append(encode_chat(tok, cast(list, messages)))  # not None without bad
             except ValueError as exc:
                 rejects.append((lineno, f"key {main_key(fmt, keys[0])!r}: {exc}"))
             continue
@@ -370,17 +370,18 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
             raise PreprocessError("SFT preprocessing takes one --json-keys (the messages list) and no --span")
         file_formats = _sft_formats(files, sft_format, keys[0])
         prefixes = {keys[0]: output_prefix}
-        writers = {keys[0]: SFTPacker(output_prefix, sft_seq_length, dtype, pack=sft_pack)}
+        writers: dict[str, Any] = {keys[0]: SFTPacker(output_prefix, cast(int, sft_seq_length), dtype,
+                                                      pack=sft_pack)}  # chat mode: set
     else:
         if sft_format != "auto":
             raise PreprocessUsageError(f"--sft-format {sft_format} applies to SFT data: add --sft-seq-length")
-        file_formats = ()
+        file_formats = []
         pieces = None
         if shard is not None:
             from . import shards as sh
 
             k_shard, n_shard = shard
-            shard_info = dict(files=files, plan=sh.plan_identity(files),
+            shard_info: dict[str, Any] = dict(files=files, plan=sh.plan_identity(files),
                               fingerprint=dict(fingerprint),
                               settings={"json_keys": keys, "spans": spans, "append_eod": append_eod})
             done = sh.finished(output_prefix, k_shard, n_shard, shard_info["plan"], shard_info["fingerprint"],
@@ -415,6 +416,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
     init_args = (str(tokenizer_model), keys, spans, append_eod, np.dtype(dtype).name, mode, tuple(file_formats))
     try:
         with open(rejected_tmp, "w") as rej_file:
+            submit: Callable[[Any], Any]  # -> an ApplyResult or a _Done: both have .get()
             if workers > 1:
                 import multiprocessing as mp
 
