@@ -29,9 +29,10 @@ CONTROL.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 MOL_START, MOL_END = "[START_I_SMILES]", "[END_I_SMILES]"
 PROT_START, PROT_END = "[START_AMINO]", "[END_AMINO]"
@@ -84,7 +85,7 @@ class NotScienceTokenizer(ValueError):
 class ScienceTokenizer:
     """Encode/decode with molecule and protein spans. Load with ``ScienceTokenizer(path_to_model)``."""
 
-    def __init__(self, model_file: str):
+    def __init__(self, model_file: str | os.PathLike):
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -340,7 +341,7 @@ CHAT_TEMPLATE = (
 # Defined only when transformers is already imported (it is, when AutoTokenizer loads this file as
 # tokenization_scidfm.py): importing transformers just to tokenize would cost every preprocessing
 # worker ~40 MB and seconds of start-up.
-_HFBase = None
+_HFBase: Any = None
 if "transformers" in sys.modules:
     try:
         from transformers.tokenization_python import PythonBackend as _HFBase
