@@ -26,7 +26,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch.distributed.checkpoint import DefaultSavePlanner
@@ -211,7 +211,7 @@ class StreamingSavePlanner(DefaultSavePlanner):
                 # after the previous one is on disk, so the previous unit's memory can go now.
                 prev.untyped_storage().resize_(0)
             self._unit = (c.name, self.make_unit(c.name))
-        return self._unit[1][c.region].reshape(c.sizes)
+        return cast(torch.Tensor, self._unit[1])[c.region].reshape(c.sizes)
 
 
 def _unit_maker(src: HFTensors, cfg, dtype: torch.dtype):

@@ -169,10 +169,10 @@ class _SlicePlanner(DefaultLoadPlanner):
 
         items = []
         for key, reqs in self.by_key.items():
-            md = self.metadata.state_dict_metadata[key]
+            md = self.metadata.state_dict_metadata[key]  # type: ignore[union-attr]  # set by set_up_planner
             chunks = [ChunkStorageMetadata(offsets=torch.Size(s.offsets + (0,) * len(s.shape)),
                                            sizes=torch.Size(t.shape)) for s, t in reqs]
-            items.extend(create_read_items_for_chunk_list(key, md, chunks))
+            items.extend(create_read_items_for_chunk_list(key, md, chunks))  # type: ignore[arg-type]  # tensors
         return LoadPlan(items)
 
     def lookup_tensor(self, index):
