@@ -21,6 +21,7 @@ discounting the causal mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from ..config import ModelConfig
 
@@ -317,7 +318,7 @@ def memory_plan(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1, etp:
                    f"{precision}, grads in {'fp32' if gbytes == 4 else 'bf16'}",))
         if best is None or plan.total > best.total:
             best = plan
-    return best
+    return cast(MemoryPlan, best)  # pp >= 1: set
 
 
 def render_memory_plan(p: MemoryPlan) -> str:

@@ -143,7 +143,7 @@ def gather_global_state_dict(models, tensor_of: Optional[Callable] = None, dst: 
     mine = [(p.name, p.global_shape, p.index, p.tensor.detach().cpu().clone())
             for m in models for p in local_pieces(m, tensor_of)]
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        everyone = [None] * dist.get_world_size(group)
+        everyone: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(everyone, mine, group=group)
     else:
         everyone = [mine]

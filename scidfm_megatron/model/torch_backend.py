@@ -188,7 +188,7 @@ def _grouped_mm_probe(device: torch.device, dtype: torch.dtype) -> bool:
             ww = [w.clone().requires_grad_() for w in ws]
             out = grouped_linear(xx, ww, counts, grouped=grouped)
             out.float().square().mean().backward()
-            res.append([out.float(), xx.grad.float(), *(w.grad.float() for w in ww)])
+            res.append([out.float(), xx.grad.float(), *(w.grad.float() for w in ww)])  # type: ignore[union-attr]
     except (RuntimeError, NotImplementedError, TypeError):
         return False
     for a, b in zip(*res, strict=False):

@@ -363,7 +363,7 @@ def _agree_or_fail(err: Optional[OSError], root: Path, tmp: Path, iteration: int
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     if not flag.item():
         return
-    errs = [None] * torch.distributed.get_world_size()
+    errs: list[Optional[tuple]] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(errs, None if err is None else (err.errno, err.strerror, err.filename))
     rank, (no, text, name) = next((r, e) for r, e in enumerate(errs) if e is not None)
     if torch.distributed.get_rank() == 0 and tmp.exists():
@@ -474,7 +474,7 @@ def masters_reloaded(optimizer) -> Optional[bool]:
     else True only if on every rank each master equals its model parameter (rounded to the parameter's
     dtype): the check, after a weights-only load, that the masters were reloaded from the loaded weights
     (a bf16 optimizer whose masters kept the random init writes it back at the first step)."""
-    pairs = []
+    pairs: list = []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if hasattr(opt, "shard_fp32_from_float16_groups"):  # distributed: this rank's shards
             groups = zip(opt.shard_float16_groups, opt.shard_fp32_from_float16_groups, strict=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
 from ..config import ConfigError, ModelConfig, ParallelConfig, apply_overrides, from_dict, load_yaml, to_dict
 from ..model.presets import get_preset
@@ -214,7 +214,7 @@ def train_iters_of(cfg: RunConfig) -> int:
         return t.train_iters
     if t.stage != "sft":
         raise ConfigError("train.train_iters is required for pretraining")
-    return math.ceil(cfg.data.sft_epochs * sft_sequences(cfg.data.sft_prefix)) // t.global_batch_size
+    return math.ceil(cfg.data.sft_epochs * sft_sequences(cast(str, cfg.data.sft_prefix))) // t.global_batch_size
 
 
 def validate_run(cfg: RunConfig, world_size: int, layout_only: bool = False):
