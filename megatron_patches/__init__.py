@@ -18,9 +18,19 @@ from __future__ import annotations
 import functools
 import os
 
-from . import (cpu_device, cpu_rng, cpu_sharded_tensor_init, cpu_streams, cpu_tensor_type, distopt_torch_adam_load,
-               distopt_torch_adam_step, gloo_uneven_all_gather, gpt_lean_document_index, moe_cpu_split_sizes,
-               te_general_gemm_missing)
+from . import (
+    cpu_device,
+    cpu_rng,
+    cpu_sharded_tensor_init,
+    cpu_streams,
+    cpu_tensor_type,
+    distopt_torch_adam_load,
+    distopt_torch_adam_step,
+    gloo_uneven_all_gather,
+    gpt_lean_document_index,
+    moe_cpu_split_sizes,
+    te_general_gemm_missing,
+)
 from ._base import Patch, Target
 
 SUPPORTED_MEGATRON_CORE = ("0.16.1",)

@@ -71,7 +71,8 @@ def _apply():
 PATCH = Patch(
     name="distopt_torch_adam_step",
     when="no_te",
-    summary="after a DistributedOptimizer load, torch Adam's per-parameter 'step' tensors are no longer one shared tensor",
+    summary="after a DistributedOptimizer load, torch Adam's per-parameter 'step' tensors are no longer one shared "
+            "tensor",
     why="resuming with the distributed optimizer without apex/TE: one 'step' tensor shared by all parameters "
         "is incremented once per parameter per step, so Adam's bias correction is wrong after the resume",
     targets=[Target(MODULE, "DistributedOptimizer.load_state_dict", ("state_dict",)),

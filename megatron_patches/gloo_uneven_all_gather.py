@@ -33,7 +33,7 @@ def _apply():
             padded[: tensor.shape[0]].copy_(tensor)
             buffers = [torch.empty_like(padded) for _ in tensor_list]
             orig(buffers, padded, group=group)
-            for out, buf in zip(tensor_list, buffers):
+            for out, buf in zip(tensor_list, buffers, strict=False):
                 out.copy_(buf[: out.shape[0]])
             return _Completed() if async_op else None
         return all_gather

@@ -8,6 +8,7 @@ Unknown keys and wrongly typed values are errors that name the key path, never s
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -183,7 +184,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         key_tp, val_tp = typing.get_args(tp) or (Any, Any)
         return {_coerce(k, key_tp, f"{path} key"): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -264,7 +265,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | os.PathLike) -> dict:
     import yaml
 
     path = Path(path)

@@ -18,7 +18,6 @@ import argparse
 import sys
 from typing import Optional
 
-
 # megatron-core warns at import, once per module and rank, that TransformerEngine / apex are missing (four
 # to six lines per process). The run logs the implementations it actually uses in one line instead
 # ("[scidfm] ... attention DotProductAttention; experts SequentialMLP; ..."), so these go.

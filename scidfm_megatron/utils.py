@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
@@ -68,6 +68,7 @@ def lone_surrogate(value, where: str = "") -> str | None:
         if m is None:
             return None
         return f"{where or 'text'}: lone surrogate U+{ord(m.group()):04X} at character {m.start()}"
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):

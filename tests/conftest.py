@@ -58,7 +58,8 @@ def sample_documents():
 
     docs = []
     for name, field, wrap in (("papers.jsonl", "text", None), ("code.jsonl", "text", None),
-                              ("molecules.jsonl", "smiles", wrap_molecule), ("proteins.jsonl", "sequence", wrap_protein)):
+                              ("molecules.jsonl", "smiles", wrap_molecule),
+                              ("proteins.jsonl", "sequence", wrap_protein)):
         for line in open(SAMPLE / name, encoding="utf-8"):
             v = json.loads(line)[field]
             docs.append(wrap(v) if wrap else v)
@@ -139,8 +140,8 @@ def stage1_fp32(runs, tmp_path_factory):
     procs = []
     for node in (0, 1):
         env = cpu_env({"NNODES": "2", "NODE_RANK": str(node), "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": port, "RECIPE": str(RECIPES / "tiny_stage1.yaml"), "TP": "1", "PP": "1", "EP": "2",
-                       "PYTHON": sys.executable})
+                       "MASTER_PORT": port, "RECIPE": str(RECIPES / "tiny_stage1.yaml"), "TP": "1", "PP": "1",
+                       "EP": "2", "PYTHON": sys.executable})
         procs.append(subprocess.Popen(
             ["bash", str(ROOT / "examples" / "launch" / "torchrun_multinode.sh"),
              *overrides(runs, work, **{"train.train_iters": 30, "train.lr": 3e-3, "train.eval_interval": 15})],

@@ -5,15 +5,15 @@ import sys
 
 import pytest
 
-from scidfm_megatron.config import (ConfigError, ModelConfig, ParallelConfig, apply_overrides, from_dict,
-                                    to_dict)
+from scidfm_megatron.config import ConfigError, ModelConfig, ParallelConfig, apply_overrides, from_dict, to_dict
 from scidfm_megatron.model.presets import PRESETS, get_preset
 from scidfm_megatron.parallel import ParallelConfigError, validate_layout
 
 
 def test_scidfm_18b_is_exactly_the_release_architecture():
     c = get_preset("scidfm-18b")
-    assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups, c.head_dim) == (26, 3200, 32, 32, 100)
+    assert ((c.num_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups, c.head_dim)
+            == (26, 3200, 32, 32, 100))
     assert (c.moe_ffn_hidden_size, c.num_experts, c.moe_router_topk) == (8640, 8, 2)
     assert (c.vocab_size, c.max_seq_length, c.rope_theta, c.rms_norm_eps) == (32196, 8192, 1e4, 1e-6)
     assert c.untie_embeddings and c.moe_aux_loss_coeff == 0.02 and c.moe_capacity_factor == 1.0

@@ -130,8 +130,10 @@ def test_converted_tokenizer_matches_and_renders_chat(hf_tiny, science_tokenizer
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "SMILES of ethanol?"},
             {"role": "assistant", "content": "[START_I_SMILES]CCO[END_I_SMILES]"}]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    assert text == "<s><|system|>Be brief.\n<|user|>SMILES of ethanol?\n<|assistant|>[START_I_SMILES]CCO[END_I_SMILES]</s>\n"
-    assert tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"] == encode_chat(science_tokenizer, msgs)[0]
+    assert text == ("<s><|system|>Be brief.\n<|user|>SMILES of ethanol?\n"
+                    "<|assistant|>[START_I_SMILES]CCO[END_I_SMILES]</s>\n")
+    assert (tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+            == encode_chat(science_tokenizer, msgs)[0])
 
 
 # ------------------------------------------------------------------------------------ corrupt inputs
@@ -236,7 +238,7 @@ def test_fused_expert_layout_is_read_as_per_expert(hf_tiny, tmp_path):
         if ".experts." not in n:
             fused[n.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = t
     for layer in range(cfg.num_layers):
-        e = lambda i, w: want[f"model.layers.{layer}.block_sparse_moe.experts.{i}.{w}.weight"]  # noqa: E731
+        e = lambda i, w: want[f"model.layers.{layer}.block_sparse_moe.experts.{i}.{w}.weight"]  # noqa: E731, B023  used in this iteration only
         fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
             [torch.cat([e(i, "w1"), e(i, "w3")]) for i in range(cfg.num_experts)])
         fused[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([e(i, "w2") for i in range(cfg.num_experts)])

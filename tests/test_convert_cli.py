@@ -108,9 +108,8 @@ def test_llama_mixtral_round_trips_bitwise_with_its_tokenizer_and_config(work, l
         assert (back / f).read_bytes() == (llama_mixtral / f).read_bytes(), f
     assert json.loads((back / "config.json").read_text()) == json.loads((llama_mixtral / "config.json").read_text())
 
-    from transformers import AutoTokenizer
-
     import sentencepiece as spm
+    from transformers import AutoTokenizer
 
     text = "Caffeine blocks adenosine receptors; RuBisCO fixes CO2."
     assert AutoTokenizer.from_pretrained(back)(text, add_special_tokens=False)["input_ids"] == \

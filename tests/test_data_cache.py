@@ -42,7 +42,8 @@ def test_lean_document_index_equals_megatrons(epochs, separate):
     # from a (start, stop) span, as the lean builder passes it: the same index
     from scidfm_megatron.data.index_cache import DocumentSpan
 
-    assert np.array_equal(build_document_index(DocumentSpan(17, 1017), epochs, np.random.RandomState(5), separate), want)
+    assert np.array_equal(build_document_index(DocumentSpan(17, 1017), epochs, np.random.RandomState(5), separate),
+                          want)
 
 
 def test_lean_datasets_keep_megatrons_order_and_build_no_mask(tmp_path, sample_datasets, science_tokenizer):
@@ -66,11 +67,11 @@ def test_lean_datasets_keep_megatrons_order_and_build_no_mask(tmp_path, sample_d
     lean = index_cache.build(config("lean"), [3000, 200, 0], lambda: True)
     with index_cache.process_group():
         ref = BlendedMegatronDatasetBuilder(GPTDataset, [3000, 200, 0], lambda: True, config("ref")).build()
-    for a, b in zip(lean[:2], ref[:2]):
+    for a, b in zip(lean[:2], ref[:2], strict=False):
         assert np.array_equal(a.dataset_index, b.dataset_index)
         assert np.array_equal(a.dataset_sample_index, b.dataset_sample_index)
         assert isinstance(a.dataset_index, np.memmap)  # mapped from the cache, not held
-        for x, y in zip(a.datasets, b.datasets):
+        for x, y in zip(a.datasets, b.datasets, strict=False):
             assert isinstance(x.indices, index_cache.DocumentSpan) and len(x.indices) == len(y.indices)
             for name in ("document_index", "sample_index", "shuffle_index"):
                 assert np.array_equal(getattr(x, name), getattr(y, name)), name

@@ -112,15 +112,17 @@ def test_chat_prompt_is_the_sft_template(science_tokenizer):
             return science_tokenizer.encode(text, allow_special=True, bos=bos)
 
     text = "Question: Is [START_I_SMILES]CCO[END_I_SMILES] an alcohol?"
-    ids, mask = encode_chat(science_tokenizer, [{"role": "user", "content": text}, {"role": "assistant", "content": "Yes"}])
+    ids, mask = encode_chat(science_tokenizer,
+                            [{"role": "user", "content": text}, {"role": "assistant", "content": "Yes"}])
     k = mask.index(1)
     chat = Prompter(_M(), "chat")
     assert chat.prompt(text) == ids[:k]
-    target = [i for i, m in zip(ids, mask) if m]  # the assistant's content, then </s>
+    target = [i for i, m in zip(ids, mask, strict=False) if m]  # the assistant's content, then </s>
     assert chat.continuation("Yes") == target[:-1] and target[-1] == science_tokenizer.eos_id
     assert science_tokenizer.decode(chat.prompt(text)).endswith("<|assistant|>")
     raw = Prompter(_M(), "raw")
-    assert raw.prompt(text, raw_suffix="\nAnswer:") == science_tokenizer.encode(text + "\nAnswer:", allow_special=True, bos=True)
+    assert raw.prompt(text, raw_suffix="\nAnswer:") == science_tokenizer.encode(text + "\nAnswer:", allow_special=True,
+                                                                                bos=True)
     assert raw.continuation("Yes") == science_tokenizer.encode(" Yes", continuation=True) != chat.continuation("Yes")
     with pytest.raises(TaskDataError, match="prompt format must be one of"):
         Prompter(_M(), "alpaca")
@@ -161,7 +163,7 @@ def test_megatron_checkpoint_and_its_conversion_score_the_same(both_models):
             w = b["metrics"][k]
             assert (v == pytest.approx(w, abs=1e-6)) if isinstance(v, (int, float)) else \
                 ({**v} == pytest.approx(w, abs=1e-6) if isinstance(v, dict) else v == w), (name, k)
-        for sa, sb in zip(a["samples"], b["samples"]):
+        for sa, sb in zip(a["samples"], b["samples"], strict=False):
             if "loglik" in sa:
                 np.testing.assert_allclose(sa["loglik"], sb["loglik"], atol=1e-4)
                 assert sa["pred"] == sb["pred"]
@@ -212,7 +214,7 @@ def test_lm_eval_runs_offline_on_the_converted_model(hf_tiny, both_models):
     assert res["n"] == 8 and 0.0 <= res["acc"] <= 1.0
     recs = load_records(DATA / "multiple_choice.jsonl", "multiple_choice", 8)
     m, samples = run_task(both_models[1], TASKS["sciq"], recs, progress=False, prompt_format="raw")
-    for ours, theirs in zip(samples, res["samples"]):
+    for ours, theirs in zip(samples, res["samples"], strict=False):
         np.testing.assert_allclose(ours["loglik"], theirs["loglikelihoods"], atol=1e-4)
     assert m["acc"] == pytest.approx(100 * res["acc"])
     assert math.isfinite(res["acc_norm"])

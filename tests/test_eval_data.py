@@ -16,7 +16,8 @@ OFF = ROOT / "tests" / "data" / "eval_official"
 # benchmark, official file, harness task, (field checked, expected value) of the first record,
 # a field the official schema requires (removed to make a wrong file)
 CASES = [
-    ("sciq", "sciq_test.json", "sciq", ("choices", ["protozoa", "gymnosperms", "viruses", "mesophilic organisms"]), "correct_answer"),
+    ("sciq", "sciq_test.json", "sciq", ("choices", ["protozoa", "gymnosperms", "viruses", "mesophilic organisms"]),
+     "correct_answer"),
     ("arc_challenge", "arc_challenge_test.jsonl", "arc_challenge", ("answer", 2), "answerKey"),
     ("arc_easy", "arc_easy_hf.jsonl", "arc_easy", ("answer", 0), "answerKey"),
     ("medqa", "medqa_us_test.jsonl", "medqa", ("answer", 1), "answer_idx"),
@@ -86,7 +87,8 @@ def test_converter_official_schema(tmp_path, bench, src, task, check, required):
 
 def test_converter_details(tmp_path):
     # Mol-Instructions: SELFIES decoded to SMILES (reactants too), only the test split kept
-    convert("mol_instructions_molecule", OFF / "mol_instructions_forward_reaction_prediction.json", tmp_path / "f.jsonl")
+    convert("mol_instructions_molecule", OFF / "mol_instructions_forward_reaction_prediction.json",
+            tmp_path / "f.jsonl")
     recs = [json.loads(x) for x in (tmp_path / "f.jsonl").read_text().splitlines()]
     assert len(recs) == 1 and recs[0]["input"] == "CCO.CC(=O)O"
     # Tox21: one record per tested assay (empty cells skipped), 12 questions

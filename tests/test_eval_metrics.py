@@ -213,7 +213,7 @@ def test_protein_rouge_l_equals_mol_instructions_eval():
     got = M.mol_instructions_rouge_l(preds, refs, seed=ref["expected"]["seed"])
     assert abs(got["rouge_l"] - ref["expected"]["aggregated"]["rougeL"]) <= 1e-12
     per = ref["expected"]["per_pair_rougeL"]
-    assert [M.rouge_l(p, r) for p, r in zip(preds, refs)] == pytest.approx(per, abs=1e-12)
+    assert [M.rouge_l(p, r) for p, r in zip(preds, refs, strict=False)] == pytest.approx(per, abs=1e-12)
     assert got["rouge_l_mean"] == pytest.approx(sum(per) / len(per))
     assert abs(got["rouge_l"] - got["rouge_l_mean"]) > 1e-3  # the bootstrap median is not the mean
 
@@ -356,16 +356,17 @@ def test_fixture_lipinski_labels_match_rdkit():
 # Realistic completions: (completion, gold solution as GSM8K writes it, strict correct, flexible correct)
 GSM8K_CASES = [
     ("Janet's ducks lay 16 eggs. She eats 3 and bakes with 4, so 16 - 3 - 4 = 9 eggs are left.\n"
-     "She sells them for $2 each: 9 * 2 = $18.\n#### 18", "She has 16 - 3 - 4 = <<16-3-4=9>>9 left.\n#### 18", True, True),
-    ("Tom is 3 years older than Ann, who is 5.\n#### 8 years", "Ann is 5, Tom 5 + 3 = 8.\n#### 8", True, True),   # units
-    ("The farm sells 1,250 kg in all.\n#### 1,250", "#### 1250", True, True),                                   # thousands
-    ("She earns 40 * 27 = $1,080 a month.\n\nThe answer is $1,080.", "#### 1080", False, True),                 # "$", no ####
-    ("It was 3 degrees and fell by 8, so 3 - 8 = -5.\n#### -5", "#### -5", True, True),                         # negative
+     "She sells them for $2 each: 9 * 2 = $18.\n#### 18", "She has 16 - 3 - 4 = <<16-3-4=9>>9 left.\n#### 18",
+     True, True),
+    ("Tom is 3 years older than Ann, who is 5.\n#### 8 years", "Ann is 5, Tom 5 + 3 = 8.\n#### 8", True, True),  # units
+    ("The farm sells 1,250 kg in all.\n#### 1,250", "#### 1250", True, True),  # thousands
+    ("She earns 40 * 27 = $1,080 a month.\n\nThe answer is $1,080.", "#### 1080", False, True),  # "$", no ####
+    ("It was 3 degrees and fell by 8, so 3 - 8 = -5.\n#### -5", "#### -5", True, True),  # negative
     ("First, each box holds 12 * 4 = 48 pencils.\n\nThen two boxes hold 96.\n\nFinally 96 + 4 = 100.\n#### 100",
-     "#### 100", True, True),                                                                                  # paragraphs
-    ("Each costs 2.50, so four cost 10.00.\n#### 10.00", "#### 10", False, False),   # lm-eval compares strings
-    ("3 boxes of 4 make 12, and 2 more boxes make 20 in all.", "#### 20", False, True),                         # last number
-    ("He pays 5 + 3 = 8 dollars.\n#### 7", "#### 8", False, False),                                            # wrong
+     "#### 100", True, True),  # paragraphs
+    ("Each costs 2.50, so four cost 10.00.\n#### 10.00", "#### 10", False, False),  # lm-eval compares strings
+    ("3 boxes of 4 make 12, and 2 more boxes make 20 in all.", "#### 20", False, True),  # last number
+    ("He pays 5 + 3 = 8 dollars.\n#### 7", "#### 8", False, False),  # wrong
     ("I am not sure.", "#### 3", False, False),
 ]
 
@@ -382,7 +383,8 @@ def _lm_eval_gsm8k_task_scores(completions, golds):
     for k in ("dataset_path", "dataset_name", "training_split", "fewshot_split"):
         cfg.pop(k)
     docs = [{"question": f"q{i}", "answer": g} for i, g in enumerate(golds)]
-    cfg.update(num_fewshot=0, custom_dataset=lambda **_: datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)}))
+    cfg.update(num_fewshot=0,
+               custom_dataset=lambda **_: datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)}))
     task = ConfigurableTask(config=cfg)
     task.build_all_requests(limit=None, rank=0, world_size=1)
     for inst in task.instances:
@@ -398,7 +400,7 @@ def _lm_eval_gsm8k_task_scores(completions, golds):
 def test_gsm8k_scores_equal_lm_eval_gsm8k_task():
     comps, golds = [c[0] for c in GSM8K_CASES], [c[1] for c in GSM8K_CASES]
     scores, per = M.gsm8k_scores(comps, golds)
-    for (c, g, strict, flexible), p in zip(GSM8K_CASES, per):  # hand-labelled
+    for (c, _g, strict, flexible), p in zip(GSM8K_CASES, per, strict=False):  # hand-labelled
         assert (p["strict_match"]["correct"], p["flexible_extract"]["correct"]) == (strict, flexible), c
     assert scores["strict_match"] == pytest.approx(100 * sum(c[2] for c in GSM8K_CASES) / len(GSM8K_CASES))
     assert scores["flexible_extract"] == pytest.approx(100 * sum(c[3] for c in GSM8K_CASES) / len(GSM8K_CASES))

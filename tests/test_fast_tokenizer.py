@@ -11,7 +11,8 @@ HOSTILE = [
     "<s>", "</s>", "<unk>", "<|eod|>", "[PAD]", "<|user|>", "<|assistant|>", "<|system|>", "text <s> more </s> end",
     'tokenizer("<s>" + sentence)', "a<unk>b", "<m>C <m>He <p>M <m>Cl", "x <|eod|> y", "[START_AMINO] half open",
     "ﬁnance ﬀ ① ｈｅｌｌｏ ＜ｓ＞ ＜／ｓ＞ ㎏ ½ ™ Å Å Ω Ω", "cafe\u0301 café", "\u3000ideographic\u3000space",
-    "zero\u200bwidth\u200cnon\u200djoiner\ufeffbom", "emoji 😀 👩‍🔬 🧪🇺🇸 ✔︎", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math 𝑥²", "混合 日本語 한국어 العربية हिन्दी",
+    "zero\u200bwidth\u200cnon\u200djoiner\ufeffbom", "emoji 😀 👩‍🔬 🧪🇺🇸 ✔︎", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math 𝑥²",
+    "混合 日本語 한국어 العربية हिन्दी",
     " ", "  ", "\t", "\n", "\r\n", " \t\n ", "   leading", "trailing   ", "a  b   c    d", "\n\n\nparagraphs\n\n",
     "\x01\x02 control \x7f\x1b[0m", "word " * 20000, "x" * 100000, "ab" * 30000 + "\n" + "🙂" * 5000,
     "C1=CC=CC=C1[Na+].[Cl-] MKTAYIAKQRQISFVKSHFSRQ*", "%s" % "".join(chr(c) for c in range(0x20, 0x250)),
@@ -55,7 +56,7 @@ def _assert_same(ref, fast, docs):
     flat, lengths = encode_arrays(fast, docs)  # what scidfm-preprocess writes
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     got = [flat[offsets[k]:offsets[k + 1]].tolist() for k in range(len(docs))]
-    bad = [d[:60] for d, w, g in zip(docs, want, got) if g != w]
+    bad = [d[:60] for d, w, g in zip(docs, want, got, strict=False) if g != w]
     assert not bad, f"fast ids differ from SentencePiece's on {len(bad)} documents, e.g. {bad[:3]}"
     assert docs[-len(HOSTILE):] == HOSTILE and fast.encode_batch(HOSTILE) == want[-len(HOSTILE):]
     assert [fast.encode(h) for h in HOSTILE[:20]] == [ref.encode(h) for h in HOSTILE[:20]]
@@ -89,8 +90,6 @@ def test_the_guard_is_what_keeps_control_text_as_text(science_tokenizer_dir):
 
 
 def test_models_it_cannot_promise_fall_back_once(trained_models, capsys, monkeypatch):
-    from scidfm_megatron.tokenizer import fast as fast_mod
-
     from scidfm_megatron.tokenizer.plain import load_tokenizer
 
     ref, fast = _pair(trained_models["nobytes"])

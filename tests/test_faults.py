@@ -71,7 +71,8 @@ def test_nan_skip_keeps_the_state_keep_every_and_stragglers(runs, tmp_path):
     assert sorted(before) == sorted(after) and any(k.startswith("optimizer.state.exp_avg_sq.") for k in before)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"the skipped step changed {changed[:4]}"
-    assert adam_step(ck / "iter_0000003") == adam_step(ck / "iter_0000004") == 3.0 and adam_step(ck / "iter_0000005") == 4.0
+    assert (adam_step(ck / "iter_0000003") == adam_step(ck / "iter_0000004") == 3.0
+            and adam_step(ck / "iter_0000005") == 4.0)
     assert not torch.equal(after["embedding.word_embeddings.weight"], nxt["embedding.word_embeddings.weight"])
     # stragglers: rank 1 sleeps 2 s at the start of each step, rank 0 waits for it in the gradient reduction;
     # the log interval (5) averages the 5 steps. (Under a heavily loaded CPU the ranks' compute times vary by
@@ -100,7 +101,7 @@ def test_failed_save_stops_then_resumes_and_nan_stops(runs, tmp_path):
     ck = w / "ckpt"
     lines = [x for x in r.stderr.splitlines() if "stopped:" in x]
     assert r.returncode != 0 and len(lines) == 1, r.stdout[-2000:] + r.stderr[-3000:]
-    assert f"checkpoint save at iteration 2 failed: [Errno 28] No space left on device" in lines[0], lines
+    assert "checkpoint save at iteration 2 failed: [Errno 28] No space left on device" in lines[0], lines
     assert "on rank 1" in lines[0] and str(ck / "iter_0000002") in lines[0] and "kept latest=1" in lines[0], lines
     assert [it for it, _ in complete_checkpoints(ck)] == [1] and (ck / "latest").read_text() == "1"
     assert sorted(p.name for p in ck.iterdir() if p.name != "data_cache") == ["iter_0000001", "latest"]  # no .tmp
@@ -109,7 +110,8 @@ def test_failed_save_stops_then_resumes_and_nan_stops(runs, tmp_path):
     assert f"resumed from {ck / 'iter_0000001'}: iteration 1" in r.stdout, r.stdout[-3000:]
     lines = [x for x in r.stderr.splitlines() if "stopped:" in x]
     assert r.returncode != 0 and len(lines) == 1, r.stdout[-2000:] + r.stderr[-3000:]
-    assert re.search(r"stopped: iteration 3: gradients not finite, loss [\d.]+ \(samples 16\.\.23\); the step was not applied "
+    assert re.search(r"stopped: iteration 3: gradients not finite, loss [\d.]+ \(samples 16\.\.23\); "
+                     r"the step was not applied "
                      r"\(train\.on_nan=stop\); last good checkpoint: \S+iter_0000002\.", lines[0]), lines
     assert [it for it, _ in complete_checkpoints(ck)] == [1, 2] and (ck / "latest").read_text() == "2"
     assert not list(ck.glob("*.tmp"))
@@ -128,7 +130,8 @@ def test_hang_writes_every_ranks_stacks_and_exits(runs, tmp_path):
     assert r.returncode != 0 and "exitcode" in out and "124" in out, out[-3000:]
     stacks = {k: (w / f"hang-stacks-rank{k}.txt").read_text() for k in (0, 1)}
     for k, text in stacks.items():
-        waited = float(re.match(rf"rank {k} \(pid \d+\): no training iteration completed for ([\d.]+) s", text).group(1))
+        waited = float(re.match(rf"rank {k} \(pid \d+\): no training iteration completed for ([\d.]+) s",
+                                text).group(1))
         assert 15 <= waited < 25, text[:300]
         assert "Thread 0x" in text and 'File "' in text
     assert "in before_step" in stacks[1]  # the drill's hang
@@ -138,9 +141,9 @@ def test_hang_writes_every_ranks_stacks_and_exits(runs, tmp_path):
 
 
 def test_fault_settings_are_checked(runs, tmp_path):
+    from conftest import RECIPES
     from scidfm_megatron.config import ConfigError
     from scidfm_megatron.training.config import load_run_config, validate_run
-    from conftest import RECIPES
 
     base = [f"data.tokenizer_model={runs / 'tokenizer' / 'tokenizer.model'}", f"data.data_root={runs / 'data'}"]
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['faults.nan_at_iteration'\]"):

@@ -27,7 +27,9 @@ def stub_python(tmp_path: Path) -> tuple[Path, Path]:
     record = tmp_path / "torchrun_argv"
     stub = tmp_path / "python"
     stub.write_text(f"""#!/usr/bin/env bash
-if [ "${{1:-}} ${{2:-}}" = "-m torch.distributed.run" ]; then shift 2; printf '%s\\n' "$@" > {shlex.quote(str(record))}; exit 0; fi
+if [ "${{1:-}} ${{2:-}}" = "-m torch.distributed.run" ]; then
+  shift 2; printf '%s\\n' "$@" > {shlex.quote(str(record))}; exit 0
+fi
 exec {shlex.quote(sys.executable)} "$@"
 """)
     stub.chmod(0o755)
@@ -62,7 +64,8 @@ def test_recipe_layout_is_used_unless_overridden(runs, tmp_path):
     recipe = str(RECIPES / "tiny_stage1.yaml")  # parallel: {tp: 1, pp: 1, ep: 2}
     r, argv = launch(tmp_path, "torchrun_single.sh", {"RECIPE": recipe, "NPROC": "2"}, data_args(runs))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "on TP1 x PP1 x DP2 (experts: ETP1 x EP2 x EDP1) on 2 processes" in r.stdout and "configuration OK" in r.stdout
+    assert ("on TP1 x PP1 x DP2 (experts: ETP1 x EP2 x EDP1) on 2 processes" in r.stdout
+            and "configuration OK" in r.stdout)
     assert not [a for a in argv if a.startswith("parallel.")], argv  # nothing overrides the recipe
     i = argv.index("-m")
     assert argv[i + 1:i + 4] == ["scidfm_megatron.train", "--config", recipe], argv
@@ -153,12 +156,14 @@ def test_slurm_time_limit_signal_reaches_the_trainers_through_srun(runs, tmp_pat
         (bin_dir / f).chmod(0o755)
     work = tmp_path / "w"
     signals, srun_pid, log = tmp_path / "srun_signals", tmp_path / "srun_pid", tmp_path / "job.out"
-    env = launch_env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "x",
+    env = launch_env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NNODES": "1",
+                      "SLURM_JOB_NODELIST": "x",
                       "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
                       "RECIPE": str(RECIPES / "tiny_stage1.yaml"), "SRUN_SIGNAL_LOG": str(signals),
                       "SRUN_PID_FILE": str(srun_pid)})
     with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), *overrides(runs, work, **{"train.train_iters": 1000})],
+        proc = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"),
+                                 *overrides(runs, work, **{"train.train_iters": 1000})],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         metrics = work / "metrics.jsonl"
@@ -188,5 +193,5 @@ def test_slurm_time_limit_signal_reaches_the_trainers_through_srun(runs, tmp_pat
         if srun_pid.exists():
             try:
                 kill_tree(int(srun_pid.read_text()), signal.SIGKILL)
-            except Exception:
+            except Exception:  # noqa: BLE001  best-effort cleanup: srun may be gone already
                 pass

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate")
 pytest.importorskip("lm_eval")
 
-from scidfm_megatron.eval.lm_eval_local import TASK, run_lm_eval  # noqa: E402
+from scidfm_megatron.eval.lm_eval_local import TASK, run_lm_eval
 
 QUESTIONS = [
     {"question": "What is the chemical symbol for sodium?", "choices": ["Na", "So", "Sd", "N"], "answer": 0},
@@ -110,12 +110,12 @@ def test_lm_eval_offline_local_task_matches_direct_scoring(tiny_hf_model, tmp_pa
     # (this fails if lm-eval tokenised differently, e.g. with the generic tokenizer transformers falls back
     # to without trust_remote_code, or if the prompt or target delimiter of the task changed)
     direct = _direct_loglikelihoods(tiny_hf_model, QUESTIONS)
-    for doc, sample, lls in zip(QUESTIONS, res["samples"], direct):
+    for doc, sample, lls in zip(QUESTIONS, res["samples"], direct, strict=False):
         assert sample["answer"] == doc["answer"]
         np.testing.assert_allclose(sample["loglikelihoods"], lls, rtol=0, atol=1e-4)
-    acc = np.mean([int(np.argmax(lls)) == d["answer"] for d, lls in zip(QUESTIONS, direct)])
+    acc = np.mean([int(np.argmax(lls)) == d["answer"] for d, lls in zip(QUESTIONS, direct, strict=False)])
     acc_norm = np.mean([int(np.argmax(np.array(lls) / [len(c) for c in d["choices"]])) == d["answer"]
-                        for d, lls in zip(QUESTIONS, direct)])
+                        for d, lls in zip(QUESTIONS, direct, strict=False)])
     assert res["acc"] == pytest.approx(acc) and res["acc_norm"] == pytest.approx(acc_norm)
 
     # limit scores the first N questions only

@@ -13,7 +13,7 @@ from scidfm_megatron.data.mixture import Mixture, count_tokens
 
 def test_table2_recipe_reproduces_the_paper():
     m = Mixture.load(ROOT / "examples" / "mixtures" / "scidfm_table2.yaml")
-    t1, t2 = m.tokens(1), m.tokens(2)
+    t1 = m.tokens(1)
     sci = sum(v for s, v in t1.items() if next(x for x in m.sources if x.name == s).category == "science")
     assert round(sci, 2) == 306.59 and round(sum(t1.values()) - sci, 2) == 268.60
     slim = sum(v for s, v in t1.items() if next(x for x in m.sources if x.name == s).group == "SlimPajama w/o Arxiv")
@@ -26,7 +26,7 @@ def test_table2_recipe_reproduces_the_paper():
         "general science": 219.48, "general": 268.60}
     (p1, w1), (p2, w2) = m.blend(1), m.blend(2)
     assert w1 == w2 and abs(sum(w1) - 1) < 1e-12
-    changed = {s.name for s, a, b in zip(m.sources, p1, p2) if a != b}
+    changed = {s.name for s, a, b in zip(m.sources, p1, p2, strict=False) if a != b}
     assert changed == {"SlimPajama-CommonCrawl", "SlimPajama-C4", "SlimPajama-GitHub"}
     report = m.report(2)
     assert "re-sampled" in report and "306.59" in report and "268.60" in report
@@ -50,15 +50,17 @@ def test_blended_dataset_samples_in_recipe_proportions(tmp_path, sample_datasets
 
     recipe = {"name": "props", "unit": "tokens", "data_root": sample_datasets["dir"], "sources": [
         {"name": "papers", "domain": "papers", "category": "science", "tokens": 50, "data": "papers_text_document"},
-        {"name": "molecules", "domain": "chemistry", "category": "science", "tokens": 30, "data": "molecules_smiles_document"},
-        {"name": "proteins", "domain": "biology", "category": "science", "tokens": 20, "data": "proteins_sequence_document"}]}
+        {"name": "molecules", "domain": "chemistry", "category": "science", "tokens": 30,
+         "data": "molecules_smiles_document"},
+        {"name": "proteins", "domain": "biology", "category": "science", "tokens": 20,
+         "data": "proteins_sequence_document"}]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     mix = Mixture.load(tmp_path / "r.yaml")
     train, valid, _ = build_pretrain_datasets(mix, 1, science_tokenizer, seq_length=64, samples=(10_000, 100, 0),
                                               split="98,2,0", cache_dir=str(tmp_path / "cache"))
     assert len(train) >= 10_000
     counts = np.bincount(train.dataset_index[:10_000], minlength=3) / 10_000
-    for got, want in zip(counts, (0.5, 0.3, 0.2)):
+    for got, want in zip(counts, (0.5, 0.3, 0.2), strict=False):
         assert abs(got - want) <= 0.02 * want, counts
     # Samples are real token windows of the right length from the right source.
     sample = train[0]
@@ -78,8 +80,8 @@ def sft_data(tmp_path_factory, science_tokenizer_dir):
     from scidfm_megatron.data.preprocess import preprocess
 
     out = tmp_path_factory.mktemp("sft")
-    s = preprocess([str(SAMPLE / "instructions.jsonl")], str(out / "sft"), str(science_tokenizer_dir / "tokenizer.model"),
-                   sft_seq_length=512, workers=2, progress=False)
+    s = preprocess([str(SAMPLE / "instructions.jsonl")], str(out / "sft"),
+                   str(science_tokenizer_dir / "tokenizer.model"), sft_seq_length=512, workers=2, progress=False)
     return out / "sft", s
 
 
@@ -97,21 +99,22 @@ def test_sft_loss_mask_is_exactly_the_assistant_turns(sft_data, science_tokenize
         ids, mask = ds.tokens[i].tolist(), ds.mask[i].tolist()
         assert ids[0] == tok.bos_id and len(ids) <= 513
         starts = [k for k, t in enumerate(ids) if t == tok.bos_id] + [len(ids)]
-        pieces += [(ids[a:b], mask[a:b]) for a, b in zip(starts, starts[1:])]
+        pieces += [(ids[a:b], mask[a:b]) for a, b in zip(starts, starts[1:], strict=False)]
     assert len(pieces) == len(convs) == summary.sft["conversations"]
     recorded = json.loads(open(f"{prefix}_summary.json").read())  # what training checks its recipe against
     assert recorded["tokenizer"]["kind"] == "science" and recorded["tokenizer"]["vocab_size"] == tok.vocab_size
     assert recorded["largest_id"] == {"messages": max(max(ids) for ids, _ in pieces)}
     truncated = 0
-    for (ids, mask), msgs in zip(pieces, convs):
+    for (ids, mask), msgs in zip(pieces, convs, strict=True):
         want = "".join(m["content"] + "</s>" for m in msgs if m["role"] == "assistant")
-        got = tok.decode([t for t, m in zip(ids, mask) if m])
+        got = tok.decode([t for t, m in zip(ids, mask, strict=False) if m])
         if len(ids) == 513:  # truncated to the sequence: its targets are a prefix
             truncated += 1
             assert want.startswith(got)
         else:
             assert got == want
-        assert all(m == 0 for t, m in zip(ids, mask) if t in tok.special_ids.values())  # markers never targets
+        # markers never targets
+        assert all(m == 0 for t, m in zip(ids, mask, strict=False) if t in tok.special_ids.values())
     assert truncated == summary.sft["truncated"]
 
 
@@ -165,7 +168,8 @@ def test_epoch_two_orders_a_source_differently(tmp_path, sample_datasets, scienc
 
     e1, e2 = first(1), first(2)
     assert not np.array_equal(e1, e2)
-    assert sum(np.array_equal(a, b) for a, b in zip(e1, e2)) <= 2  # not the same windows in the same order
+    # not the same windows in the same order
+    assert sum(np.array_equal(a, b) for a, b in zip(e1, e2, strict=False)) <= 2
     assert np.array_equal(e2, first(2))
 
 
@@ -176,12 +180,13 @@ def test_a_longer_plan_keeps_every_sample_of_the_shorter(tmp_path, sample_datase
     own GPTDataset reorders that source from its first sample (the test's control); with one epoch planned
     the index is megatron's, array for array. The same plans through the CLI, bitwise, with a resume:
     tests/test_training.py::test_distributed_optimizer_checkpoint_resumes."""
-    from conftest import small_source_mixture
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
+    from conftest import small_source_mixture
     from scidfm_megatron.data.datasets import build_pretrain_datasets
 
-    mix = Mixture.load(small_source_mixture(science_tokenizer_dir / "tokenizer.model", sample_datasets["dir"], tmp_path))
+    mix = Mixture.load(small_source_mixture(science_tokenizer_dir / "tokenizer.model", sample_datasets["dir"],
+                                            tmp_path))
 
     def plan(n, cls=None):
         train, _, _ = build_pretrain_datasets(mix, 1, science_tokenizer, seq_length=64, samples=(n, 0, 0),
@@ -195,6 +200,6 @@ def test_a_longer_plan_keeps_every_sample_of_the_shorter(tmp_path, sample_datase
     (_, m6, g6), (_, m8, _) = plan(48, GPTDataset), plan(64, GPTDataset)
     assert not np.array_equal(m6, m8)  # megatron's index: the small source reordered
     assert np.array_equal(s6, m6)  # one epoch planned: megatron's order
-    for ours, theirs in zip(d6, g6):
+    for ours, theirs in zip(d6, g6, strict=False):
         for name in ("document_index", "sample_index", "shuffle_index"):
             assert np.array_equal(getattr(ours, name), getattr(theirs, name)), name

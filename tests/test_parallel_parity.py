@@ -72,7 +72,7 @@ def assert_matches_reference(got, ref):
     assert abs(got["loss"] - ref["loss"]) <= 1e-5, (got["loss"], ref["loss"])
     assert got["grads"].keys() == ref["grads"].keys()
     for k, g in ref["grads"].items():
-        torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-7, msg=lambda m: f"grad {k}: {m}")
+        torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-7, msg=lambda m: f"grad {k}: {m}")  # noqa: B023
     assert abs(got["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"]
     assert_weights_match(got, ref)
 
@@ -102,7 +102,7 @@ def test_virtual_pipeline_matches_single_process(reference):
     assert got["tokens"] == ref["tokens"] == 8 * 32
     assert abs(got["loss"] - ref["loss"]) <= 1e-5, (got["loss"], ref["loss"])
     for k, g in ref["grads"].items():
-        torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-7, msg=lambda m: f"grad {k}: {m}")
+        torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-7, msg=lambda m: f"grad {k}: {m}")  # noqa: B023
     assert abs(got["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"]
     assert_weights_match(got, ref)
 

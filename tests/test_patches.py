@@ -43,7 +43,8 @@ def test_drift_is_detected():
 
 def test_refuses_an_unsupported_megatron_version(monkeypatch):
     monkeypatch.setattr(megatron_patches, "megatron_core_version", lambda: "0.17.0")
-    with pytest.raises(UnsupportedMegatronVersion, match=r"0\.16\.1.*0\.17\.0 is installed.*pip install megatron-core==0\.16\.1"):
+    with pytest.raises(UnsupportedMegatronVersion,
+                       match=r"0\.16\.1.*0\.17\.0 is installed.*pip install megatron-core==0\.16\.1"):
         megatron_patches.apply()
 
 
@@ -74,7 +75,8 @@ def test_cpu_device_and_tensor_type_act_only_for_megatron_callers():
         "    print('user: refused')\n"
         "print('user type:', torch.zeros(1).type())\n"
         "ns = {'__name__': 'megatron.core.fake', 'torch': torch}\n"
-        "exec(\"t = torch.zeros(2, device='cuda'); u = torch.ones(1).cuda(); v = torch.ones(1).to(torch.cuda.current_device()); "
+        "exec(\"t = torch.zeros(2, device='cuda'); u = torch.ones(1).cuda(); "
+        "v = torch.ones(1).to(torch.cuda.current_device()); "
         "kind = t.type()\", ns)\n"
         "print('megatron:', ns['t'].device, ns['u'].device, ns['v'].device, ns['kind'])\n")
     assert out.returncode == 0, out.stderr

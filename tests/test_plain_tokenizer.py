@@ -68,7 +68,8 @@ def test_plain_tokenizer_end_to_end(plain_data, capsys, tmp_path, monkeypatch):
 
     rc, out, err = entry(capsys, "tiny_stage1.yaml", *run_args(work, data))
     assert rc == 0 and "configuration OK" in out, err
-    rc, out, err = entry(capsys, "tiny_sft.yaml", f"data.tokenizer_model={BASE_MODEL}", f"model.vocab_size={PLAIN_VOCAB}",
+    rc, out, err = entry(capsys, "tiny_sft.yaml", f"data.tokenizer_model={BASE_MODEL}",
+                         f"model.vocab_size={PLAIN_VOCAB}",
                          "parallel.ep=1", "checkpoint.init_from=null")
     assert rc == 2 and err.count("\n") == 1 and "train.stage: sft needs the chat markers of a science tokenizer" in err
     assert f"scidfm-build-tokenizer --base-model {BASE_MODEL}" in err
@@ -101,7 +102,7 @@ def test_plain_tokenizer_end_to_end(plain_data, capsys, tmp_path, monkeypatch):
     assert len(docs) > 3000
     got = tok(docs, add_special_tokens=False)["input_ids"]
     want = sp.encode(docs)
-    assert sum(g != w for g, w in zip(got, want)) == 0
+    assert sum(g != w for g, w in zip(got, want, strict=False)) == 0
     assert tok.tokenize("The") == ["▁The"] and tok("The")["input_ids"] == [sp.bos_id()] + sp.encode("The")
 
     from scidfm_megatron.eval.harness import main as evaluate
@@ -183,7 +184,7 @@ def test_hf_export_of_a_user_trained_model(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "bpe.model"))
     docs = sample_documents()
     got = tok(docs, add_special_tokens=False)["input_ids"]
-    assert sum(g != w for g, w in zip(got, sp.encode(docs))) == 0
+    assert sum(g != w for g, w in zip(got, sp.encode(docs), strict=False)) == 0
     with pytest.raises(tf.TokenizerError, match="unigram SentencePiece model has no Hugging Face tokenizer.json"):
         tf.write(tf.inspect(tmp_path / "unigram.model"), tmp_path / "uni_hf", model_max_length=64)
     assert not (tmp_path / "uni_hf" / "tokenizer.json").exists()

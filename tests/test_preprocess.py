@@ -22,7 +22,8 @@ def megatron_dataset(prefix):
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), *map(str, args), "--no-progress"],
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), *map(str, args),
+                           "--no-progress"],
                           capture_output=True, text=True, timeout=600, **kw)
 
 
@@ -51,8 +52,9 @@ def test_megatron_core_reads_what_we_write(tmp_path, science_tokenizer_dir, scie
 
 
 def test_database_fields_are_wrapped_in_spans(tmp_path, science_tokenizer_dir, science_tokenizer):
-    s = preprocess([str(SAMPLE / "molecules.jsonl")], str(tmp_path / "mol"), str(science_tokenizer_dir / "tokenizer.model"),
-                   json_keys=["smiles", "id"], spans={"smiles": "molecule"}, workers=1, progress=False)
+    s = preprocess([str(SAMPLE / "molecules.jsonl")], str(tmp_path / "mol"),
+                   str(science_tokenizer_dir / "tokenizer.model"), json_keys=["smiles", "id"],
+                   spans={"smiles": "molecule"}, workers=1, progress=False)
     assert s.documents == {"smiles": 2000, "id": 2000}
     ds = megatron_dataset(tmp_path / "mol_smiles_document")
     first = json.loads(open(SAMPLE / "molecules.jsonl").readline())
@@ -60,8 +62,9 @@ def test_database_fields_are_wrapped_in_spans(tmp_path, science_tokenizer_dir, s
     ids_ds = megatron_dataset(tmp_path / "mol_id_document")  # keep it alive: items are views of its mmap
     assert science_tokenizer.decode(ids_ds[0][:-1]) == first["id"]
     with pytest.raises(PreprocessError, match="not one of --json-keys"):
-        preprocess([str(SAMPLE / "molecules.jsonl")], str(tmp_path / "x"), str(science_tokenizer_dir / "tokenizer.model"),
-                   json_keys=["id"], spans={"smiles": "molecule"}, progress=False)
+        preprocess([str(SAMPLE / "molecules.jsonl")], str(tmp_path / "x"),
+                   str(science_tokenizer_dir / "tokenizer.model"), json_keys=["id"], spans={"smiles": "molecule"},
+                   progress=False)
 
 
 BAD_LINES = [
@@ -92,7 +95,7 @@ def test_bad_lines_are_reported_with_line_numbers(tmp_path, science_tokenizer_di
     expected = [(n, why) for n, (_, why) in enumerate(BAD_LINES, 1) if why]
     rejected = [json.loads(line) for line in open(tmp_path / "m_rejected.jsonl")]
     assert [(x["line"], x["file"]) for x in rejected] == [(n, str(src)) for n, _ in expected]
-    for (n, why), x in zip(expected, rejected):
+    for (n, why), x in zip(expected, rejected, strict=False):
         assert why in x["reason"]
         assert f"{src}:{n}: " in r.stdout  # listed in the printed summary too
     ds = megatron_dataset(tmp_path / "m_text_document")
@@ -117,7 +120,8 @@ def test_one_invalid_utf8_line_never_yields_success_without_complete_output(tmp_
     """Megatron-LM's tool exits 0 with an empty .bin and no .idx here (issue 3, acceptance 7)."""
     src = tmp_path / "one_bad.jsonl"
     src.write_bytes(b'{"text": "a"}\n{"text": "b\xe9"}\n{"text": "c"}\n')
-    r = cli("--input", src, "--output-prefix", tmp_path / "o", "--tokenizer-model", science_tokenizer_dir / "tokenizer.model")
+    r = cli("--input", src, "--output-prefix", tmp_path / "o",
+            "--tokenizer-model", science_tokenizer_dir / "tokenizer.model")
     assert r.returncode == 0 and "one_bad.jsonl:2: invalid UTF-8" in r.stdout
     assert len(megatron_dataset(tmp_path / "o_text_document")) == 2  # complete: every good line is there
 
@@ -134,7 +138,8 @@ def test_compressed_inputs_give_identical_output(tmp_path, science_tokenizer_dir
     ref = (tmp_path / "plain_text_document.bin").read_bytes()
     assert (tmp_path / "p_jsonl_gz_text_document.bin").read_bytes() == ref
     assert (tmp_path / "p_jsonl_zst_text_document.bin").read_bytes() == ref
-    assert (tmp_path / "p_jsonl_zst_text_document.idx").read_bytes() == (tmp_path / "plain_text_document.idx").read_bytes()
+    assert ((tmp_path / "p_jsonl_zst_text_document.idx").read_bytes()
+            == (tmp_path / "plain_text_document.idx").read_bytes())
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +161,8 @@ def test_killed_mid_run_leaves_nothing_at_the_output_names(tmp_path, science_tok
                              "--tokenizer-model", str(science_tokenizer_dir / "tokenizer.model")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
-    while not (tmp_path / "k_text_document.bin.tmp").exists() or (tmp_path / "k_text_document.bin.tmp").stat().st_size < 100_000:
+    tmp = tmp_path / "k_text_document.bin.tmp"
+    while not tmp.exists() or tmp.stat().st_size < 100_000:
         assert time.time() < deadline and proc.poll() is None, "the run ended before it could be interrupted"
         time.sleep(0.05)
     os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)

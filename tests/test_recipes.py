@@ -10,9 +10,9 @@ import json
 import logging
 import os
 import re
-import warnings
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -195,7 +195,8 @@ def test_an_unservable_resume_is_found_by_check_in_one_line(top1, runs, tmp_path
     work, _, _ = top1
     base = ["--config", work / "proj" / "recipe.yaml", "--check", "--world-size", "1", "parallel.ep=1",
             "model.moe_router_topk=1", f"data.data_root={runs / 'data'}", "train.train_iters=6",
-            "train.micro_batch_size=2", "train.warmup_iters=1", f"data.tokenizer_model={runs / 'tokenizer' / 'tokenizer.model'}"]
+            "train.micro_batch_size=2", "train.warmup_iters=1",
+            f"data.tokenizer_model={runs / 'tokenizer' / 'tokenizer.model'}"]
     ok = entry(capsys, *base, "train.seq_length=64", "model.max_seq_length=64", "train.global_batch_size=4")
     assert ok.returncode == 0, ok.stderr
     one_line_refusal(entry(capsys, *base, "train.seq_length=64", "model.max_seq_length=64",

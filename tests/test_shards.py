@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -94,7 +93,8 @@ def test_shards_merged_are_byte_identical_to_one_run_and_reruns_skip(sharded, ca
     # bad records are named by file and line as a single run names them
     rejected = sorted((r["file"], r["line"], r["reason"]) for k in range(N)
                       for r in map(json.loads, open(d / f"sh.shard-{k}-of-{N}_rejected.jsonl")))
-    assert rejected == sorted((r["file"], r["line"], r["reason"]) for r in map(json.loads, open(d / "one_rejected.jsonl")))
+    assert rejected == sorted((r["file"], r["line"], r["reason"])
+                              for r in map(json.loads, open(d / "one_rejected.jsonl")))
     # a rerun of a finished shard is skipped and leaves its outputs alone
     bin1 = d / f"sh.shard-1-of-{N}_text_document.bin"
     before = bin1.stat().st_mtime_ns

@@ -74,9 +74,8 @@ def test_padded_attention_equals_unpadded(rank, monkeypatch, head_dim, heads, gr
     tensor's largest entry (its scale here is ~4; megatron's own fp32 error against float64 is 1.2e-6
     absolute, so 1e-6 absolute would test rounding); the kernel is given head_dim 104 and the scale
     1/sqrt(100), and is_causal when no mask is given."""
-    from scidfm_megatron.model.packing import document_attention_mask
-
     from scidfm_megatron.device import device
+    from scidfm_megatron.model.packing import document_attention_mask
 
     ref, mod = _attention_pair(head_dim, heads, groups)
     g = torch.Generator().manual_seed(1)
@@ -105,7 +104,7 @@ def test_padded_attention_equals_unpadded(rank, monkeypatch, head_dim, heads, gr
         grads.append([t.grad for t in qkv])
     assert seen == [(104, 1 / math.sqrt(100), not masked, masked)]
     assert_within(outs[1], outs[0], 1e-6, "output")
-    for name, a, r in zip("qkv", grads[1], grads[0]):
+    for name, a, r in zip("qkv", grads[1], grads[0], strict=False):
         assert_within(a, r, 1e-6, f"d{name}")
 
 
@@ -137,7 +136,7 @@ def test_grouped_experts_equal_per_expert_mlp(models):
     torch.testing.assert_close(x1, x0, rtol=0, atol=1e-6)
     torch.testing.assert_close(p1, p0, rtol=0, atol=1e-6)
     assert len(w0) == len(w1) == 2 * cfg.num_experts
-    for a, r in zip(w1, w0):
+    for a, r in zip(w1, w0, strict=True):
         torch.testing.assert_close(a, r, rtol=0, atol=1e-6)
     mod.grouped = True
     try:
@@ -149,9 +148,9 @@ def test_grouped_experts_equal_per_expert_mlp(models):
 
 
 def test_torch_model_is_a_local_model(models):
-    """Same state-dict keys and shapes, sharded checkpoint keys and parameter order; the local model's global weights give the same logits (1e-5) and
-    gradients, causal and with a packed-SFT document mask, with the experts' SwiGLU recomputed (moe_act:
-    the checkpoint is registered once per layer and forward)."""
+    """Same state-dict keys and shapes, sharded checkpoint keys and parameter order; the local model's global
+    weights give the same logits (1e-5) and gradients, causal and with a packed-SFT document mask, with the
+    experts' SwiGLU recomputed (moe_act: the checkpoint is registered once per layer and forward)."""
     from megatron.core.tensor_parallel import CheckpointWithoutOutput
 
     from scidfm_megatron.model.packing import document_attention_mask
@@ -204,7 +203,7 @@ def test_torch_model_is_a_local_model(models):
         (l0, g0), (l1, g1) = outs
         torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
         for n, gr in g0.items():
-            torch.testing.assert_close(g1[n], gr, rtol=1e-4, atol=1e-8, msg=lambda m: f"grad {n}: {m}")
+            torch.testing.assert_close(g1[n], gr, rtol=1e-4, atol=1e-8, msg=lambda m: f"grad {n}: {m}")  # noqa: B023
     assert len(calls) == 2 * cfg.num_layers, calls
 
 
@@ -233,9 +232,8 @@ def test_sdpa_kernel_taken_names_the_kernel():
     unfused kernel (the GPU names, flash / cudnn / efficient, are asserted by the GPU test below)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from scidfm_megatron.model.torch_backend import sdpa_kernel_taken
-
     from scidfm_megatron.model.builder import attention_kernel
+    from scidfm_megatron.model.torch_backend import sdpa_kernel_taken
 
     before = torch.get_rng_state()
     if not torch.cuda.is_available():
@@ -295,9 +293,9 @@ def test_padded_attention_runs_under_each_fused_kernel_on_gpu():
                 facts["unpadded_head_dim_100"][name] = "refused: " + str(exc).splitlines()[0][:200]
             for masked in ((False, True) if name == "efficient" else (False,)):
                 res = []
-                taken = sdpa_kernel_of(lambda: res.extend(fwd_bwd(torch.bfloat16, keep if masked else None)))
+                taken = sdpa_kernel_of(lambda: res.extend(fwd_bwd(torch.bfloat16, keep if masked else None)))  # noqa: B023
                 assert taken == name, (name, masked, taken)
-                for what, got, ref in zip(("out", "dq", "dk", "dv"), res, refs[masked]):
+                for what, got, ref in zip(("out", "dq", "dk", "dv"), res, refs[masked], strict=False):
                     assert_within(got, ref, 2e-2, f"{name} masked={masked} {what}")
                 facts["padded_104"][name + (" + document mask" if masked else "")] = "ran, equals math"
     if os.environ.get("SCIDFM_GPU_FACTS"):
@@ -329,7 +327,7 @@ def test_grouped_mm_equals_loop_on_gpu():
             res.append((out.float(), xx.grad.float(), [w.grad.float() for w in ww]))
         torch.testing.assert_close(res[0][0], res[1][0], rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(res[0][1], res[1][1], rtol=2e-2, atol=2e-2)
-        for a, b in zip(res[0][2], res[1][2]):
+        for a, b in zip(res[0][2], res[1][2], strict=False):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
@@ -362,7 +360,6 @@ def stub_machine(monkeypatch):
     """Stub what resolve_backend and the experts' choice look at: TransformerEngine's import, CUDA, the
     device's compute capability and the one-time _grouped_mm probe (recorded, answering True)."""
     import megatron_patches
-
     from scidfm_megatron.model import builder, torch_backend
 
     probes = []
@@ -445,7 +442,7 @@ def test_grouped_mm_probe_requires_equality_with_the_loop(monkeypatch):
     def emulated(x, w, offs):  # rows offs[i-1]:offs[i] times w[i] ([E, in, out])
         ends = offs.tolist()
         starts = [0] + ends[:-1]
-        return torch.cat([x[a:b] @ w[i] for i, (a, b) in enumerate(zip(starts, ends))])
+        return torch.cat([x[a:b] @ w[i] for i, (a, b) in enumerate(zip(starts, ends, strict=False))])
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch, "_grouped_mm", emulated, raising=False)

@@ -39,7 +39,8 @@ def wait_for(pred, timeout=300, proc=None):
     deadline = time.time() + timeout
     while not pred():
         assert time.time() < deadline, "timed out"
-        assert proc is None or proc.poll() is None, f"process ended early: {proc.stdout.read()[-3000:] if proc.stdout else ''}"
+        assert proc is None or proc.poll() is None, \
+            f"process ended early: {proc.stdout.read()[-3000:] if proc.stdout else ''}"
         time.sleep(0.02)
 
 
@@ -148,7 +149,8 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_0(runs, tmp_path):
     proc = subprocess.Popen(["bash", str(ROOT / "examples" / "launch" / "torchrun_single.sh"),
                              *overrides(runs, work, **{"train.train_iters": 1000})], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: (work / "metrics.jsonl").exists() and len(open(work / "metrics.jsonl").readlines()) >= 2, proc=proc)
+    wait_for(lambda: (work / "metrics.jsonl").exists() and len(open(work / "metrics.jsonl").readlines()) >= 2,
+             proc=proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
@@ -215,8 +217,9 @@ def test_stage2_starts_from_stage1_with_new_lr_and_mixture(runs, stage1_fp32, tm
 def test_sft_lowers_the_assistant_loss(runs, tmp_path):
     work = tmp_path / "sft"
     train(2, overrides(runs, work, **{"train.train_iters": 24, "train.seq_length": 256, "model.max_seq_length": 256,
-                                      "train.global_batch_size": 4, "train.lr": 2e-3, "data.sft_prefix": runs / "data" / "sft",
-                                      "checkpoint.init_from": "null"}), recipe="tiny_sft.yaml", stage="sft")
+                                      "train.global_batch_size": 4, "train.lr": 2e-3,
+                                      "data.sft_prefix": runs / "data" / "sft", "checkpoint.init_from": "null"}),
+          recipe="tiny_sft.yaml", stage="sft")
     ls = losses(work)
     assert sum(ls[i] for i in range(20, 25)) / 5 < sum(ls[i] for i in range(1, 6)) / 5 - 0.5, ls
 
@@ -244,8 +247,9 @@ def test_distributed_optimizer_checkpoint_resumes(runs, tmp_path):
     """The distributed optimizer (the 18B recipes' choice) on EP2 x DP2 saves, is SIGKILLed and resumes without
     apex/TE, exactly: every step after the resume equals the uninterrupted run's, bitwise, and the optimizer's
     own state agrees (Adam's step equals the iteration). Without the distopt_torch_adam_load patch the resume
-    dies with one of the two failures it documents; without distopt_torch_adam_step all parameters share one step counter, which
-    each step advances once per parameter, and the losses part from the second step after the resume.
+    dies with one of the two failures it documents; without distopt_torch_adam_step all parameters share one step
+    counter, which each step advances once per parameter, and the losses part from the second step after the
+    resume.
     Training longer keeps the data (issue 22): the resume lengthens the run from 6 to 8 iterations (constant
     LR) and stops after 6 by train.exit_after_iters; its iterations 3-6 are still bitwise the 6-iteration
     run's, on a mixture where the longer plan needs a second epoch of a small source (conftest.
@@ -262,7 +266,8 @@ def test_distributed_optimizer_checkpoint_resumes(runs, tmp_path):
     # same sums in another bucket order, bitwise the same numbers). With overlapped param gather a rank's
     # parameters are partly a step old until the next forward, so every save must gather them first.
     run = tmp_path / "run"
-    switches = {"checkpoint.save_interval": 2, "engine.overlap_grad_reduce": "true", "engine.overlap_param_gather": "true"}
+    switches = {"checkpoint.save_interval": 2, "engine.overlap_grad_reduce": "true",
+                "engine.overlap_param_gather": "true"}
     sigkill_after_checkpoint(overrides(runs, run, **common, **switches) + ["parallel.ep=2"], run, 2, 6)
     args = overrides(runs, run, **{**common, **switches, "train.train_iters": 8, "train.exit_after_iters": 4}) + \
         ["parallel.ep=2"]
@@ -336,7 +341,8 @@ def test_resume_applies_the_recipes_schedule_and_a_stop_is_layout_free(runs, tmp
 
     w = tmp_path / "w"
     common = {"train.use_distributed_optimizer": "true", "checkpoint.save_interval": 3}
-    r = train(2, overrides(runs, w, **common, **{"train.train_iters": 6, "train.exit_after_iters": 3}) + ["parallel.ep=2"])
+    r = train(2, overrides(runs, w, **common, **{"train.train_iters": 6, "train.exit_after_iters": 3})
+              + ["parallel.ep=2"])
     assert "done at iteration 3" in r.stdout and "iter_0000003 (fully_reshardable)" in r.stdout
     assert read_meta(w / "ckpt" / "iter_0000003")["optimizer_format"] == "fully_reshardable"
 

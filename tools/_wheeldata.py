@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scidfm_megatron.utils import atomic_write  # noqa: E402
+from scidfm_megatron.utils import atomic_write
 
 
 def fetch_wheels(wheels: dict[str, str], dest: Path) -> dict[str, Path]:

@@ -79,7 +79,7 @@ def _child(mode: str, src: str, dst: str, max_shard: str) -> int:
     """One measured conversion. Imports first (the same set for both modes), then reports the baseline."""
     import safetensors.torch  # noqa: F401
     import torch
-    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.checkpoint
     import tqdm  # noqa: F401
     from transformers import GenerationConfig, MixtralConfig  # noqa: F401
 
@@ -88,7 +88,7 @@ def _child(mode: str, src: str, dst: str, max_shard: str) -> int:
     from scidfm_megatron.convert import tokenizer_files as tokfiles
     from scidfm_megatron.tokenizer import core, hf  # noqa: F401
     if mode == "import":  # megatron's model code too (the structure comes from a meta-device model)
-        import megatron.core.dist_checkpointing  # noqa: F401
+        import megatron.core.dist_checkpointing
         import megatron.core.models.gpt  # noqa: F401
 
         import megatron_patches
@@ -119,9 +119,9 @@ def _child(mode: str, src: str, dst: str, max_shard: str) -> int:
         state = ckpt.read([m.mcore for m in maps])  # the whole global state dict
         hf_state = {}
         for m in maps:
-            for name, t in zip(m.hf, mapping.to_hf(m, state[m.mcore], cfg)):
+            for name, t in zip(m.hf, mapping.to_hf(m, state[m.mcore], cfg), strict=False):
                 hf_state[name] = t.to(torch.float32)
-        units = [list(zip(m.hf, mapping.hf_shapes(m, cfg))) for m in maps]
+        units = [list(zip(m.hf, mapping.hf_shapes(m, cfg), strict=False)) for m in maps]
         shards = hf_io.plan_shards(units, torch.float32, mcore_to_hf.parse_size(max_shard))
         out = Path(dst)
         out.mkdir(parents=True)

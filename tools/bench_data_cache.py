@@ -23,7 +23,8 @@ GiB, and the resident pages of mapped files) and its RSS after the call, then re
 last training samples. ``--old`` runs the same two phases with megatron-core's plain builder as this
 project used it before (``GPTDataset``, its mgrid document index, ``create_attention_mask`` on, one
 builder thread). The new code's build budget (data/index_cache.py, 4 GiB) is scaled by --scale too, so
-that the same builds run side by side as at --scale 1. Run the old code only at a small --scale: at --scale 1 it peaked at 18.4 GiB.
+that the same builds run side by side as at --scale 1. Run the old code only at a small --scale: at --scale 1
+it peaked at 18.4 GiB.
 Figures at --scale < 1 are printed with a linear projection to --scale 1, labelled as such.
 """
 
@@ -155,8 +156,8 @@ def child(args) -> None:
 
     mix = Mixture.load(args.mixture)
     samples = (max(1, round(TRAIN_SAMPLES * args.scale)), max(1, round(VALID_SAMPLES * args.scale)), 0)
-    import torch  # noqa: F401  (imported before the baseline, as in a training process)
     import megatron.core.datasets.gpt_dataset  # noqa: F401
+    import torch  # noqa: F401  (imported before the baseline, as in a training process)
 
     base = _rss_gib()
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -272,10 +273,12 @@ def main(argv=None) -> int:
             for phase in ("cold", "cached"):
                 r = run_phase(args, impl, cache)
                 rows.append((impl, phase, r))
-                print(f"  {impl:>3} {phase:<6} {r['seconds']:7.1f} s (CPU {r['cpu_s']:.1f} s)  peak {r['peak_gib']:5.2f} GiB "
-                      f"(after imports {r['base_gib']:.2f}, after the call {r['after_gib']:.2f}; with 9 reads "
+                print(f"  {impl:>3} {phase:<6} {r['seconds']:7.1f} s (CPU {r['cpu_s']:.1f} s)  "
+                      f"peak {r['peak_gib']:5.2f} GiB (after imports {r['base_gib']:.2f}, "
+                      f"after the call {r['after_gib']:.2f}; with 9 reads "
                       f"{r['peak_with_reads_gib']:.2f}, {r['read_s']:.1f} s; sampled peaks: anonymous "
-                      f"{r['sampled_anon_gib']:.2f}, file-backed {r['sampled_file_gib']:.2f})  mask built: {r['mask']}  "
+                      f"{r['sampled_anon_gib']:.2f}, file-backed {r['sampled_file_gib']:.2f})  "
+                      f"mask built: {r['mask']}  "
                       f"train {r['train']:,} valid {r['valid']:,}  load {os.getloadavg()[0]:.1f}", flush=True)
             shutil.rmtree(cache, ignore_errors=True)
     finally:
@@ -283,11 +286,12 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nscale {args.scale:g}: {docs:,} documents; plan {round(TRAIN_SAMPLES * args.scale):,} train + "
           f"{round(VALID_SAMPLES * args.scale):,} validation samples of {SEQ}")
-    print(f"{'code':<5}{'phase':<8}{'seconds':>9}{'CPU s':>8}{'peak GiB':>10}{'anon GiB':>10}" + ("" if args.scale == 1 else
-                                                                     f"{'-> x1 s':>10}{'-> x1 GiB':>11}")
+    print(f"{'code':<5}{'phase':<8}{'seconds':>9}{'CPU s':>8}{'peak GiB':>10}{'anon GiB':>10}"
+          + ("" if args.scale == 1 else f"{'-> x1 s':>10}{'-> x1 GiB':>11}")
           + f"{'target':>16}")
     for impl, phase, r in rows:
-        line = f"{impl:<5}{phase:<8}{r['seconds']:>9.1f}{r['cpu_s']:>8.1f}{r['peak_gib']:>10.2f}{r['sampled_anon_gib']:>10.2f}"
+        line = (f"{impl:<5}{phase:<8}{r['seconds']:>9.1f}{r['cpu_s']:>8.1f}{r['peak_gib']:>10.2f}"
+                f"{r['sampled_anon_gib']:>10.2f}")
         if args.scale != 1:  # linear projection of what grows with the corpus (the import baseline does not)
             line += (f"{r['seconds'] / args.scale:>10.0f}"
                      f"{r['base_gib'] + (r['peak_gib'] - r['base_gib']) / args.scale:>11.2f}")

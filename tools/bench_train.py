@@ -74,7 +74,8 @@ def parse_args(argv=None):
                     help="only the kernel measurements (RMSNorm, SwiGLU, cross-entropy) at the slice's width, on "
                          "this device (CPU or GPU)")
     ap.add_argument("--peak-tflops", type=float, default=None)
-    ap.add_argument("--runs", default=str(ROOT / "runs"), help="where prepare_sample_data.sh wrote tokenizer/ and data/")
+    ap.add_argument("--runs", default=str(ROOT / "runs"),
+                    help="where prepare_sample_data.sh wrote tokenizer/ and data/")
     g = ap.add_argument_group("overhead: the trainer against a bare megatron-core loop")
     g.add_argument("--overhead", action="store_true", help="time the trainer's steps beside a bare megatron-core loop")
     g.add_argument("--recipe", default=str(RECIPE))
@@ -87,7 +88,8 @@ def parse_args(argv=None):
     g.add_argument("--breakdown", action="store_true",
                    help="one more trainer round with the loop's parts timed (not counted in the ratio)")
     g.add_argument("--profile", default=None, metavar="FILE",
-                   help="cProfile rank 0 over one more trainer round and one more bare round; stats to FILE.{trainer,bare}")
+                   help="cProfile rank 0 over one more trainer round and one more bare round; "
+                        "stats to FILE.{trainer,bare}")
     g.add_argument("--json", default=None, metavar="FILE",
                    help="also write the overhead (or --gpu-slice) results as JSON")
     g.add_argument("--verbose", action="store_true", help="print the workers' output")
@@ -343,8 +345,10 @@ def overhead_worker(args):
         trainer_loss = trainer.history[-1]["loss"]
         bare_loss = bare.last_loss()
         res = dict(layout=str(trainer.layout), world_size=dist.get_world_size(), steps=args.steps,
-                   rounds=args.rounds, per_step_s=per, ratios=[a / b for a, b in zip(per["trainer"], per["bare"])],
-                   cpu_per_step_s=per_cpu, cpu_ratios=[a / b for a, b in zip(per_cpu["trainer"], per_cpu["bare"])],
+                   rounds=args.rounds, per_step_s=per,
+                   ratios=[a / b for a, b in zip(per["trainer"], per["bare"], strict=False)],
+                   cpu_per_step_s=per_cpu,
+                   cpu_ratios=[a / b for a, b in zip(per_cpu["trainer"], per_cpu["bare"], strict=False)],
                    trainer_loss=trainer_loss, bare_loss=bare_loss, iteration=trainer.iteration,
                    expert_load=cfg.logging.expert_load, log_interval=cfg.logging.log_interval,
                    trainer_reporter_step_s=statistics.median(h["step_s"] for h in trainer.history[-args.steps:]))
@@ -416,7 +420,8 @@ def bench_overhead(args, runs: Path) -> list[dict]:
         for what, key in (("wall", "per_step_s"), ("CPU, all ranks", "cpu_per_step_s")):
             for side in ("trainer", "bare"):
                 v = res[key][side]
-                print(f"{side + ' (' + what + ')':<22}{statistics.median(v) * 1e3:>9.1f}{statistics.mean(v) * 1e3:>9.1f}"
+                print(f"{side + ' (' + what + ')':<22}"
+                      f"{statistics.median(v) * 1e3:>9.1f}{statistics.mean(v) * 1e3:>9.1f}"
                       f"{min(v) * 1e3:>9.1f}{max(v) * 1e3:>9.1f}   {res[side + '_loss']:.4f}")
         for what, key, rkey in (("wall", "per_step_s", "ratios"), ("cpu", "cpu_per_step_s", "cpu_ratios")):
             tr, ba = res[key]["trainer"], res[key]["bare"]
@@ -547,7 +552,7 @@ def bench_slice_backend(cfg, backend: str, args) -> dict:
                    mfu=(flops * tps / (peak_tflops * 1e12)) if peak_tflops else None,
                    peak_gib=(_peak() - base) / 2**30 if torch.cuda.is_available() else None,
                    plan_gib=(plan.total - plan.reserve) / 2**30)
-    except Exception as exc:  # one backend failing (out of memory, a kernel refused) must not hide the others
+    except Exception as exc:  # noqa: BLE001  one backend failing (out of memory, a kernel refused) must not hide the others
         row.update(error=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
     finally:
         del chunks, optimizer
@@ -594,7 +599,8 @@ def bench_attention(args, heads: int, head_dim: int, seq: int) -> list[dict]:
                 t0 = time.perf_counter()
 
                 def fwd_bwd():
-                    out = sdpa_padded(qq, kk, vv, is_causal=True)
+                    # called only within this iteration, before the del below frees the inputs
+                    out = sdpa_padded(qq, kk, vv, is_causal=True)  # noqa: B023, F821
                     out.backward(torch.ones_like(out))
 
                 with sdpa_kernel(kernels) if kernels else contextlib.nullcontext():
@@ -687,7 +693,7 @@ def bench_kernels(args, cfg) -> list[dict]:
             row = dict(kernel=kernel, shape=shape, variant=name)
             try:
                 row.update(_time_fwd_bwd(fn, make, args))
-            except Exception as exc:  # e.g. torch.compile without a working Triton: reported, not fatal
+            except Exception as exc:  # noqa: BLE001  e.g. torch.compile without a working Triton: reported, not fatal
                 row["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
             rows.append(row)
     print(f"\nkernels, forward + backward, bf16, {dev}")

@@ -173,7 +173,7 @@ class Proc:
             rc = self.p.wait(timeout=max(timeout, 0.1))
         except subprocess.TimeoutExpired:
             self.kill()
-            raise CheckFailed(f"timed out after {timeout:.0f} s: {' '.join(self.cmd[-6:])}\n{self.tail()}")
+            raise CheckFailed(f"timed out after {timeout:.0f} s: {' '.join(self.cmd[-6:])}\n{self.tail()}") from None
         finally:
             self._fh.close()
         return rc
@@ -209,7 +209,7 @@ def run(cmd: list, log: Path, budget: Budget, cap: float, env: Optional[dict] = 
 def run_pair(cmds: list, logs: list, budget: Budget, cap: float) -> list:
     """Independent runs side by side (each is one process on one core, or a tiny model on the GPU)."""
     t = budget.timeout(cap)
-    procs = [Proc(c, log) for c, log in zip(cmds, logs)]
+    procs = [Proc(c, log) for c, log in zip(cmds, logs, strict=False)]
     errors = []
     end = time.monotonic() + t
     for pr in procs:
@@ -704,9 +704,9 @@ def probe_env(out: str) -> int:
         r["transformer_engine"] = version("transformer_engine") or version("transformer-engine")
         r["transformer_engine_import"] = "ok" if err is None else f"{type(err).__name__}: {err}"
         # The whole training / inference / conversion import path under this torch (no torch pin asserted).
-        import scidfm_megatron.convert.mcore_to_hf  # noqa: F401
-        import scidfm_megatron.inference  # noqa: F401
-        import scidfm_megatron.training.trainer  # noqa: F401
+        import scidfm_megatron.convert.mcore_to_hf
+        import scidfm_megatron.inference
+        import scidfm_megatron.training.trainer
         from scidfm_megatron.model.builder import resolve_backend
 
         r["library"] = str(Path(scidfm_megatron.inference.__file__).parent)
@@ -797,8 +797,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="global time budget in seconds "
                                                                "(default 450 on the GPU, 600 in the dry run)")
     ap.add_argument("--python", default=None, help="interpreter for the subprocesses (default: this one)")
-    ap.add_argument("--runs", default=None, help="reuse this sample-data folder (RUNS of scripts/prepare_sample_data.sh: "
-                                                 "tokenizer/, data/) instead of preparing one in the work dir")
+    ap.add_argument("--runs", default=None,
+                    help="reuse this sample-data folder (RUNS of scripts/prepare_sample_data.sh: "
+                         "tokenizer/, data/) instead of preparing one in the work dir")
     ap.add_argument("--only", default=None, help="comma-separated check names (sample_data runs when one needs it)")
     args = ap.parse_args(argv)
     checker = Checker(args)

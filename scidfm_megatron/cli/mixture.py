@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         mix = Mixture.load(args.recipe, data_root=args.data_root)
         if args.blend:
             prefixes, weights = mix.blend(args.epoch)
-            print(" ".join(f"{w:.6g} {p}" for p, w in zip(prefixes, weights)))
+            print(" ".join(f"{w:.6g} {p}" for p, w in zip(prefixes, weights, strict=False)))
         else:
             print(mix.report(args.epoch))
     except ConfigError as exc:

@@ -20,7 +20,8 @@ import sys
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scidfm-preprocess", description=__doc__.splitlines()[0])
     g = ap.add_argument_group("Megatron-LM compatible")
-    g.add_argument("--input", required=True, nargs="+", help="jsonl / .jsonl.gz / .jsonl.zst / .parquet files, dirs or globs")
+    g.add_argument("--input", required=True, nargs="+",
+                   help="jsonl / .jsonl.gz / .jsonl.zst / .parquet files, dirs or globs")
     g.add_argument("--output-prefix", required=True,
                    help="output path prefix: <prefix>_<key>_document.bin/.idx (SFT: <prefix>_tokens/_lossmask)")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="(SFT: the messages key, default messages)")

@@ -20,7 +20,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -95,7 +95,8 @@ class ShardWriter:
         if name != want_name or tuple(t.shape) != shape or _DTYPES.get(t.dtype) != code:
             raise RuntimeError(f"{self.path.name}: expected {want_name} {code}{list(shape)}, got {name} "
                                f"{t.dtype}{list(t.shape)} (conversion plan and data disagree)")
-        self._f.write(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))
+        # numpy's stubs here do not declare the buffer protocol its arrays implement
+        self._f.write(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))  # type: ignore[arg-type]
         self._i += 1
 
     def close(self) -> None:
@@ -180,7 +181,7 @@ class HFCheckpoint:
             for name, fn in weight_map.items():
                 if self.location.get(name) != fn:
                     raise HFCheckpointError(f"{self.dir / fn}: tensor {name!r} is in the index but not in the file")
-        self._open: dict[str, object] = {}
+        self._open: dict[str, Any] = {}  # safetensors' safe_open handles
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.meta[name]["shape"])

@@ -26,14 +26,14 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch.distributed.checkpoint import DefaultSavePlanner
 
+from ..utils import staged_dir
 from . import mapping
 from . import tokenizer_files as tokfiles
-from ..utils import staged_dir
 from .hf_io import HFCheckpoint, HFCheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -96,7 +96,7 @@ def check_hf_tensors(ckpt: HFCheckpoint, cfg) -> None:
     src = HFTensors(ckpt, cfg)
     have = src.names()
     maps = mapping.tensor_maps(cfg)
-    want = {n: s for m in maps for n, s in zip(m.hf, mapping.hf_shapes(m, cfg))}
+    want = {n: s for m in maps for n, s in zip(m.hf, mapping.hf_shapes(m, cfg), strict=False)}
     missing = sorted(set(want) - have)
     extra = sorted(have - set(want) - (set() if cfg.untie_embeddings else {"lm_head.weight"}))
     if missing:
@@ -160,7 +160,7 @@ def megatron_structure(cfg) -> tuple[list[Chunk], dict[str, object]]:
                 raise RuntimeError(f"{st.key}: not a main-replica, unflattened shard at TP1 x PP1 x EP1")
             p = st.prepend_axis_num
             name = canonical_name(st.key, tuple(st.global_offset[:p]))
-            region = tuple(slice(o, o + n) for o, n in zip(st.global_offset[p:], st.local_shape))
+            region = tuple(slice(o, o + n) for o, n in zip(st.global_offset[p:], st.local_shape, strict=False))
             chunks.append(Chunk(st.key, tuple(st.global_shape), tuple(st.global_offset),
                                 (1,) * p + tuple(st.local_shape), name, region))
     return chunks, objects
@@ -211,7 +211,7 @@ class StreamingSavePlanner(DefaultSavePlanner):
                 # after the previous one is on disk, so the previous unit's memory can go now.
                 prev.untyped_storage().resize_(0)
             self._unit = (c.name, self.make_unit(c.name))
-        return self._unit[1][c.region].reshape(c.sizes)
+        return cast(torch.Tensor, self._unit[1])[c.region].reshape(c.sizes)
 
 
 def _unit_maker(src: HFTensors, cfg, dtype: torch.dtype):
@@ -232,7 +232,7 @@ def _unit_maker(src: HFTensors, cfg, dtype: torch.dtype):
         elif m.kind == "copy":
             out = src.read(m.hf[0], dtype, shapes[0])
         else:
-            out = mapping.to_mcore(m, [src.read(h, dtype, s) for h, s in zip(m.hf, shapes)], cfg)
+            out = mapping.to_mcore(m, [src.read(h, dtype, s) for h, s in zip(m.hf, shapes, strict=False)], cfg)
         return out
 
     return make
@@ -310,7 +310,8 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, *, tp: int = 1, pp: in
     if dtype is None:
         dtype, why = source_dtype(hf)
     say = print if progress else (lambda *a, **k: None)
-    say(f"[scidfm] hf->mcore {hf.dir} -> {dst}: dtype {dtype} ({why}); layout TP{tp} PP{pp} EP{ep} recorded", flush=True)
+    say(f"[scidfm] hf->mcore {hf.dir} -> {dst}: dtype {dtype} ({why}); layout TP{tp} PP{pp} EP{ep} recorded",
+        flush=True)
     say(f"[scidfm] tokenizer: {tok.describe()}", flush=True)
     final_tok = (dst.resolve() / "tokenizer" / "tokenizer.model") if any(
         f.name == "tokenizer.model" for f in tok.files) else None

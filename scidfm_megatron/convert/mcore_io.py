@@ -128,7 +128,7 @@ class McoreCheckpoint:
         planner = _SlicePlanner(wanted)
         try:
             dcp.load({}, storage_reader=self.reader, planner=planner, no_dist=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise McoreCheckpointError(f"{self.dir}: reading {names[:3]} failed: {exc}") from exc
         return {n: (t.reshape(s.shape) if dtype is None else t.reshape(s.shape).to(dtype))
                 for n, (s, t) in wanted.items()}
@@ -169,10 +169,10 @@ class _SlicePlanner(DefaultLoadPlanner):
 
         items = []
         for key, reqs in self.by_key.items():
-            md = self.metadata.state_dict_metadata[key]
+            md = self.metadata.state_dict_metadata[key]  # type: ignore[union-attr]  # set by set_up_planner
             chunks = [ChunkStorageMetadata(offsets=torch.Size(s.offsets + (0,) * len(s.shape)),
                                            sizes=torch.Size(t.shape)) for s, t in reqs]
-            items.extend(create_read_items_for_chunk_list(key, md, chunks))
+            items.extend(create_read_items_for_chunk_list(key, md, chunks))  # type: ignore[arg-type]  # tensors
         return LoadPlan(items)
 
     def lookup_tensor(self, index):
@@ -180,7 +180,7 @@ class _SlicePlanner(DefaultLoadPlanner):
 
     def resolve_tensor(self, read_item):
         t = self.lookup_tensor(read_item.dest_index)
-        for dim, (o, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+        for dim, (o, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=False)):
             t = t.narrow(dim, o, n)
         return t
 

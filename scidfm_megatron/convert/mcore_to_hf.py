@@ -15,10 +15,10 @@ from typing import Optional
 
 import torch
 
+from ..utils import staged_dir
 from . import mapping
 from . import tokenizer_files as tokfiles
 from .hf_io import ShardWriter, plan_shards, write_index
-from ..utils import staged_dir
 from .mcore_io import McoreCheckpoint, McoreCheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -110,7 +110,7 @@ def convert_mcore_to_hf(src: str | Path, dst: str | Path, *, dtype: Optional[str
     tok.check_fits(cfg.vocab_size, f"{ckpt.dir / 'scidfm_meta.json'}",
                    "pass the tokenizer this model was trained with (--tokenizer), or --tokenizer none")
     ids = token_ids(ckpt, tok)
-    units = [list(zip(m.hf, mapping.hf_shapes(m, cfg))) for m in maps]
+    units = [list(zip(m.hf, mapping.hf_shapes(m, cfg), strict=False)) for m in maps]
     shards = plan_shards(units, tdtype, parse_size(max_shard_size))
     unit_of = {m.hf[0]: m for m in maps}
     if progress:
@@ -127,7 +127,7 @@ def convert_mcore_to_hf(src: str | Path, dst: str | Path, *, dtype: Optional[str
             for name in heads:
                 m = unit_of[name]
                 t = ckpt.read([m.mcore])[m.mcore]
-                for hf_name, hf_t in zip(m.hf, mapping.to_hf(m, t, cfg)):
+                for hf_name, hf_t in zip(m.hf, mapping.to_hf(m, t, cfg), strict=False):
                     w.write(hf_name, hf_t.to(tdtype))
                     bar.update(hf_t.numel() * tdtype.itemsize)
                 del t

@@ -26,7 +26,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 # Files that make up a Hugging Face tokenizer folder (copied verbatim when present), plus the code
 # files that tokenizer_config.json's auto_map may name.
@@ -128,7 +128,7 @@ def _hf_folder(d: Path) -> Tokenizer:
         ids += [int(t["id"]) for t in tj.get("added_tokens") or []]
     elif (d / "tokenizer.model").is_file():
         sp = _sp_tokenizer(d / "tokenizer.model")
-        ids.append(sp.vocab_size - 1)
+        ids.append(cast(int, sp.vocab_size) - 1)  # known for a SentencePiece model
         bos, eos, pad, eod = sp.bos_id, sp.eos_id, sp.pad_id, sp.eod_id
     elif (d / "vocab.json").is_file():
         ids += [int(v) for v in json.loads((d / "vocab.json").read_text(encoding="utf-8")).values()]
@@ -177,7 +177,7 @@ def write(tok: Tokenizer, dst: Path, *, model_max_length: int, hf_files: bool = 
         for f in tok.files:
             shutil.copyfile(f, dst / f.name)
         return
-    shutil.copyfile(tok.path, dst / "tokenizer.model")
+    shutil.copyfile(cast(Path, tok.path), dst / "tokenizer.model")  # every kind but none has a path
     for f in tok.files[1:]:
         shutil.copyfile(f, dst / f.name)
     if not hf_files:
@@ -200,19 +200,20 @@ def write(tok: Tokenizer, dst: Path, *, model_max_length: int, hf_files: bool = 
 
 def encode(tok: Tokenizer, text: str) -> Optional[list[int]]:
     """``text`` as this tokenizer's ids (with BOS where the tokenizer adds one); None for ``none``."""
+    path = cast(Path, tok.path)  # None only for kind "none"
     if tok.kind == "science":
         from ..tokenizer.core import ScienceTokenizer
 
-        return ScienceTokenizer(str(tok.path)).encode(text, bos=True)
-    if tok.kind == "sentencepiece" or (tok.kind == "hf" and (tok.path / "tokenizer.model").is_file()
-                                       and not (tok.path / "tokenizer.json").is_file()):
+        return ScienceTokenizer(str(path)).encode(text, bos=True)
+    if tok.kind == "sentencepiece" or (tok.kind == "hf" and (path / "tokenizer.model").is_file()
+                                       and not (path / "tokenizer.json").is_file()):
         import sentencepiece as spm
 
-        model = tok.path if tok.kind == "sentencepiece" else tok.path / "tokenizer.model"
+        model = path if tok.kind == "sentencepiece" else path / "tokenizer.model"
         sp = spm.SentencePieceProcessor(model_file=str(model))
         return ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(text)
-    if tok.kind == "hf" and (tok.path / "tokenizer.json").is_file():
+    if tok.kind == "hf" and (path / "tokenizer.json").is_file():
         from tokenizers import Tokenizer as Fast
 
-        return Fast.from_file(str(tok.path / "tokenizer.json")).encode(text).ids
+        return Fast.from_file(str(path / "tokenizer.json")).encode(text).ids
     return None

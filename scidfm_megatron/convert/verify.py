@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -140,17 +140,18 @@ def compare(ref: Trace, got: Trace, dtype: str) -> tuple[list[dict], Optional[st
     top-k agreement counts, and the hidden-state and logit maxima are taken over the tokens routed alike
     in every layer so far (means over all tokens)."""
     tol = TOLERANCES[dtype]
-    rows, first = [], None
+    rows: list[dict[str, Any]] = []
+    first: Optional[str] = None
     if len(ref.hidden) != len(got.hidden) or len(ref.topk) != len(got.topk):
         return rows, f"layer count differs: {len(ref.hidden)} vs {len(got.hidden)}"
     alike = torch.ones(ref.logits.shape[:2], dtype=torch.bool)
-    for i, (a, b, ta, tb) in enumerate(zip(ref.hidden, got.hidden, ref.topk, got.topk)):
+    for i, (a, b, ta, tb) in enumerate(zip(ref.hidden, got.hidden, ref.topk, got.topk, strict=False)):
         same = (ta == tb).all(-1).view(alike.shape)
         alike &= same
         d = (a - b).abs()
         scale = a.abs().max().item()
-        row = dict(layer=str(i), max=d[alike].max().item() if alike.any() else float("inf"), mean=d.mean().item(),
-                   scale=scale, agree=same.float().mean().item())
+        row: dict[str, Any] = dict(layer=str(i), max=d[alike].max().item() if alike.any() else float("inf"),
+                                   mean=d.mean().item(), scale=scale, agree=same.float().mean().item())
         rows.append(row)
         if first is None:
             if row["max"] > tol["rtol"] * scale:

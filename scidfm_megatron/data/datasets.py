@@ -29,8 +29,10 @@ def check_splits(prefixes: list[str], split: str, samples: tuple[int, int, int])
     empty (``_get_num_epochs`` with zero tokens per epoch), e.g. a 6-document source with a 2% validation
     split. Fail instead, naming the source, the split and the fix. Uses megatron's own split arithmetic.
     """
-    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
-                                                                         parse_and_normalize_split)
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
 
     from ..config import ConfigError
     from .indexed import read_index_counts
@@ -38,7 +40,7 @@ def check_splits(prefixes: list[str], split: str, samples: tuple[int, int, int])
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for prefix in prefixes:
         _, n = read_index_counts(prefix)  # megatron splits a GPTDataset by documents
-        for name, bounds, want in zip(("train", "valid", "test"), matrix, samples):
+        for name, bounds, want in zip(("train", "valid", "test"), matrix, samples, strict=False):
             if want and bounds is not None and int(round(bounds[1] * n)) - int(round(bounds[0] * n)) < 1:
                 raise ConfigError(f"{prefix}: its {name} split is empty ({n} documents, data.split={split!r}) but "
                                   f"{want} {name} samples are requested; give {name} a larger share of data.split, "
@@ -92,7 +94,6 @@ def _stable_gpt_dataset():
 
                 import numpy
                 import torch
-
                 from megatron.core.datasets import helpers
                 from megatron.core.datasets.utils import Split
 
@@ -134,7 +135,7 @@ def _stable_gpt_dataset():
                     start = end
                 if paths and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
                     os.makedirs(cache, exist_ok=True)
-                    for p, arr in zip(paths[1:], (document_index, sample_index, shuffle_index)):
+                    for p, arr in zip(paths[1:], (document_index, sample_index, shuffle_index), strict=False):
                         with open(p + ".tmp", "wb") as f:
                             numpy.save(f, arr, allow_pickle=True)
                         os.replace(p + ".tmp", p)
@@ -147,7 +148,7 @@ def _stable_gpt_dataset():
     return _STABLE
 
 
-_STABLE = None
+_STABLE: Optional[type] = None
 
 
 def build_pretrain_datasets(mixture: Mixture, epoch: int, tokenizer, *, seq_length: int,

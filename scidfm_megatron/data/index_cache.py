@@ -66,7 +66,7 @@ def _classes(base):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.utils import Split
 
-    class LeanGPTDataset(base):
+    class LeanGPTDataset(base):  # type: ignore[valid-type,misc]  # megatron's class, given at run time
         """megatron's GPTDataset over a :class:`DocumentSpan`; its indices mapped from the cache."""
 
         index_built = False
@@ -113,7 +113,7 @@ def _classes(base):
 
         def __init__(self, datasets, weights, size, config):
             super().__init__(datasets, weights, size, config)
-            self.index_built = not isinstance(self.dataset_index, numpy.memmap)
+            self.index_built = not isinstance(self.dataset_index, numpy.memmap)  # type: ignore[has-type]  # megatron's
             if self.index_built and config.path_to_cache:
                 base = os.path.join(config.path_to_cache,
                                     f"{self.unique_description_hash}-{type(self).__name__}-{self.split.name}")
@@ -133,7 +133,7 @@ def _classes(base):
                 return [None] * len(Split)
             low_level = self.cls.build_low_level_dataset(dataset_path, self.config)
             n = self.cls.numel_low_level_dataset(low_level)
-            out = []
+            out: list = []
             for i, name in enumerate(Split):
                 if split[i] is None:
                     out.append(None)
@@ -198,7 +198,7 @@ def classes(base=None):
     """(LeanGPTDataset, LeanBlendedDataset, LeanBuilder) over the GPT dataset class ``base`` (megatron's
     GPTDataset by default), made once per base (megatron imported on first use)."""
     if base is None:
-        from megatron.core.datasets.gpt_dataset import GPTDataset as base
+        from megatron.core.datasets.gpt_dataset import GPTDataset as base  # type: ignore[no-redef]
     if base not in _CLASSES:
         _CLASSES[base] = _classes(base)
     return _CLASSES[base]

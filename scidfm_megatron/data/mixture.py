@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import numpy as np
 
@@ -100,7 +100,7 @@ class Mixture:
         if missing:
             raise ConfigError(f"mixture {self.name!r} epoch {epoch}: sources without a data prefix: {missing}")
         total = sum(toks.values())
-        return ([self.path(s.for_epoch(epoch)[0]) for s in self.sources],
+        return ([self.path(cast(str, s.for_epoch(epoch)[0])) for s in self.sources],  # None: rejected above
                 [toks[s.name] / total for s in self.sources])
 
     def report(self, epoch: int = 1) -> str:

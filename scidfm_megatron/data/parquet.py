@@ -17,14 +17,16 @@ def _unjsonable(value):
     return {f"<parquet {type(value).__name__}>": None}
 
 
-def parquet_blocks(path: str, file_index: int, columns: list[str], block_bytes: int) -> Iterator[tuple[int, int, bytes]]:
+def parquet_blocks(path: str, file_index: int, columns: list[str],
+                   block_bytes: int) -> Iterator[tuple[int, int, bytes]]:
     """(file index, first row number, jsonl bytes) blocks of about ``block_bytes``."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         from .preprocess import PreprocessError
 
-        raise PreprocessError(f"{path}: reading .parquet needs pyarrow (pip install 'scidfm-megatron[parquet]')") from None
+        raise PreprocessError(f"{path}: reading .parquet needs pyarrow "
+                              f"(pip install 'scidfm-megatron[parquet]')") from None
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
     present = [c for c in columns if c in names]

@@ -6,13 +6,13 @@ bounded whatever the input size (``multiprocessing.Pool.imap`` would read the wh
 here imports torch: workers stay small and start fast.
 
 Bad input is never dropped silently. Each bad line (invalid UTF-8, raw NUL bytes, invalid JSON, not an
-object, missing key, non-string value, text holding an escaped lone surrogate such as ``"\ud800"``) is counted and listed with its file, line number and reason in
-the summary and in ``<prefix>_rejected.jsonl``; ``strict=True`` stops at the first one with that
-message and writes nothing. Empty documents are skipped and counted. An escaped NUL (``"\u0000"``) is a
-valid JSON string: the document is kept with its NUL (SentencePiece encodes it, as a byte with byte
-fallback) and counted (``nul_documents``). Outputs are written under temporary names and renamed only
-when everything is complete. The summary records the tokenizer's fingerprint and the largest id written
-per output (``tokenizer``, ``largest_id``), which training checks against its recipe (data/provenance.py).
+object, missing key, non-string value, text holding an escaped lone surrogate such as ``"\ud800"``) is
+counted and listed with its file, line number and reason in the summary and in ``<prefix>_rejected.jsonl``;
+``strict=True`` stops at the first one with that message and writes nothing. Empty documents are skipped and
+counted. An escaped NUL (``"\u0000"``) is a valid JSON string: the document is kept with its NUL (SentencePiece
+encodes it, as a byte with byte fallback) and counted (``nul_documents``). Outputs are written under temporary names
+and renamed only when everything is complete. The summary records the tokenizer's fingerprint and the largest id
+written per output (``tokenizer``, ``largest_id``), which training checks against its recipe (data/provenance.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, cast
 
 import numpy as np
 
@@ -92,13 +92,16 @@ class Summary:
                              f"<= {self.sft['seq_length'] + 1} tokens ({self.sft['truncated']:,} truncated) -> "
                              f"{out}_{{tokens,lossmask,convlens}}.{{bin,idx}}")
             else:
-                lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens -> {out}.{{bin,idx}}")
+                lines.append(f"  {key}: {self.documents[key]:,} documents, {self.tokens[key]:,} tokens -> "
+                             f"{out}.{{bin,idx}}")
         if self.sft.get("formats"):
             counts = collections.Counter(self.sft["formats"].values())
-            lines.append("  SFT record formats: " + ", ".join(f"{f} ({n} file{'s' * (n > 1)})" for f, n in counts.items()))
+            lines.append("  SFT record formats: "
+                         + ", ".join(f"{f} ({n} file{'s' * (n > 1)})" for f, n in counts.items()))
         lines.append(f"  rejected lines: {self.rejected:,}; empty documents skipped: {self.empty:,}; "
                      f"blank lines: {self.blank_lines:,}" +
-                     (f"; documents kept with an escaped NUL (\\u0000): {self.nul_documents:,}" if self.nul_documents else ""))
+                     (f"; documents kept with an escaped NUL (\\u0000): {self.nul_documents:,}"
+                      if self.nul_documents else ""))
         for r in self.rejections[:max_listed]:
             lines.append(f"    {r.file}:{r.line}: {r.reason}")
         if self.rejected > max_listed:
@@ -139,10 +142,10 @@ def _init_worker(model_file: str, keys: list[str], spans: dict, append_eod: bool
         tok.num_threads = 1  # one SentencePiece thread per worker process: the workers are the parallelism
         from ..tokenizer.fast import encode_arrays
 
-        _W.update(tok=tok, encode_arrays=encode_arrays, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype), mode=mode,
-                  sft_formats=sft_formats,
+        _W.update(tok=tok, encode_arrays=encode_arrays, keys=keys, append_eod=append_eod, dtype=np.dtype(dtype),
+                  mode=mode, sft_formats=sft_formats,
                   wrap={k: (wrap_molecule if v == "molecule" else wrap_protein) for k, v in spans.items()})
-    except BaseException as exc:  # surface it on the first batch: a Pool would respawn failing workers forever
+    except BaseException as exc:  # noqa: BLE001  surface it on the first batch: a Pool would respawn failing workers
         _W["init_error"] = f"{type(exc).__name__}: {exc}"
 
 
@@ -199,7 +202,7 @@ def _encode_batch(batch: tuple[int, int, bytes]):
                 rejects.append((lineno, bad + (SURROGATE_FIX if "lone surrogate" in bad else "")))
                 continue
             try:
-                chats.append(encode_chat(tok, messages))
+                chats.append(encode_chat(tok, cast(list, messages)))  # not None without bad
             except ValueError as exc:
                 rejects.append((lineno, f"key {main_key(fmt, keys[0])!r}: {exc}"))
             continue
@@ -222,7 +225,7 @@ def _encode_batch(batch: tuple[int, int, bytes]):
             rejects.append((lineno, bad))
             continue
         nul += any("\x00" in v for v in values)  # escaped NUL: valid JSON, kept (and counted)
-        for k, v in zip(keys, values):
+        for k, v in zip(keys, values, strict=False):
             if not v.strip():
                 empty += 1
                 continue
@@ -367,17 +370,18 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
             raise PreprocessError("SFT preprocessing takes one --json-keys (the messages list) and no --span")
         file_formats = _sft_formats(files, sft_format, keys[0])
         prefixes = {keys[0]: output_prefix}
-        writers = {keys[0]: SFTPacker(output_prefix, sft_seq_length, dtype, pack=sft_pack)}
+        writers: dict[str, Any] = {keys[0]: SFTPacker(output_prefix, cast(int, sft_seq_length), dtype,
+                                                      pack=sft_pack)}  # chat mode: set
     else:
         if sft_format != "auto":
             raise PreprocessUsageError(f"--sft-format {sft_format} applies to SFT data: add --sft-seq-length")
-        file_formats = ()
+        file_formats = []
         pieces = None
         if shard is not None:
             from . import shards as sh
 
             k_shard, n_shard = shard
-            shard_info = dict(files=files, plan=sh.plan_identity(files),
+            shard_info: dict[str, Any] = dict(files=files, plan=sh.plan_identity(files),
                               fingerprint=dict(fingerprint),
                               settings={"json_keys": keys, "spans": spans, "append_eod": append_eod})
             done = sh.finished(output_prefix, k_shard, n_shard, shard_info["plan"], shard_info["fingerprint"],
@@ -412,6 +416,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
     init_args = (str(tokenizer_model), keys, spans, append_eod, np.dtype(dtype).name, mode, tuple(file_formats))
     try:
         with open(rejected_tmp, "w") as rej_file:
+            submit: Callable[[Any], Any]  # -> an ApplyResult or a _Done: both have .get()
             if workers > 1:
                 import multiprocessing as mp
 
@@ -473,10 +478,12 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
     summary.seconds = time.perf_counter() - start
-    extra = dict(writers[keys[0]].stats(), formats=dict(zip(files, file_formats))) if mode == "chat" else {}
+    extra = (dict(writers[keys[0]].stats(), formats=dict(zip(files, file_formats, strict=False)))
+             if mode == "chat" else {})
     summary.sft = extra
     write_json_atomic(Path(f"{output_prefix}_summary.json"),
-                      dict(asdict(summary), mb_per_s=summary.mb_per_s, rejections=[asdict(r) for r in summary.rejections],
+                      dict(asdict(summary), mb_per_s=summary.mb_per_s,
+                           rejections=[asdict(r) for r in summary.rejections],
                            **({"sft": extra} if extra else {})))
     if mode == "text" and shard is not None:
         sh.write_manifest(base_prefix, *shard, pieces=pieces, summary=summary,
@@ -496,7 +503,7 @@ def _sft_formats(files: list[str], requested: str, key: str) -> list[str]:
     out = []
     for k, path in enumerate(files):
         def lines():
-            with open_binary(path) as f:
+            with open_binary(path) as f:  # noqa: B023  consumed by choose() within this iteration
                 yield from enumerate(f, 1)
         try:
             fmt, how = choose(lines(), path, requested, key)

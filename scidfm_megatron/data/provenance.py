@@ -16,7 +16,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+if TYPE_CHECKING:
+    from ..tokenizer.fingerprint import Fingerprint
 
 
 def summary_for(prefix: str) -> tuple[Optional[Path], dict, Optional[str]]:
@@ -51,7 +54,7 @@ def scan_largest_id(bin_prefix: str) -> Optional[int]:
     with open(idx, "rb") as f:
         head = f.read(len(INDEX_HEADER) + 9)
     code = head[-1] if head[:len(INDEX_HEADER)] == INDEX_HEADER else None
-    dtype = {c: t for t, c in DTYPE_CODES.items()}.get(code)
+    dtype = {c: t for t, c in DTYPE_CODES.items()}.get(code)  # type: ignore[arg-type]  # None: not an index
     if dtype is None:
         return None
     data = np.memmap(bin_, dtype=dtype, mode="r")
@@ -61,11 +64,11 @@ def scan_largest_id(bin_prefix: str) -> Optional[int]:
     return max(int(data[k:k + step].max()) for k in range(0, data.size, step))
 
 
-def _short(fp: dict) -> str:
+def _short(fp: Mapping[str, Any]) -> str:
     return f"{fp.get('sha256', '?')[:12]} ({fp.get('kind', '?')}, {fp.get('vocab_size', '?')} tokens)"
 
 
-def check_dataset(prefix: str, tok_fp: dict, tokenizer_model: str, model_vocab: int, what: str) -> None:
+def check_dataset(prefix: str, tok_fp: Fingerprint, tokenizer_model: str, model_vocab: int, what: str) -> None:
     """One dataset against the run's tokenizer fingerprint and model vocabulary (ConfigError, one line)."""
     from ..config import ConfigError
     from ..tokenizer.fingerprint import same_tokenizer
@@ -109,12 +112,12 @@ def run_datasets(cfg) -> list[tuple[str, str]]:
     return [(p, f"data.mixture {d.mixture}") for p in prefixes]
 
 
-def run_tokenizer(cfg) -> dict:
+def run_tokenizer(cfg) -> Fingerprint:
     """The fingerprint of ``data.tokenizer_model`` (science or plain); SFT with a plain one is refused."""
+    from google.protobuf.message import DecodeError
+
     from ..config import ConfigError
     from ..tokenizer.fingerprint import tokenizer_fingerprint
-
-    from google.protobuf.message import DecodeError
 
     d = cfg.data
     try:
@@ -129,7 +132,7 @@ def run_tokenizer(cfg) -> dict:
     return fp
 
 
-def check_run_data(cfg, fp: dict) -> None:
+def check_run_data(cfg, fp: Fingerprint) -> None:
     """Every dataset of the run against the tokenizer fingerprint ``fp`` and ``model.vocab_size``."""
     for prefix, what in run_datasets(cfg):
         check_dataset(prefix, fp, cfg.data.tokenizer_model, cfg.model.vocab_size, what)

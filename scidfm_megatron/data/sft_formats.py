@@ -99,7 +99,7 @@ def _sharegpt(turns) -> list[dict]:
         where = f"key 'conversations': turn {k}"
         if not isinstance(t, dict):
             raise ValueError(f"{where}: expected an object with from and value")
-        role = SHAREGPT_ROLES.get(t.get("from"))
+        role = SHAREGPT_ROLES.get(t.get("from"))  # type: ignore[arg-type]  # a missing "from" gives None too
         if role is None:
             raise ValueError(f"{where}: 'from' must be one of {sorted(SHAREGPT_ROLES)}, got {t.get('from')!r}")
         if not isinstance(t.get("value"), str):

@@ -35,9 +35,9 @@ class ShardError(RuntimeError):
 
 
 def parse_shard(value: str) -> tuple[int, int]:
-    k, sep, n = str(value).partition("/")
+    k_text, sep, n_text = str(value).partition("/")
     try:
-        k, n = int(k), int(n)
+        k, n = int(k_text), int(n_text)
     except ValueError:
         k = n = -1
     if not sep or n < 1 or not 0 <= k < n:
@@ -55,7 +55,8 @@ def manifest_path(prefix: str, k: int, n: int) -> Path:
 
 def plan_identity(files: list[str]) -> dict:
     sizes = [os.path.getsize(f) for f in files]
-    h = hashlib.sha256(json.dumps([[os.path.abspath(f), s] for f, s in zip(files, sizes)]).encode()).hexdigest()
+    listing = [[os.path.abspath(f), s] for f, s in zip(files, sizes, strict=False)]
+    h = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     return {"files": len(files), "bytes": sum(sizes), "sha256": h}
 
 
@@ -83,9 +84,9 @@ def plan_shard(files: list[str], k: int, n: int) -> list[tuple[int, int, Optiona
     sizes = [os.path.getsize(f) for f in files]
     total = sum(sizes)
     lo, hi = k * total // n, (k + 1) * total // n
-    pieces = []
+    pieces: list[tuple[int, int, Optional[int]]] = []
     offset = 0
-    for fi, (path, size) in enumerate(zip(files, sizes)):
+    for fi, (path, size) in enumerate(zip(files, sizes, strict=False)):
         f_lo, f_hi = offset, offset + size
         offset = f_hi
         if path.endswith(WHOLE_FILE_SUFFIXES):
@@ -148,7 +149,8 @@ def finished(prefix: str, k: int, n: int, plan: dict, fingerprint: dict, setting
     except (OSError, ValueError):
         return None
     if not (data.get("complete") and data.get("shard") == [k, n] and data.get("plan") == plan
-            and data.get("settings") == settings and (data.get("tokenizer") or {}).get("sha256") == fingerprint["sha256"]):
+            and data.get("settings") == settings
+            and (data.get("tokenizer") or {}).get("sha256") == fingerprint["sha256"]):
         return None
     for digests in data["outputs"].values():
         for d in digests:
@@ -163,7 +165,7 @@ def check_shards(prefix: str, n: int, verify_checksums: bool = True) -> list[dic
     """Every manifest of ``prefix``'s N shards, checked; ShardError naming the first shard at fault."""
     from ..tokenizer.fingerprint import file_sha256
 
-    manifests = []
+    manifests: list[dict] = []
     for k in range(n):
         path = manifest_path(prefix, k, n)
         name = f"shard {k}/{n} ({path})"

@@ -272,7 +272,8 @@ def main(argv=None) -> int:
     finally:
         model.close()
     print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=1))
-    print(f"[scidfm] plots -> {Path(args.out) / 'expert_choice_tsne.png'}, {Path(args.out) / 'expert_usage_heatmaps.png'}")
+    print(f"[scidfm] plots -> {Path(args.out) / 'expert_choice_tsne.png'}, "
+          f"{Path(args.out) / 'expert_usage_heatmaps.png'}")
     return 0
 
 

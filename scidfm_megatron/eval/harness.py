@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .tasks import PROMPT_FORMATS, TASKS, TaskDataError, load_records, run_task
 from .metrics import MOLECULE_CONVENTIONS
+from .tasks import PROMPT_FORMATS, TASKS, TaskDataError, load_records, run_task
 
 # The paper's SciDFM rows (../shared/SCIDFM.md; Sun et al. 2024).
 PAPER: dict[str, dict[str, Any]] = {  # a figure, or Table 8's row of six
@@ -78,8 +78,8 @@ def _fmt(x, digits=4) -> str:
 
 def _grid(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    return [title, "  ".join(h.ljust(w) for h, w in zip(head, widths))] + \
-        ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in rows] + [""]
+    return [title, "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=False))] + \
+        ["  ".join(x.ljust(w) for x, w in zip(r, widths, strict=False)) for r in rows] + [""]
 
 
 def _table4_cell(r) -> str:
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
         ap.error("--suite paper needs --data-dir (a folder of <task>.jsonl files)")
     if not args.suite and not args.task:
         ap.error("give --task NAME --data FILE (repeatable) or --suite paper --data-dir DIR")
-    from ..config import ConfigError
     from .._errors import conversion_errors
+    from ..config import ConfigError
     from .models import load_model
 
     try:

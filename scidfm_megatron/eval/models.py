@@ -52,7 +52,7 @@ class LanguageModel:
             for r, (s, _) in enumerate(seqs):
                 ids[r, : len(s) - 1] = torch.tensor(s[:-1])
             logp = torch.log_softmax(self._logits(ids).float(), dim=-1)
-            for r, (i, (s, n)) in enumerate(zip(idx, seqs)):
+            for r, (i, (s, n)) in enumerate(zip(idx, seqs, strict=False)):
                 tgt = torch.tensor(s[-n:])
                 pos = torch.arange(len(s) - 1 - n, len(s) - 1)
                 out[i] = float(logp[r, pos, tgt].sum())

@@ -51,8 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import metrics
 from ..tokenizer.core import chat_segments, wrap_molecule, wrap_protein
+from . import metrics
 
 KIND_FIELDS = {
     "multiple_choice": ("question", "choices", "answer"),
@@ -165,7 +165,8 @@ class Prompter:
         self.model, self.tok, self.format = model, model.tokenizer, prompt_format
         if prompt_format == "chat" and getattr(self.tok, "kind", "science") == "plain":
             raise TaskDataError(f"--prompt-format chat needs the chat markers of a science tokenizer; this model's "
-                                f"tokenizer ({self.tok.model_file}) is a plain SentencePiece model: use --prompt-format raw")
+                                f"tokenizer ({self.tok.model_file}) is a plain SentencePiece model: "
+                                f"use --prompt-format raw")
 
     def prompt(self, text: str, raw_suffix: str = "", answer_prefix: str = "") -> list[int]:
         """raw: ``<s>{text}{raw_suffix}{answer_prefix}``; chat: the user turn ``text`` then ``<|assistant|>``
@@ -207,7 +208,7 @@ def _mc(pr: Prompter, recs, bs, progress):
         scores = ll[k:k + n]
         k += n
         width = 1 if pr.format == "raw" else 0  # the leading space is part of the scored text in raw
-        normed = [s / max(1, len(str(c)) + width) for s, c in zip(scores, r["choices"])]
+        normed = [s / max(1, len(str(c)) + width) for s, c in zip(scores, r["choices"], strict=False)]
         preds.append(max(range(n), key=lambda j: scores[j]))
         norm_preds.append(max(range(n), key=lambda j: normed[j]))
         samples.append(dict(answer=r["answer"], pred=preds[-1], pred_norm=norm_preds[-1], loglik=scores))
@@ -232,7 +233,7 @@ def _math(pr: Prompter, recs, bs, progress, style, max_new):
         scores["acc"] = scores["strict_match"]
     else:
         scores, per = metrics.math_scores(texts, golds)
-    return scores, [dict(generation=t, **dict(dict(gold=g), **d)) for t, g, d in zip(texts, golds, per)]
+    return scores, [dict(generation=t, **dict(dict(gold=g), **d)) for t, g, d in zip(texts, golds, per, strict=False)]
 
 
 def _molgen(pr: Prompter, recs, bs, progress, max_new, convention="mol_instructions"):
@@ -245,7 +246,7 @@ def _molgen(pr: Prompter, recs, bs, progress, max_new, convention="mol_instructi
     refs = [r["output"] for r in recs]
     scores = metrics.molecule_generation_scores(preds, refs, convention=convention)
     scores["convention"] = convention
-    return scores, [dict(pred=p, ref=r) for p, r in zip(preds, refs)]
+    return scores, [dict(pred=p, ref=r) for p, r in zip(preds, refs, strict=False)]
 
 
 def _protein(pr: Prompter, recs, bs, progress, max_new):
@@ -255,7 +256,7 @@ def _protein(pr: Prompter, recs, bs, progress, max_new):
     preds = [(t.split("\n")[0] if pr.format == "raw" else t).strip() for t in texts]
     refs = [r["output"] for r in recs]
     scores = metrics.mol_instructions_rouge_l(preds, refs)
-    return scores, [dict(pred=p, ref=r, rouge_l=metrics.rouge_l(p, r)) for p, r in zip(preds, refs)]
+    return scores, [dict(pred=p, ref=r, rouge_l=metrics.rouge_l(p, r)) for p, r in zip(preds, refs, strict=False)]
 
 
 def _moleculenet(pr: Prompter, recs, bs, progress):
@@ -273,7 +274,7 @@ def _moleculenet(pr: Prompter, recs, bs, progress):
     labels = [int(r["label"]) for r in recs]
     groups = [str(r.get("task", r["question"])) for r in recs]  # no task field: one task per question
     res = metrics.moleculenet_auc(labels, scores, groups)
-    return res, [dict(label=l_, p_yes=s, task=g) for l_, s, g in zip(labels, scores, groups)]
+    return res, [dict(label=l_, p_yes=s, task=g) for l_, s, g in zip(labels, scores, groups, strict=False)]
 
 
 def _batched(fn: Callable, items: list, bs: int, progress: bool, what: str) -> list:

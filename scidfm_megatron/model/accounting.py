@@ -21,6 +21,7 @@ discounting the causal mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from ..config import ModelConfig
 
@@ -201,7 +202,8 @@ def activation_bytes(cfg: ModelConfig, *, seq_len: int, micro_batch: int, tp: in
     * MoE: the norm's input and output and the router's input (3 Tl h); the experts' input (Te h), the fc1
       output (Te 2f) and, in eager SwiGLU, silu(gate), the product and the prob-weighted output (Te 3f);
     * selective recompute (:data:`~scidfm_megatron.model.builder.SELECTIVE_RECOMPUTE`): ``core_attn`` keeps
-      only its inputs (the QKV output and the rotated q, k), ``moe_act`` drops the three SwiGLU tensors, ``moe`` keeps only the MoE input;
+      only its inputs (the QKV output and the rotated q, k), ``moe_act`` drops the three SwiGLU tensors,
+      ``moe`` keeps only the MoE input;
       ``full`` keeps each layer's input;
     * per model: the final norm's input and output and the output layer's input (3 Tl h, last stage), the
       loss's fp32 softmax (T V / TP x 4 bytes).
@@ -289,17 +291,18 @@ def memory_plan(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1, etp:
         n_tensors = len(dense) + len(experts)
 
         def weights_grads(dist: bool):
-            buf = _buffer_numel(dense, dp, dist) + _buffer_numel(experts, edp, dist)
+            # called within this iteration only (B023): the stage's tensors
+            buf = _buffer_numel(dense, dp, dist) + _buffer_numel(experts, edp, dist)  # noqa: B023
             # the distributed optimizer makes the parameters views of a padded param buffer
-            return (buf if dist else n_real) * pbytes, buf * gbytes
+            return (buf if dist else n_real) * pbytes, buf * gbytes  # noqa: B023
 
         def optimizer(dist: bool) -> int:
             # Adam: exp_avg + exp_avg_sq (fp32) and a step per tensor; bf16 adds fp32 master weights. The
             # distributed optimizer keeps the share of its DP rank (the largest share: rounded up).
             per = 8 + (4 if precision == "bf16" else 0)
             if dist:
-                return (-(-sum(dense) // dp) + -(-sum(experts) // edp)) * per + n_tensors * 4
-            return n_real * per + n_tensors * 4
+                return (-(-sum(dense) // dp) + -(-sum(experts) // edp)) * per + n_tensors * 4  # noqa: B023
+            return n_real * per + n_tensors * 4  # noqa: B023
 
         w, g = weights_grads(distributed_optimizer)
         act = activation_bytes(cfg, seq_len=seq_len, micro_batch=micro_batch, tp=tp, pp=pp, etp=etp,
@@ -315,7 +318,7 @@ def memory_plan(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1, etp:
                    f"{precision}, grads in {'fp32' if gbytes == 4 else 'bf16'}",))
         if best is None or plan.total > best.total:
             best = plan
-    return best
+    return cast(MemoryPlan, best)  # pp >= 1: set
 
 
 def render_memory_plan(p: MemoryPlan) -> str:
@@ -326,7 +329,8 @@ def render_memory_plan(p: MemoryPlan) -> str:
     lines = [f"memory plan per GPU: {p.layout}; pipeline stage {p.stage} (the largest); {p.notes[0]}",
              f"  weights                {g(p.weights)}",
              f"  gradients              {g(p.grads)}",
-             f"  optimizer state        {g(p.optimizer)}   ({'distributed' if p.distributed_optimizer else 'not distributed'}; "
+             f"  optimizer state        {g(p.optimizer)}   "
+             f"({'distributed' if p.distributed_optimizer else 'not distributed'}; "
              f"{other} the distributed optimizer: {p.optimizer_other / GiB:.2f} GiB)",
              f"  activations (estimate) {g(p.activations)}",
              *([f"  attention s x s        {g(p.attention_transient)}   (unfused attention: one layer's scores "
@@ -370,7 +374,7 @@ def startup_memory_line(cfg, layout, engine) -> str:
     measured peak to compare the plan's total with."""
     try:
         return _startup_memory_line(cfg, layout, engine)
-    except Exception as exc:  # a log line never stops a run
+    except Exception as exc:  # noqa: BLE001  a log line never stops a run
         return f"memory plan unavailable ({type(exc).__name__}: {exc})"
 
 

@@ -54,7 +54,7 @@ def attention_kernel(model: ModelConfig, *, tp: int = 1, masked: bool = False, d
     try:
         return "SDPA " + sdpa_kernel_taken(max(1, model.num_attention_heads // tp), model.head_dim, masked=masked,
                                            dtype=dtype)
-    except Exception as exc:  # a log line never stops a run
+    except Exception as exc:  # noqa: BLE001  a log line never stops a run
         return f"SDPA (kernel not determined: {type(exc).__name__}: {exc})"
 
 
@@ -92,9 +92,10 @@ def resolve_backend(backend: Optional[str] = "auto") -> str:
     with the padded PyTorch SDPA as core attention (TE's own attention has no fused kernel at SciDFM's
     head_dim 100 and ignores the packed-SFT document mask; the padded SDPA is fused and takes the mask).
     Without TE, the ``torch`` backend on CUDA (PyTorch's fused kernels, model/torch_backend.py), and
-    ``local`` on CPU. "te" is TE's spec as it comes (TE's attention). "torch" runs anywhere. A TE that is installed but fails to import (a
-    build for another torch/CUDA) is not silently skipped: "auto" warns with the error (once per process:
-    the answer is cached, as the builder asks for every config and every model chunk), "te" fails with it.
+    ``local`` on CPU. "te" is TE's spec as it comes (TE's attention). "torch" runs anywhere. A TE that is
+    installed but fails to import (a build for another torch/CUDA) is not silently skipped: "auto" warns with
+    the error (once per process: the answer is cached, as the builder asks for every config and every model chunk),
+    "te" fails with it.
     """
     import logging
 
@@ -224,7 +225,8 @@ def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision:
         moe_pad_expert_input_to_capacity=False,
         moe_token_dispatcher_type=model.moe_token_dispatcher,
         moe_router_dtype=model.moe_router_dtype,
-        moe_grouped_gemm=backend in ("te", "te-sdpa", "torch"),  # experts computed as one grouped GEMM (moe_act needs it)
+        # experts computed as one grouped GEMM (moe_act needs it)
+        moe_grouped_gemm=backend in ("te", "te-sdpa", "torch"),
         moe_permute_fusion=False,
         # Parallelism.
         tensor_model_parallel_size=par.tp,
@@ -297,8 +299,7 @@ def layer_spec(model: ModelConfig, *, backend: Optional[str] = None):
 
 def block_spec(model: ModelConfig, config, *, backend: Optional[str] = None, vp_stage: Optional[int] = None):
     """Layer spec for this pipeline stage's layers plus the final norm, as a TransformerBlock spec."""
-    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
-                                                             get_num_layers_to_build)
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     backend = resolve_backend(backend or model.backend)
     spec = layer_spec(model, backend=backend)

@@ -20,4 +20,4 @@ class RMSNorm(torch.nn.RMSNorm):
             raise ValueError("scidfm_megatron.model.norm.RMSNorm implements plain RMSNorm only")
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         # Gradient is a partial sum over the local sequence shard under SP: reduce it over TP.
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # megatron's flag

@@ -120,9 +120,11 @@ def capacity_drop_on_device(probs: torch.Tensor, routing_map: torch.Tensor, real
 
 
 def _router_class():
-    from megatron.core.transformer.moe.moe_utils import (apply_router_token_dropping,
-                                                         compute_routing_scores_for_aux_loss,
-                                                         topk_routing_with_score_function)
+    from megatron.core.transformer.moe.moe_utils import (
+        apply_router_token_dropping,
+        compute_routing_scores_for_aux_loss,
+        topk_routing_with_score_function,
+    )
     from megatron.core.transformer.moe.router import TopKRouter
 
     class PaddingAwareRouter(TopKRouter):

@@ -48,7 +48,7 @@ class RouterRecorder:
         self.routers = [m for model in models for m in model.modules() if isinstance(m, TopKRouter)]
         self.keep_logits = keep_logits
         self.calls: list[RouterCall] = []
-        self._handles = []
+        self._handles: list = []  # torch hook handles, while recording
 
     def _hook(self, module, inputs, output):
         _, routing_map = output

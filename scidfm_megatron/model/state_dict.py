@@ -71,8 +71,12 @@ def canonical_name(key: str, prepend_offsets: tuple[int, ...]) -> str:
 
 
 def _pieces(module) -> Iterator[Piece]:
-    from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor,
-                                                          ShardedTensorFactory, is_main_replica)
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedObject,
+        ShardedTensor,
+        ShardedTensorFactory,
+        is_main_replica,
+    )
 
     for local_name, obj in module.sharded_state_dict().items():
         if isinstance(obj, ShardedObject) or local_name.endswith("_extra_state"):
@@ -90,7 +94,7 @@ def _pieces(module) -> Iterator[Piece]:
             yield Piece(
                 name=canonical_name(st.key, tuple(st.global_offset[:p])),
                 global_shape=tuple(st.global_shape[p:]),
-                index=tuple(slice(o, o + s) for o, s in zip(st.global_offset[p:], st.local_shape)),
+                index=tuple(slice(o, o + s) for o, s in zip(st.global_offset[p:], st.local_shape, strict=False)),
                 tensor=st.data,
                 main_replica=is_main_replica(st.replica_id),
             )
@@ -139,7 +143,7 @@ def gather_global_state_dict(models, tensor_of: Optional[Callable] = None, dst: 
     mine = [(p.name, p.global_shape, p.index, p.tensor.detach().cpu().clone())
             for m in models for p in local_pieces(m, tensor_of)]
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        everyone = [None] * dist.get_world_size(group)
+        everyone: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(everyone, mine, group=group)
     else:
         everyone = [mine]

@@ -19,9 +19,10 @@ which of ``local`` / ``torch`` / ``te`` trained them.
   boolean mask (True = attend), which SDPA runs with its memory-efficient kernel on GPU.
 * :class:`GroupedExperts` (the local experts): one grouped GEMM over all local experts for fc1 and one for
   fc2 (``torch._grouped_mm``, on CUDA in bf16 at compute capability 8.0+ where a one-time probe shows it
-  runs and equals the loop), an exact per-expert loop elsewhere. It is megatron's ``SequentialMLP`` (same submodules, same ``local_experts.{i}.linear_fc1/2``
-  parameters, same sharded state dict), with its forward replaced; it supports megatron's ``moe_act``
-  selective recompute (the SwiGLU output is dropped after fc2 and recomputed in the backward).
+  runs and equals the loop), an exact per-expert loop elsewhere. It is megatron's ``SequentialMLP`` (same
+  submodules, same ``local_experts.{i}.linear_fc1/2`` parameters, same sharded state dict), with its forward
+  replaced; it supports megatron's ``moe_act`` selective recompute (the SwiGLU output is dropped after fc2 and
+  recomputed in the backward).
 * Norms: the project's :class:`~scidfm_megatron.model.norm.RMSNorm` (``torch.nn.RMSNorm``, i.e.
   ``torch.nn.functional.rms_norm``, PyTorch's fused kernel where it has one).
 """
@@ -58,7 +59,8 @@ def sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
 
 # aten ops that SDPA dispatches to, by kernel (scaled_dot_product_attention itself is a composite: a dispatch
 # mode sees the op of the kernel it chose; the math path decomposes into plain ops).
-_SDPA_OPS = (("_scaled_dot_product_flash_attention_for_cpu", "cpu-flash"), ("_scaled_dot_product_flash_attention", "flash"),
+_SDPA_OPS = (("_scaled_dot_product_flash_attention_for_cpu", "cpu-flash"),
+             ("_scaled_dot_product_flash_attention", "flash"),
              ("_flash_attention_forward", "flash"), ("_scaled_dot_product_cudnn_attention", "cudnn"),
              ("_scaled_dot_product_efficient_attention", "efficient"), ("_efficient_attention_forward", "efficient"))
 
@@ -186,10 +188,10 @@ def _grouped_mm_probe(device: torch.device, dtype: torch.dtype) -> bool:
             ww = [w.clone().requires_grad_() for w in ws]
             out = grouped_linear(xx, ww, counts, grouped=grouped)
             out.float().square().mean().backward()
-            res.append([out.float(), xx.grad.float(), *(w.grad.float() for w in ww)])
+            res.append([out.float(), xx.grad.float(), *(w.grad.float() for w in ww)])  # type: ignore[union-attr]
     except (RuntimeError, NotImplementedError, TypeError):
         return False
-    for a, b in zip(*res):
+    for a, b in zip(*res, strict=False):
         scale = float(b.abs().max())
         if scale > 0 and float((a - b).abs().max()) > 2e-2 * scale:
             return False
@@ -222,7 +224,7 @@ GROUP_ALIGN = 16  # rows per expert group in the grouped GEMM are padded to a mu
 def _aligned_rows(counts: tuple, padded: tuple, device) -> torch.Tensor:
     """Row of each token in the padded layout where expert i's group starts at sum(padded[:i])."""
     parts, p = [], 0
-    for c, pc in zip(counts, padded):
+    for c, pc in zip(counts, padded, strict=False):
         parts.append(torch.arange(p, p + c))
         p += pc
     return torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.long, device=device)
@@ -252,7 +254,7 @@ def grouped_linear(x: torch.Tensor, weights: list, counts: list, offsets: Option
         offs = torch.tensor(padded, device=x.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(xp, w, offs=offs).index_select(0, rows)
     parts = torch.split(x, counts)
-    return torch.cat([torch.matmul(p, w.t()) for p, w in zip(parts, weights)], dim=0)
+    return torch.cat([torch.matmul(p, w.t()) for p, w in zip(parts, weights, strict=False)], dim=0)
 
 
 def _experts_class():
@@ -294,7 +296,8 @@ def _experts_class():
             w2 = [e.linear_fc2.weight for e in self.local_experts]
             fc1 = grouped_linear(x, w1, counts, offsets, grouped)
             if self.recompute_act:
-                ckpt = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8)  # None: megatron tests "is not None"
+                # fp8 None: megatron tests "is not None"
+                ckpt = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8)
                 h = ckpt.checkpoint(self._act, fc1, permuted_probs)
                 out = grouped_linear(h, w2, counts, offsets, grouped)
                 ckpt.discard_output_and_register_recompute(out)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..parallel import free_port  # noqa: F401  (tests import it from here)
+from ..parallel import free_port  # tests import it from here too
 
 
 def cpu_env(extra: dict | None = None) -> dict:

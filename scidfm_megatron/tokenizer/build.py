@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..utils import atomic_write
-from .core import (MOL_PREFIX, PROT_PREFIX, SPAN_MARKERS, SPECIALS, ScienceTokenizer, split_smiles)
+from .core import MOL_PREFIX, PROT_PREFIX, SPAN_MARKERS, SPECIALS, ScienceTokenizer, split_smiles
 
 ELEMENTS = (
     "H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr "
@@ -72,7 +72,7 @@ def extend_model(base_model: str | os.PathLike, extra_bracket_atoms: Iterable[st
     proto = pb.ModelProto()
     try:
         proto.ParseFromString(Path(base_model).read_bytes())
-    except Exception as exc:  # DecodeError and friends
+    except Exception as exc:  # noqa: BLE001  DecodeError and friends: any means not a model
         raise ValueError(f"{base_model}: not a SentencePiece model ({exc})") from None
     if not proto.pieces:
         raise ValueError(f"{base_model}: SentencePiece model has no pieces")

@@ -29,9 +29,10 @@ CONTROL.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 MOL_START, MOL_END = "[START_I_SMILES]", "[END_I_SMILES]"
 PROT_START, PROT_END = "[START_AMINO]", "[END_AMINO]"
@@ -84,7 +85,7 @@ class NotScienceTokenizer(ValueError):
 class ScienceTokenizer:
     """Encode/decode with molecule and protein spans. Load with ``ScienceTokenizer(path_to_model)``."""
 
-    def __init__(self, model_file: str):
+    def __init__(self, model_file: str | os.PathLike):
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -123,8 +124,10 @@ class ScienceTokenizer:
                 surface.append(p.piece.replace("\u2581", " ").encode())
         missing = [s for s in SPAN_MARKERS + SPECIALS if s not in self.special_ids]
         if missing or not self.mol_vocab or not self.prot_vocab:
-            raise NotScienceTokenizer(f"{self.model_file} is not an extended science tokenizer (missing {missing or 'span vocabularies'}); "
-                             f"build one with tools/build_tokenizer.py --base-model BASE.model --output-dir DIR")
+            raise NotScienceTokenizer(f"{self.model_file} is not an extended science tokenizer "
+                                      f"(missing {missing or 'span vocabularies'}); "
+                                      f"build one with tools/build_tokenizer.py --base-model BASE.model "
+                                      f"--output-dir DIR")
         self._surface = surface
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.pad_id, self.eod_id = self.special_ids[PAD], self.special_ids[EOD]
@@ -230,7 +233,7 @@ class ScienceTokenizer:
             batch = [texts[k] for k in plain]
             encoded = self.fast.encode_batch(batch) if self.fast is not None else \
                 self.sp.encode(batch, num_threads=self.num_threads)
-            for k, ids in zip(plain, encoded):
+            for k, ids in zip(plain, encoded, strict=False):
                 out[k] = ids
         for k, t in enumerate(texts):
             if out[k] is None:
@@ -338,11 +341,11 @@ CHAT_TEMPLATE = (
 # Defined only when transformers is already imported (it is, when AutoTokenizer loads this file as
 # tokenization_scidfm.py): importing transformers just to tokenize would cost every preprocessing
 # worker ~40 MB and seconds of start-up.
-_HFBase = None
+_HFBase: Any = None
 if "transformers" in sys.modules:
     try:
         from transformers.tokenization_python import PythonBackend as _HFBase
-    except Exception:  # pragma: no cover - transformers too old
+    except Exception:  # noqa: BLE001  # pragma: no cover - transformers too old or broken: no HF class
         _HFBase = None
 
 if _HFBase is not None:

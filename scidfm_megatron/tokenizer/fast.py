@@ -246,7 +246,7 @@ def accelerate_science(tok, guard: bool = True):
         edges = np.flatnonzero(np.diff(np.concatenate([[False], odd, [False]]).astype(np.int8)))
         out: list[int] = []
         pos = 0
-        for a, b in zip(edges[::2].tolist(), edges[1::2].tolist()):
+        for a, b in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=False):
             out.extend(ids[pos:a].tolist())
             out.extend(run_ids(seq[a:b]))
             pos = b

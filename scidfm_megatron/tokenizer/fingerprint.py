@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import TypedDict
+from typing import Mapping, TypedDict
 
 
 class Fingerprint(TypedDict):
@@ -35,6 +35,6 @@ def tokenizer_fingerprint(model_file: str | os.PathLike) -> Fingerprint:
                        kind=getattr(tok, "kind", "science"))
 
 
-def same_tokenizer(a: dict | None, b: dict | None) -> bool:
+def same_tokenizer(a: Mapping[str, object] | None, b: Mapping[str, object] | None) -> bool:
     """True when both fingerprints are known and name the same file contents."""
     return bool(a and b and a.get("sha256") and a.get("sha256") == b.get("sha256"))

@@ -91,7 +91,7 @@ def build(model_file):
                                f"SentencePiece's ids here (only BPE); export with --tokenizer none and ship "
                                f"tokenizer.model with the model")
     tok = Tokenizer(model)
-    norm = []
+    norm: list[normalizers.Normalizer] = []
     if ns.precompiled_charsmap:
         norm.append(normalizers.Precompiled(ns.precompiled_charsmap))
     if ns.remove_extra_whitespaces:
@@ -100,7 +100,7 @@ def build(model_file):
         norm.append(normalizers.Prepend("▁"))
     norm.append(normalizers.Replace(" ", "▁"))
     tok.normalizer = normalizers.Sequence(norm)
-    dec = [decoders.Replace("▁", " ")]
+    dec: list[decoders.Decoder] = [decoders.Replace("▁", " ")]
     if ts.byte_fallback:
         dec.append(decoders.ByteFallback())
     dec.append(decoders.Fuse())
@@ -152,7 +152,7 @@ def mismatches(tok, model_file, texts) -> list[str]:
     texts = list(texts)
     tok.encode_special_tokens = True
     got = tok.encode_batch(texts, add_special_tokens=False)
-    return [t for t, g, want in zip(texts, got, sp.encode(texts)) if g.ids != want]
+    return [t for t, g, want in zip(texts, got, sp.encode(texts), strict=False) if g.ids != want]
 
 
 def check_ids(tok, model_file, texts=PROBES) -> None:

@@ -62,6 +62,7 @@ def load_tokenizer(model_file: str | os.PathLike, fast: bool = False):
     ``fast``: GigaToken where it gives SentencePiece's ids (tokenizer/fast.py), else SentencePiece."""
     from .core import NotScienceTokenizer, ScienceTokenizer
 
+    tok: ScienceTokenizer | PlainSentencePieceTokenizer
     try:
         tok = ScienceTokenizer(model_file)
     except NotScienceTokenizer:

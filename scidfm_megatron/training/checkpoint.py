@@ -80,7 +80,8 @@ def find_resume(root: str | Path, cleanup: bool = True) -> Optional[Path]:
     if latest.exists() and done:
         marked = int(latest.read_text().strip() or -1)
         if marked != done[-1][0]:
-            log.warning("%s says iteration %s but iter_%07d is complete and newer; using it", latest, marked, done[-1][0])
+            log.warning("%s says iteration %s but iter_%07d is complete and newer; using it",
+                        latest, marked, done[-1][0])
     return done[-1][1] if done else None
 
 
@@ -197,7 +198,7 @@ def _rebuild_optimizer_state(template, loaded, step: float):
         return out
     if isinstance(template, (list, tuple)):
         subs = loaded if isinstance(loaded, (list, tuple)) and len(loaded) == len(template) else [None] * len(template)
-        return type(template)(_rebuild_optimizer_state(v, sv, step) for v, sv in zip(template, subs))
+        return type(template)(_rebuild_optimizer_state(v, sv, step) for v, sv in zip(template, subs, strict=True))
     return template
 
 
@@ -362,7 +363,7 @@ def _agree_or_fail(err: Optional[OSError], root: Path, tmp: Path, iteration: int
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     if not flag.item():
         return
-    errs = [None] * torch.distributed.get_world_size()
+    errs: list[Optional[tuple]] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(errs, None if err is None else (err.errno, err.strerror, err.filename))
     rank, (no, text, name) = next((r, e) for r, e in enumerate(errs) if e is not None)
     if torch.distributed.get_rank() == 0 and tmp.exists():
@@ -371,7 +372,8 @@ def _agree_or_fail(err: Optional[OSError], root: Path, tmp: Path, iteration: int
     latest = root / "latest"
     kept = latest.read_text().strip() if latest.exists() else None
     raise SaveFailed(no, f"{text} on rank {rank} ({name or tmp}); removed {tmp.name}; "
-                         f"kept {'latest=' + kept if kept else 'no earlier checkpoint'}", str(iter_dir(root, iteration)))
+                         f"kept {'latest=' + kept if kept else 'no earlier checkpoint'}",
+                    str(iter_dir(root, iteration)))
 
 
 def _load_strategy(path):
@@ -415,7 +417,7 @@ def check_files(path: str | Path) -> None:
 
     try:
         md = FileSystemReader(str(path)).read_metadata()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  any unreadable index is a corrupt checkpoint
         raise CheckpointMismatch(f"{path / '.metadata'} cannot be read ({type(exc).__name__}: {exc}); the "
                                  f"checkpoint is corrupt: resume from an earlier one") from None
     need: dict[str, int] = {}
@@ -441,7 +443,7 @@ def check_model_shapes(path: str | Path, chunks) -> None:
     problems = []
     for c in chunks:
         m = c.module if hasattr(c, "module") else c
-        for name, st in m.sharded_state_dict().items():
+        for _name, st in m.sharded_state_dict().items():
             if not isinstance(st, ShardedTensor):
                 continue  # SwiGLU factories are checked through the sharded load itself
             key = st.key
@@ -472,16 +474,16 @@ def masters_reloaded(optimizer) -> Optional[bool]:
     else True only if on every rank each master equals its model parameter (rounded to the parameter's
     dtype): the check, after a weights-only load, that the masters were reloaded from the loaded weights
     (a bf16 optimizer whose masters kept the random init writes it back at the first step)."""
-    pairs = []
+    pairs: list = []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if hasattr(opt, "shard_fp32_from_float16_groups"):  # distributed: this rank's shards
-            groups = zip(opt.shard_float16_groups, opt.shard_fp32_from_float16_groups)
+            groups = zip(opt.shard_float16_groups, opt.shard_fp32_from_float16_groups, strict=False)
         elif hasattr(opt, "fp32_from_float16_groups"):
-            groups = zip(opt.float16_groups, opt.fp32_from_float16_groups)
+            groups = zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=False)
         else:
             continue
         for model_group, master_group in groups:
-            pairs.extend(zip(model_group, master_group))
+            pairs.extend(zip(model_group, master_group, strict=False))
     from ..device import comm_device
 
     equal = all(torch.equal(m.detach().to(p.dtype).view(-1), p.detach().view(-1)) for p, m in pairs)
@@ -527,7 +529,8 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only:
     by_param = meta.get("optimizer_keys") == "by_param"
     fmt = meta.get("optimizer_format", "fully_reshardable")
     cross_ep = not weights_only and (saved_ep > 1) != (here["ep"] > 1)
-    if not weights_only and fmt != "fully_reshardable" and any(saved_layout.get(k) != here[k] for k in ("tp", "pp", "ep")):
+    if (not weights_only and fmt != "fully_reshardable"
+            and any(saved_layout.get(k) != here[k] for k in ("tp", "pp", "ep"))):
         raise CheckpointMismatch(
             f"{path} holds the distributed optimizer in the {fmt} format (each rank's buffers as they were, the "
             f"fast periodic save), loadable at the same TP/PP/EP only: it was saved at {saved_layout}, this run is "

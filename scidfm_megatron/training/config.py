@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
 from ..config import ConfigError, ModelConfig, ParallelConfig, apply_overrides, from_dict, load_yaml, to_dict
 from ..model.presets import get_preset
@@ -159,7 +159,8 @@ def resolve_paths(raw: dict, base) -> dict:
     return out
 
 
-def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None) -> RunConfig:
+def load_run_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                    base: Optional[dict] = None) -> RunConfig:
     """Recipe + overrides -> RunConfig. Paths: relative ones written in the recipe file are relative to the
     recipe file's folder (as a mixture's data_root is to the mixture's); relative ones in overrides (and in
     ``base``) to the working directory. All are absolute afterwards, so a checkpoint's saved config, and
@@ -213,7 +214,7 @@ def train_iters_of(cfg: RunConfig) -> int:
         return t.train_iters
     if t.stage != "sft":
         raise ConfigError("train.train_iters is required for pretraining")
-    return math.ceil(cfg.data.sft_epochs * sft_sequences(cfg.data.sft_prefix)) // t.global_batch_size
+    return math.ceil(cfg.data.sft_epochs * sft_sequences(cast(str, cfg.data.sft_prefix))) // t.global_batch_size
 
 
 def validate_run(cfg: RunConfig, world_size: int, layout_only: bool = False):
@@ -233,7 +234,8 @@ def validate_run(cfg: RunConfig, world_size: int, layout_only: bool = False):
         raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                           f"micro_batch_size x DP = {t.micro_batch_size} x {layout.dp} on {world_size} processes")
     if t.seq_length > cfg.model.max_seq_length:
-        raise ConfigError(f"train.seq_length ({t.seq_length}) exceeds model.max_seq_length ({cfg.model.max_seq_length})")
+        raise ConfigError(f"train.seq_length ({t.seq_length}) exceeds model.max_seq_length "
+                          f"({cfg.model.max_seq_length})")
     if layout_only:
         return _validate_layout_only(cfg, layout)
     if not d.tokenizer_model:

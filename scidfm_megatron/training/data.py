@@ -9,6 +9,7 @@ layout with the same global batch.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -32,7 +32,7 @@ import torch
 class Engine:
     chunks: list  # DDP-wrapped model chunks of this rank (several with the interleaved pipeline)
     optimizer: object  # megatron-core MegatronOptimizer (or ChainedOptimizer)
-    config: object  # the TransformerConfig the chunks were built with
+    config: Any  # the TransformerConfig the chunks were built with
     switches: dict  # the resolved performance switches, for the log
 
     @contextlib.contextmanager

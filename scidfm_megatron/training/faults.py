@@ -157,7 +157,8 @@ class SpikeDetector:
     """z-score of a loss against the last ``window`` finite losses (needs 10 of them)."""
 
     def __init__(self, window: int, zscore: float):
-        self.zscore, self.losses = zscore, deque(maxlen=max(window, 2))
+        self.zscore = zscore
+        self.losses: deque[float] = deque(maxlen=max(window, 2))
 
     def __call__(self, loss: float) -> Optional[float]:
         z = None
@@ -238,7 +239,8 @@ class FaultGuard:
             for c in chunks:
                 (c.module if hasattr(c, "module") else c).register_forward_hook(self._poison)
         # per-rank step time without the gradient reduction (where fast ranks wait for slow ones)
-        self._reduce_s, self._t0, self._busy = 0.0, time.perf_counter(), []
+        self._busy: list[float] = []
+        self._reduce_s, self._t0 = 0.0, time.perf_counter()
         fin = getattr(model_config, "finalize_model_grads_func", None)
         if fin is not None and not getattr(fin, "_scidfm_timed", False):
             def timed(*args, **kwargs):
@@ -247,7 +249,7 @@ class FaultGuard:
                     return fin(*args, **kwargs)
                 finally:
                     self._reduce_s += time.perf_counter() - t
-            timed._scidfm_timed = True
+            timed._scidfm_timed = True  # type: ignore[attr-defined]  # marks the wrapper as ours
             model_config.finalize_model_grads_func = timed
         self._straggler_streak: dict = {}
         self.watchdog: Optional[Watchdog] = None
@@ -324,8 +326,8 @@ class FaultGuard:
         why = (f"more than train.max_skipped_steps={t.max_skipped_steps} skipped steps" if t.on_nan == "skip"
                else "train.on_nan=stop")
         raise RunStopped(f"iteration {iteration}: {what} ({where}); the step was not applied "
-                         f"({why}); last good checkpoint: {last_checkpoint or 'none saved yet'}. Resume it with a lower "
-                         f"train.lr (a resume applies the recipe's LR schedule), or "
+                         f"({why}); last good checkpoint: {last_checkpoint or 'none saved yet'}. Resume it with a "
+                         f"lower train.lr (a resume applies the recipe's LR schedule), or "
                          f"resume with train.on_nan=skip")
 
     # ------------------------------------------------------------------ stragglers

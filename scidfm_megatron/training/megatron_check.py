@@ -90,7 +90,8 @@ def check_megatron_configs(cfg, layout):
             from megatron.core.distributed import DistributedDataParallelConfig
 
             DistributedDataParallelConfig(
-                grad_reduce_in_fp32=switches["grad_reduce_in_fp32"], overlap_grad_reduce=switches["overlap_grad_reduce"],
+                grad_reduce_in_fp32=switches["grad_reduce_in_fp32"],
+                overlap_grad_reduce=switches["overlap_grad_reduce"],
                 overlap_param_gather=switches["overlap_param_gather"],
                 use_distributed_optimizer=switches["use_distributed_optimizer"],
                 check_for_nan_in_grad=switches["check_for_nan_in_grad"], bucket_size=switches["bucket_size"])

@@ -57,7 +57,7 @@ def restore_group_lrs(optimizer, scheduler, lrs: list[tuple]) -> None:
     groups = optimizer.param_groups
     if len(groups) != len(lrs):
         raise RuntimeError(f"optimizer has {len(groups)} parameter groups after the load, {len(lrs)} before")
-    for g, (hi, lo) in zip(groups, lrs):
+    for g, (hi, lo) in zip(groups, lrs, strict=True):
         if hi is not None:
             g["max_lr"] = hi
         if lo is not None:
@@ -135,7 +135,7 @@ def check_report(cfg) -> Optional[str]:
         return None
     try:
         saved = saved_schedule(path)
-    except Exception as exc:  # a damaged checkpoint: the run itself names the file (checkpoint.check_files)
+    except Exception as exc:  # noqa: BLE001  a damaged checkpoint: the run itself names the file (checkpoint.check_files)
         return f"[scidfm] resumes from {path}, whose schedule cannot be read ({type(exc).__name__}: {exc})"
     lines = changes(saved, recipe_schedule(cfg.train, train_iters_of(cfg)))
     from .checkpoint import read_meta

@@ -16,18 +16,16 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, cast
 
 import torch
 
 from ..config import ConfigError
 from . import checkpoint as ckpt
 from .config import RunConfig
+from .faults import RunStopped
 
 log = logging.getLogger("scidfm.train")
-
-
-from .faults import RunStopped
 
 
 class TrainingDiverged(RunStopped):
@@ -79,7 +77,7 @@ class Trainer:
         self.train_iters = self._train_iters()
         self.scheduler = self._scheduler()
         self.iteration, self.consumed = 0, 0
-        self.async_queue = None
+        self.async_queue: Any = None  # megatron-core's AsyncCallsQueue, made at the first async save
         self.last_checkpoint: Optional[Path] = None
         resumed = self._restore()
         self.reporter = self._reporter(resumed)
@@ -91,9 +89,8 @@ class Trainer:
         return load_tokenizer(self.cfg.data.tokenizer_model)  # science or plain; size and data: validate_run
 
     def _engine(self):
-        from .engine import build_engine
-
         from ..model.builder import attention_kernel, resolve_backend
+        from .engine import build_engine
 
         engine = build_engine(self.cfg, self.layout)
         if self.rank0:
@@ -163,7 +160,7 @@ class Trainer:
         (a restarted run continues where it stopped), else checkpoint.resume_from (a full resume from a
         chosen checkpoint), else checkpoint.init_from (weights only). Returns True for a full resume."""
         c = self.cfg.checkpoint
-        choice = [None, False]
+        choice: list[Any] = [None, False]  # [checkpoint path or None, weights only]
         if self.rank0:
             resume = ckpt.find_resume(c.save) if c.save else None
             if resume is not None:
@@ -250,7 +247,7 @@ class Trainer:
 
         try:
             with self.engine.synced_params():  # the tokenizer travels with the checkpoint (a copy + its fingerprint)
-                path = ckpt.save(c.save, self.iteration, self.chunks, self.optimizer, self.scheduler, common,
+                path = ckpt.save(cast(str, c.save), self.iteration, self.chunks, self.optimizer, self.scheduler, common,
                                  keep_last=c.keep_last, optimizer_format=fmt, async_queue=queue,
                                  files=self._tokenizer_files(),
                                  keep_every=c.keep_every, inject_error=self.guard.save_error(self.iteration))
@@ -308,7 +305,8 @@ class Trainer:
                                     self.dp_rank, self.dp)
                 r = train_step(self.chunks, self.optimizer, mbs, seq_length=t.seq_length,
                                micro_batch_size=t.micro_batch_size, forward_only=True)
-                total, count = total + r.loss * r.tokens, count + r.tokens
+                if r.loss is not None:  # None: no loss-masked token in this batch (r.tokens == 0)
+                    total, count = total + r.loss * r.tokens, count + r.tokens
         for c in self.chunks:
             c.train()
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
@@ -333,7 +331,8 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         start = self.iteration
         saved_at = self.iteration if self.last_checkpoint else None
-        recorder = RouterRecorder(self.chunks) if self.expert_load else contextlib.nullcontext()
+        recorder: contextlib.AbstractContextManager[Any] = (RouterRecorder(self.chunks) if self.expert_load
+                                                            else contextlib.nullcontext())
         if self.rank0:
             print(f"[scidfm] {t.stage}: {cfg.model.name} on {self.layout}; iterations {start + 1}..{self.train_iters}, "
                   f"global batch {t.global_batch_size} x {t.seq_length} tokens", flush=True)

@@ -5,7 +5,6 @@ Run directly on a GPU machine:  torchrun --nproc-per-node 1 tests/workers/gpu_te
 """
 
 import argparse
-import os
 
 import torch
 

@@ -166,7 +166,7 @@ def rotary_rows(chunks, run, packed, convs, where, alone, S):
         run(chunks, [packed], S, 2, False)
         got = rec.rows[0]  # [s, b, 1, d] of the first chunk
         diff, moved = torch.zeros(()), torch.zeros(())
-        for c, (smp, st) in zip(convs, where):
+        for c, (smp, st) in zip(convs, where, strict=False):
             n = len(c) - 1
             rec.rows.clear()
             run(chunks, [alone(c)], n, 1, False)
@@ -212,7 +212,8 @@ def padding(model_cfg, par, chunks, RouterRecorder, clear_tracker, tracker):
                 kw = dict(attention_mask=document_attention_mask(doc), padding_mask=doc < 0)
             if padded:
                 z = torch.zeros(2, L, dtype=torch.long)
-                t, lab, pos = torch.cat([t, z], 1), torch.cat([lab, z], 1), torch.cat([pos, torch.arange(L).expand(2, L)], 1)
+                t, lab = torch.cat([t, z], 1), torch.cat([lab, z], 1)
+                pos = torch.cat([pos, torch.arange(L).expand(2, L)], 1)
                 doc = torch.cat([torch.zeros(2, L, dtype=torch.long), -torch.ones(2, L, dtype=torch.long)], 1)
                 kw = dict(attention_mask=document_attention_mask(doc), padding_mask=doc < 0)
             clear_tracker()
@@ -244,9 +245,9 @@ def aux_normalisation(model_cfg, par, wrap_ddp, build_optimizer, train_step):
     (c) pretraining mode (mean loss), same tokens, no padding. All three must agree."""
     import torch.distributed as dist
     from megatron.core import tensor_parallel
+    from megatron.core.transformer.moe.router import TopKRouter
 
     from scidfm_megatron.model.builder import build_model_chunks
-    from megatron.core.transformer.moe.router import TopKRouter
 
     g = torch.Generator().manual_seed(5)
     L = 16
