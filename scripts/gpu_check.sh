@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU acceptance check as ONE command (docs/gpu.md), from the repository root of the GPU machine:
 #
-#   bash scripts/gpu_check.sh [--dry-run] [--out FILE] [tools/gpu_check.py options...]
+#   bash scripts/gpu_check.sh [--dry-run [--install]] [--out FILE] [tools/gpu_check.py options...]
 #
 # 1. installs this project the way a GPU user does, with pip, from gpu_wheels/ (made here by
 #    scripts/gpu_wheels.sh, carried to the machine: megatron-core, zstandard, fallbacks, and the project's
@@ -17,6 +17,8 @@
 #    is set, else runs/gpu_check.json. Exit status 0 only if every check passed.
 #
 # --dry-run: the same checks on the CPU (gloo; CUDA hidden), tiny sizes, no install: the logic, in CI.
+# --dry-run --install: the dry run after step 1's install from gpu_wheels/ (a CPU stand-in of the GPU
+# machine: its Python as PYTHON; docs/gpu.md); refused without gpu_wheels/manifest.txt.
 # The whole run is bounded: tools/gpu_check.py keeps a 450 s budget (600 s in --dry-run; --budget S to
 # change), and a hard stop follows 60 s after it.
 # Environment: PYTHON (default .venv/bin/python if present, else python3), GPU_CHECK_VENV (default
@@ -26,17 +28,19 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
+INSTALL=0
 OUTFILE=""
 BUDGET=""
 PASS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
+    --install) INSTALL=1 ;;
     --out) OUTFILE=$2; shift ;;
     --out=*) OUTFILE=${1#--out=} ;;
     --budget) BUDGET=$2; shift ;;
     --budget=*) BUDGET=${1#--budget=} ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) PASS+=("$1") ;;
   esac
   shift
@@ -54,9 +58,24 @@ WHEELS=${GPU_WHEELS:-gpu_wheels}
 SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/scidfm_gpu_site}
 INSTALLED=""
 
+if [ $INSTALL = 1 ] && { [ $DRY = 0 ] || [ ! -f "$WHEELS/manifest.txt" ]; }; then
+  if [ $DRY = 0 ]; then
+    echo "[gpu_check.sh] error: --install goes with --dry-run (without it the check always installs)" >&2
+  else
+    echo "[gpu_check.sh] error: --install: no $WHEELS/manifest.txt: run 'bash scripts/gpu_wheels.sh' first" >&2
+  fi
+  exit 2
+fi
 if [ $DRY = 1 ]; then
   export CUDA_VISIBLE_DEVICES=""
-  echo "[gpu_check.sh] dry run: CPU only, no wheels installed"
+  if [ $INSTALL = 1 ]; then
+    echo "[gpu_check.sh] dry run: CPU only, the project pip-installed from $WHEELS/ (--install)"
+  else
+    echo "[gpu_check.sh] dry run: CPU only, no wheels installed"
+  fi
+fi
+if [ $DRY = 1 ] && [ $INSTALL = 0 ]; then
+  :
 elif [ -f "$WHEELS/manifest.txt" ]; then
   VENV=${GPU_CHECK_VENV:-${TMPDIR:-/tmp}/scidfm_gpu_venv}
   PROJECT=$(awk '$3 == "project" {print $1}' "$WHEELS/manifest.txt")

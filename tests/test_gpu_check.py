@@ -58,6 +58,19 @@ def test_dry_run_passes_every_check(runs, tmp_path):
     assert bench["table"] and any(line.startswith("dp ") for line in bench["table"].splitlines())
 
 
+def test_install_flag_is_refused_where_it_cannot_apply(tmp_path):
+    """--install (the dry run after the wheel install: the CPU stand-in, docs/gpu.md) goes with --dry-run and
+    needs gpu_wheels/manifest.txt; otherwise one line and exit 2, before anything runs."""
+    sh = str(ROOT / "scripts" / "gpu_check.sh")
+    env = cpu_env({"PYTHON": sys.executable, "GPU_WHEELS": str(tmp_path / "none")})
+    for args, says in ((["--install"], "--install goes with --dry-run"),
+                       (["--dry-run", "--install"], f"--install: no {tmp_path / 'none'}/manifest.txt")):
+        r = subprocess.run(["bash", sh, *args, "--out", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60, env=env)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "r.json").exists()
+
+
 def test_losses_parser_skips_a_line_cut_by_sigkill(tmp_path):
     sys.path.insert(0, str(ROOT / "tools"))
     try:
