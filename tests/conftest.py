@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -117,6 +118,16 @@ def cmd(nproc: int, recipe: str, args: list[str], stage: str = "pretrain", nnode
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
             f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
             "-m", f"scidfm_megatron.{stage}", "--config", str(RECIPES / recipe), *args]
+
+
+def train_losses(work: Path) -> dict[int, float]:
+    """{iteration: loss} of the training steps a run logged to ``work/metrics.jsonl``."""
+    out = {}
+    for line in open(work / "metrics.jsonl"):
+        row = json.loads(line)
+        if row["phase"] == "train":
+            out[row["iteration"]] = row["loss"]
+    return out
 
 
 def train(nproc, args, recipe="tiny_stage1.yaml", stage="pretrain", check=True, timeout=600):

@@ -16,9 +16,10 @@ After an intended change, regenerate the file and commit it with the change that
     .venv/bin/python -m pytest tests/test_golden_losses.py --update-golden
 """
 
-import json
 import math
 from pathlib import Path
+
+from conftest import train_losses
 
 GOLDEN = Path(__file__).parent / "assets" / "losses" / "tiny_stage1.txt"
 STEPS = 8
@@ -28,13 +29,6 @@ HEADER = ("# Per-step training loss of tiny stage 1 on CPU (tests/conftest.py st
           "# step loss\n")
 
 
-def train_losses(work: Path) -> dict[int, float]:
-    out = {}
-    for line in open(work / "metrics.jsonl"):
-        row = json.loads(line)
-        if row["phase"] == "train":
-            out[row["iteration"]] = row["loss"]
-    return out
 
 
 def read_golden(path: Path = GOLDEN) -> dict[int, float]:

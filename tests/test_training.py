@@ -10,17 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RECIPES, ROOT, cmd, overrides, train
+from conftest import RECIPES, ROOT, cmd, overrides, train, train_losses
 from scidfm_megatron.testing.distributed import cpu_env
 
-
-def losses(work: Path) -> dict[int, float]:
-    out = {}
-    for line in open(work / "metrics.jsonl"):
-        row = json.loads(line)
-        if row["phase"] == "train":
-            out[row["iteration"]] = row["loss"]
-    return out
+losses = train_losses
 
 
 def kill_tree(pid: int, sig: int) -> None:
