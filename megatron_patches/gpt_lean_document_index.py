@@ -10,7 +10,7 @@ same order: numpy's legacy 1-D ``shuffle`` draws the same swaps whatever the ite
 equal element for element (tests/test_data_cache.py compares it with megatron's own function).
 """
 
-from ._base import Patch, Target, mark_patched
+from ._base import Patch, Target, mark_patched, wrap_once
 
 MODULE = "megatron.core.datasets.gpt_dataset"
 
@@ -47,9 +47,11 @@ def build_document_index(documents, num_epochs, numpy_random_state, separate_fin
 def _apply():
     import megatron.core.datasets.gpt_dataset as gd
 
-    if not getattr(gd._build_document_index, "__scidfm_patched__", False):
-        mark_patched(build_document_index, __wrapped_original__=gd._build_document_index)
-        gd._build_document_index = build_document_index
+    def install(original):
+        mark_patched(build_document_index, __wrapped_original__=original)  # tests compare with megatron's own
+        return build_document_index
+
+    wrap_once(gd, "_build_document_index", install)
 
 
 PATCH = Patch(

@@ -347,10 +347,9 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, *, j
         what = "--span" if spans else "SFT preprocessing (--sft-seq-length: chat markers)"
         raise PreprocessUsageError(f"{what} needs the science tokenizer; {tokenizer_model} is a plain SentencePiece "
                               f"model: build one with scidfm-build-tokenizer --base-model {tokenizer_model}")
-    from ..tokenizer.fingerprint import Fingerprint, file_sha256
+    from ..tokenizer.fingerprint import tokenizer_fingerprint
 
-    fingerprint = Fingerprint(sha256=file_sha256(tokenizer_model), vocab_size=int(tok.vocab_size),
-                              kind=getattr(tok, "kind", "science"))
+    fingerprint = tokenizer_fingerprint(tokenizer_model, tok)
     dtype = optimal_dtype(tok.vocab_size)
     mode = "chat" if sft_seq_length else "text"
     if shard is not None and mode == "chat":

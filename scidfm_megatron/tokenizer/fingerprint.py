@@ -26,11 +26,12 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def tokenizer_fingerprint(model_file: str | os.PathLike) -> Fingerprint:
-    """The fingerprint of a SentencePiece model file (science or plain)."""
-    from .plain import load_tokenizer
+def tokenizer_fingerprint(model_file: str | os.PathLike, tok=None) -> Fingerprint:
+    """The fingerprint of a SentencePiece model file (science or plain); ``tok``: that file, already loaded."""
+    if tok is None:
+        from .plain import load_tokenizer
 
-    tok = load_tokenizer(model_file)
+        tok = load_tokenizer(model_file)
     return Fingerprint(sha256=file_sha256(model_file), vocab_size=int(tok.vocab_size),
                        kind=getattr(tok, "kind", "science"))
 

@@ -297,7 +297,7 @@ def validate_run(cfg: RunConfig, world_size: int, layout_only: bool = False):
     from .resume_check import check_resume
 
     check_megatron_configs(cfg, layout)
-    check_resume(cfg)  # before the data check: a checkpoint of another tokenizer is named as such
+    check_resume(cfg, fp)  # before the data check: a checkpoint of another tokenizer is named as such
     check_run_data(cfg, fp)  # every dataset made with this tokenizer, its ids inside the vocabulary
     return layout
 

@@ -9,6 +9,7 @@ in the checkpoint's ``scidfm_meta.json`` since this release: ``tokenizer.fingerp
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +41,7 @@ def recorded_fingerprint(meta: dict) -> Optional[dict]:
     return rec.get("fingerprint") if isinstance(rec, dict) else None
 
 
-def check_resume(cfg, tokenizer_fp: Optional[dict] = None) -> Optional[Path]:
+def check_resume(cfg, tokenizer_fp: Optional[Mapping] = None) -> Optional[Path]:
     """Raise ConfigError (one line, naming the key and the fix) when the checkpoint the run would continue
     from cannot serve it; returns that checkpoint (None for a fresh start or a weights-only start)."""
     from ..tokenizer.fingerprint import same_tokenizer, tokenizer_fingerprint
