@@ -23,13 +23,8 @@ import torch
 from ..config import ConfigError
 from . import checkpoint as ckpt
 from .config import RunConfig
-from .faults import RunStopped
 
 log = logging.getLogger("scidfm.train")
-
-
-class TrainingDiverged(RunStopped):
-    pass
 
 
 class Trainer:
