@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ..utils import atomic_write
+from ...utils import atomic_write
 
 log = logging.getLogger("scidfm.checkpoint")
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -87,7 +87,7 @@ def find_resume(root: str | Path, cleanup: bool = True) -> Optional[Path]:
 
 def resolve(path: str | Path, key: str) -> Path:
     """A checkpoint directory, or a save directory (its newest complete checkpoint); fails naming ``key``."""
-    from ..config import ConfigError
+    from ...config import ConfigError
 
     src = Path(path)
     found = src if (src / "metadata.json").exists() else find_resume(src, cleanup=False)
@@ -257,7 +257,7 @@ def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common:
     is kept besides the last ``keep_last``."""
     from megatron.core import dist_checkpointing
 
-    from ..quiet import quiet_checkpoint_warnings
+    from ...quiet import quiet_checkpoint_warnings
 
     quiet_checkpoint_warnings()
     if optimizer_format not in FORMATS:
@@ -338,7 +338,7 @@ def _free_space_error(root: Path, chunks, with_optimizer: bool) -> Optional[OSEr
     """Rank 0: ENOSPC if the save directory's file system has less room than the previous checkpoint
     took (or, for the first save, this rank's parameters x 16 bytes x the world size / DP: a rough upper
     bound on weights + fp32 master + two Adam moments)."""
-    from .faults import dir_size, disk_free_check
+    from ..faults import dir_size, disk_free_check
 
     done = complete_checkpoints(root)
     if done:
@@ -356,8 +356,8 @@ def _agree_or_fail(err: Optional[OSError], root: Path, tmp: Path, iteration: int
     """Collective: if any rank has an error, every rank raises SaveFailed naming the first failing rank's
     path and errno, after rank 0 removed the temporary directory (the previous checkpoint and `latest`
     are never touched before the publish step)."""
-    from ..device import comm_device
-    from .faults import SaveFailed
+    from ...device import comm_device
+    from ..faults import SaveFailed
 
     flag = torch.tensor([0 if err is None else 1], dtype=torch.int32, device=comm_device())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -484,7 +484,7 @@ def masters_reloaded(optimizer) -> Optional[bool]:
             continue
         for model_group, master_group in groups:
             pairs.extend(zip(model_group, master_group, strict=False))
-    from ..device import comm_device
+    from ...device import comm_device
 
     equal = all(torch.equal(m.detach().to(p.dtype).view(-1), p.detach().view(-1)) for p, m in pairs)
     has = torch.tensor([1 if pairs else 0], dtype=torch.int32, device=comm_device())
@@ -513,7 +513,7 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, weights_only:
     """Load into this rank's shards (any layout). Returns the common state (iteration, consumed samples...)."""
     from megatron.core import dist_checkpointing
 
-    from ..quiet import quiet_checkpoint_warnings
+    from ...quiet import quiet_checkpoint_warnings
 
     quiet_checkpoint_warnings()
     path = Path(path)
