@@ -24,6 +24,7 @@ WHEN_VALUES = ("always", "no_te", "cpu")
 
 @dataclass(frozen=True)
 class Target:
+    """A megatron-core attribute a patch replaces, with the parameters it relies on: checked for drift on upgrade."""
     module: str
     attribute: str
     params: Sequence[str] = ()
@@ -57,6 +58,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Patch:
+    """A named change to megatron-core: when it applies, why, what it touches and how to apply it."""
     name: str
     when: str
     summary: str

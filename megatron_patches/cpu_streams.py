@@ -13,6 +13,8 @@ from ._base import Patch, Target
 
 
 class CpuStream(torch.cpu.Stream):
+    """A CUDA stream stand-in that runs everything synchronously on the CPU."""
+
     def __init__(self, *args, **kwargs):
         super().__init__()
 

@@ -1,21 +1,8 @@
 """distopt_torch_adam_step: after a distributed-optimizer load, every parameter has its own Adam ``step``.
 
-Without apex or TransformerEngine, megatron-core's optimizer is ``torch.optim.AdamW``, which keeps a
-per-parameter ``step`` tensor and increments it in place (``step_t += 1``) for each parameter it updates.
-``DistributedOptimizer.load_state_dict`` restores ``step`` from its common state by assigning *one*
-tensor to every parameter's state (``s["step"] = step`` in a loop), and torch's ``load_state_dict`` keeps
-that object as is on the CPU. After a resume, every optimizer step therefore adds the number of
-parameters to the shared counter: at iteration 12 of a run resumed at 2 the stored step read 100 (dense)
-and 260 (experts) instead of 12, Adam's bias corrections were wrong from the second step after the
-resume, and the losses left the uninterrupted run's (9.7943 vs 9.7882 at step 4, tiny EP2).
-
-The patch runs megatron's load, then gives each parameter's state its own ``step`` tensor, equal to the
-checkpoint's common step (in the ``dp_reshardable`` format megatron's per-bucket load had put back the
-dummy step 1 made before loading: :func:`restore_common_step`). Symptom checks:
-tests/test_training.py::test_distributed_optimizer_checkpoint_resumes (the resume is bitwise for every
-step after it, and the saved step equals the iteration; with the patch disabled both fail) and, for
-dp_reshardable, tests/test_resume.py::test_async_save_killed_mid_write_is_never_published.
-"""
+megatron-core's load assigns one ``step`` tensor to every parameter's state and torch's AdamW increments it
+in place once per parameter, so Adam's bias correction went wrong after a resume (docs/megatron_patches.md;
+checked by tests/test_training.py::test_distributed_optimizer_checkpoint_resumes)."""
 
 import torch
 

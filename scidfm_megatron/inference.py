@@ -17,6 +17,9 @@ import torch
 
 
 class MegatronLM:
+    """A megatron checkpoint of any layout as a single-process language model (dropless by default), so
+    evaluation and conversion checks need neither torchrun nor a Hugging Face export."""
+
     def __init__(self, checkpoint: str | Path, *, capacity_factor: Optional[float] = None,
                  precision: str = "fp32", device=None):
         from .config import ModelConfig, ParallelConfig, from_dict

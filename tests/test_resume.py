@@ -105,6 +105,25 @@ def test_changed_global_batch_is_refused_with_the_reason():
         check_data_position(saved, SimpleNamespace(global_batch_size=8, seq_length=128), "c/iter_0000003")
 
 
+def test_checkpoint_package_exports_every_public_name():
+    """training/checkpoint/ is split into modules; callers import from the package as before: every name the
+    single module had resolves there, and every public name of its modules is exported."""
+    import importlib
+
+    from scidfm_megatron.training import checkpoint as ckpt
+
+    before_split = ("FORMATS TOKENIZER_FILE CheckpointMismatch check_data_position check_files check_model_shapes "
+                    "complete_checkpoints find_resume is_weights_only iter_dir load masters_reloaded read_meta "
+                    "resolve rng_state save saved_config set_rng_state tokenizer_file").split()
+    assert [n for n in before_split if not hasattr(ckpt, n)] == []
+    for name in ("directory", "integrity", "reshard", "save_load"):
+        mod = importlib.import_module(f"{ckpt.__name__}.{name}")
+        public = {n for n, v in vars(mod).items() if not n.startswith("_")
+                  and (getattr(v, "__module__", None) == mod.__name__ or n.isupper())}
+        assert public - set(ckpt.__all__) == set(), name
+        assert all(getattr(ckpt, n) is getattr(mod, n) for n in public)
+
+
 def test_async_save_killed_mid_write_is_never_published(runs, tmp_path):
     """checkpoint.async_save with the distributed optimizer (periodic saves in the fast dp_reshardable
     format): the job is SIGKILLed while the iteration-4 save is written but not yet finalized (a fault point,

@@ -169,6 +169,10 @@ def test_interrupted_save_is_ignored_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert find_resume(root) == root / "iter_0000006"
     assert "ignoring interrupted checkpoint save" in caplog.text and not (root / "iter_0000009.tmp").exists()
+    (root / "latest").write_text("3")  # a crash between the rename of iter_6 and the move of `latest`
+    with caplog.at_level("WARNING"):
+        assert find_resume(root) == root / "iter_0000006"
+    assert "says iteration 3 but iter_0000006 is complete and newer" in caplog.text
 
 
 def test_pretraining_learns_and_logs_to_tensorboard(stage1_fp32):

@@ -1,21 +1,10 @@
 """Build the SciDFM science tokenizer from a base SentencePiece model.
 
     scidfm-build-tokenizer --base-model BASE.model --output-dir DIR \\
-        [--bracket-atoms-from FILE[:KEY] ...] [--min-count N]
+        [--bracket-atoms-from FILE[:KEY] ...] [--min-count N] [--probe-from FILE[:KEY] ...] [--allow-lossy-base]
 
-Writes DIR/tokenizer.model (base pieces + span markers + molecule + protein tokens + specials),
-DIR/science_tokens.json (the inventory with ids) and Hugging Face files (tokenizer_config.json,
-special_tokens_map.json, tokenization_scidfm.py; load with AutoTokenizer(..., trust_remote_code=True)).
-``--bracket-atoms-from`` adds every bracket atom (``[C@@H]``, ``[Fe+2]``...) seen at least --min-count
-times, so they become single tokens: .smi/.txt files (first column), or jsonl with KEY (a SMILES field,
-or a text field whose molecule spans are scanned). Unreadable lines (invalid UTF-8 or JSON, a missing key,
-a lone surrogate) are skipped and listed by file:line; ``--strict`` stops at the first one.
-
-The built tokenizer must give text back exactly: every probe text (a built-in set of science text with
-spans and whitespace, plus the texts of ``--probe-from FILE[:KEY]``) must decode to itself. A base model
-whose normaliser loses text (SentencePiece's default ``nmt_nfkc`` with ``remove_extra_whitespaces``
-drops the space before a span and folds runs of spaces) is refused with the numbers and one example,
-and nothing is written; ``--allow-lossy-base`` builds it anyway (the numbers are printed).
+Writes DIR/tokenizer.model, DIR/science_tokens.json and the Hugging Face files; a base model that loses
+text is refused (docs/data.md, "Science tokenizer").
 """
 
 from __future__ import annotations

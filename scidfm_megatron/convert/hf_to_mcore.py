@@ -1,24 +1,7 @@
-"""Hugging Face Mixtral folder -> megatron-core checkpoint, streamed in one process.
-
-The output is a weights-only megatron checkpoint: ``iter_0000000/`` in megatron's torch_dist format
-(PyTorch DCP files + ``common.pt`` + ``metadata.json``), ``latest``, ``scidfm_meta.json`` with the model
-config, plus the tokenizer under ``tokenizer/`` when the folder has one. Train or fine-tune from it with
-``checkpoint.init_from=DST`` at any TP/PP/EP layout (megatron reshards at load, as for every checkpoint of
-this project); ``--tp/--pp/--ep`` are checked against the model and recorded.
-
-How (memory: about one tensor): the checkpoint's structure -- every sharded key, its global shape, the
-chunk each layer / expert occupies, the ``_extra_state`` objects -- is taken from megatron itself: the
-model is built on the ``meta`` device (no memory) at TP1 x PP1 x EP1 and its ``sharded_state_dict()``
-read. PyTorch DCP's own writer then writes those chunks through a save planner whose ``resolve_data``
-makes each one when the writer asks for it: the megatron tensor of that conversion unit is assembled from
-its HF tensors (read from the safetensors file straight into the destination buffer, no memory map),
-written and dropped. Everything goes to ``DST.tmp-<pid>`` and is renamed when complete (and, with
-``verify``, only once the parity check passed).
-
-Accepted input: our own conversions, the SciDFM release and any Mixtral checkpoint on disk with
-per-expert ``block_sparse_moe.experts.N.w1/w2/w3`` tensors (what transformers writes), or with fused
-``mlp.experts.gate_up_proj / down_proj`` tensors.
-"""
+"""Hugging Face Mixtral folder -> weights-only megatron-core checkpoint, streamed in one process with about
+one tensor in memory: megatron's own sharded structure (a model on the ``meta`` device) written by PyTorch
+DCP's writer through a planner that makes each chunk when asked (docs/conversion.md, "What comes out" and
+"How it streams")."""
 
 from __future__ import annotations
 

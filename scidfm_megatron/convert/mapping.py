@@ -1,27 +1,5 @@
-"""The megatron-core <-> Hugging Face (Mixtral layout) mapping, as tables.
-
-Megatron side: the *global* state-dict names of :mod:`scidfm_megatron.model.state_dict` (unsharded,
-per layer and per expert, padded vocabulary), e.g.
-``decoder.layers.3.mlp.experts.local_experts.5.linear_fc1.weight``. Every TP/PP/EP layout maps to and
-from these names, so the tables below know nothing about parallelism.
-
-Hugging Face side: the Mixtral checkpoint names that ``MixtralForCausalLM`` loads and
-``save_pretrained`` writes (transformers >= 5 fuses experts in memory but converts from and to these
-per-expert names on disk), which is also the layout of the public SciDFM release.
-
-One :class:`Rule` per megatron tensor: its HF tensor(s) and the transform between them.
-
-=======  ==========================================================================================
-kind     transform (megatron -> HF; the reverse is its exact inverse)
-=======  ==========================================================================================
-copy     same tensor
-vocab    drop the padding rows (embedding / output layer are padded to a multiple of 128 rows);
-         the reverse pads with zeros
-qkv      megatron stores Q, K, V interleaved per query group: rows ``[g][q_0..q_{h/g-1}, k, v][d]``
-         -> ``q_proj`` (heads x d), ``k_proj`` (groups x d), ``v_proj`` (groups x d)
-fc1      SwiGLU ``linear_fc1 = [w1; w3]`` (gate rows first, then up) -> ``w1``, ``w3``
-=======  ==========================================================================================
-"""
+"""The megatron-core <-> Hugging Face (Mixtral layout) mapping, as tables: one :class:`Rule` per global
+megatron tensor (copy, vocab, qkv, fc1), layout-free (docs/conversion.md, "The mapping")."""
 
 from __future__ import annotations
 
@@ -36,6 +14,7 @@ from ..config import ModelConfig
 
 @dataclass(frozen=True)
 class Rule:
+    """One megatron tensor (a name pattern) and its Hugging Face tensor(s), with the kind of transform between them."""
     mcore: str  # pattern; {L} = layer, {E} = expert
     hf: tuple[str, ...]
     kind: str  # copy | vocab | qkv | fc1

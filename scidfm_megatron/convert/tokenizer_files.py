@@ -1,24 +1,6 @@
-"""Which tokenizer a conversion carries, told apart by inspecting its files, and how it is written.
-
-Four kinds:
-
-* ``science``: an extended science ``tokenizer.model`` (SentencePiece with the molecule / protein span
-  markers), e.g. the one a training run recorded. Written as ``tokenizer.model`` (+
-  ``science_tokens.json``) plus the Hugging Face files generated for it (``tokenization_scidfm.py``,
-  ``tokenizer_config.json`` with the chat template; ``AutoTokenizer`` needs ``trust_remote_code``).
-* ``sentencepiece``: a plain SentencePiece model (Llama / Mistral style ``tokenizer.model``, or one a user
-  trained). Copied byte for byte, with a ``tokenizer.json`` built from it whose ids are SentencePiece's
-  (``tokenizer/hf_plain.py``, checked on probe texts before it is written) and a ``tokenizer_config.json``
-  naming the generic ``PreTrainedTokenizerFast``, so ``AutoTokenizer`` loads it without remote code.
-* ``hf``: a folder that already holds Hugging Face tokenizer files (``tokenizer.json`` and/or
-  ``tokenizer_config.json``, with or without ``tokenizer.model``). Every tokenizer file is copied byte
-  for byte; nothing is generated.
-* ``none``: a weights-only conversion (said so on the console; nothing recorded).
-
-Refusals raise :class:`TokenizerError` (one line naming the file and the fix), always before anything is
-written: a path that does not exist, a file that is not a SentencePiece model, a folder without tokenizer
-files, a tokenizer with more tokens than the model's vocabulary.
-"""
+"""Which tokenizer a conversion carries (``science``, ``sentencepiece``, ``hf`` or ``none``), told apart by
+inspecting its files, and how each is written; refusals raise :class:`TokenizerError` before anything is
+written (docs/conversion.md, "What comes out")."""
 
 from __future__ import annotations
 
@@ -42,6 +24,8 @@ class TokenizerError(ValueError):
 
 @dataclass
 class Tokenizer:
+    """The tokenizer a conversion carries, as found by inspecting its files: its kind, the files copied and the ids
+    the export's configs name."""
     kind: str  # science | sentencepiece | hf | none
     path: Optional[Path] = None  # the .model file (science, sentencepiece) or the folder (hf)
     vocab_size: Optional[int] = None  # ids the tokenizer can emit (max id + 1); None when unknown

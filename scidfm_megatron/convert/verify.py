@@ -55,6 +55,7 @@ class VerifyError(RuntimeError):
 
 @dataclass
 class Trace:
+    """What one model computed on the sample ids, compared layer by layer between the two sides of a conversion."""
     hidden: list[torch.Tensor]  # per layer, [batch, seq, hidden] fp32
     topk: list[torch.Tensor]  # per layer, [batch * seq, k] expert ids, sorted per token
     logits: torch.Tensor  # [batch, seq, vocab] fp32

@@ -25,12 +25,14 @@ from ..config import ConfigError, from_dict, load_yaml
 
 @dataclass
 class EpochOverride:
+    """A source's data prefix and/or token count for one mixture epoch, where it differs from the default."""
     data: Optional[str] = None
     tokens: Optional[float] = None
 
 
 @dataclass
 class Source:
+    """One row of the mixture table: a corpus, its Table-2 grouping and how many tokens of it an epoch takes."""
     name: str
     domain: str
     category: str  # "science" or "general", as Table 2 groups them
@@ -46,6 +48,8 @@ class Source:
 
 @dataclass
 class Mixture:
+    """A pretraining mixture (a recipe's ``mixture:`` file): the sources and the unit their token counts are in;
+    turned into megatron's blend weights per epoch."""
     name: str
     unit: str = "B"  # "B" (billions, as in the paper) or "tokens"
     data_root: str = "."

@@ -1,22 +1,6 @@
-"""Instruction-tuning data: packed conversations with assistant-only loss masks, stored indexed.
-
-On disk (written by ``scidfm-preprocess --sft-seq-length S``): three aligned Megatron datasets,
-``<prefix>_tokens`` (token ids), ``<prefix>_lossmask`` (uint8, 1 on assistant targets) and
-``<prefix>_convlens`` (int32, the length of each conversation packed in the sequence), one entry per
-training sequence of at most S+1 tokens (inputs are tokens[:-1], labels tokens[1:]). Packing is greedy in
-input order and never splits a conversation: one that does not fit in the current sequence starts the
-next; a conversation longer than S+1 tokens is truncated (counted in the summary); ``--no-pack`` gives one
-conversation per sequence.
-
-Packed conversations are isolated, as Megatron-LM (THD ``cu_seqlens``), torchtitan (block-causal masks)
-and OLMo-core (intra-document masking) do: ``SFTDataset`` gives every input position its conversation's
-index (``document_ids``, -1 on padding) and a position that restarts at 0 in each conversation; the model
-turns them into a block-diagonal causal mask and per-conversation rotary positions, and keeps padding out
-of MoE routing (:mod:`scidfm_megatron.model.packing`).
-
-``SFTDataset`` reads them through megatron-core's mmap ``IndexedDataset``, so 9M samples are never held
-in memory, and pads each sequence to S with ``[PAD]`` (loss mask 0).
-"""
+"""Instruction-tuning data: packed conversations with assistant-only loss masks, stored as three aligned
+indexed datasets, read lazily by :class:`SFTDataset` with each position's conversation id for isolated
+packing (docs/data.md, "SFT data")."""
 
 from __future__ import annotations
 
@@ -26,6 +10,9 @@ from .indexed import IndexedWriter
 
 
 class SFTPacker:
+    """Writes tokenized conversations into packed training sequences (greedy, never splitting a conversation)
+    with their loss masks and conversation lengths."""
+
     def __init__(self, prefix: str, seq_length: int, dtype, pack: bool = True):
         if seq_length < 2:
             raise ValueError("SFT sequence length must be >= 2")

@@ -1,29 +1,6 @@
-"""Instruction-data record formats -> the ``messages`` list that SFT preprocessing tokenizes.
-
-Public instruction sets come in a few shapes; each record is turned into ``[{role, content}, ...]`` (roles
-``system`` / ``user`` / ``assistant``) and then tokenized exactly as a ``messages`` record would be, so a
-conversation gives the same token ids and loss mask whatever format it arrived in.
-
-==============  =====================================================================  ======================
-format          record                                                                 e.g.
-==============  =====================================================================  ======================
-messages        ``{"messages": [{"role": "system|user|assistant", "content": ...}]}``    OpenAI / HF chat
-                (the key is ``--json-keys``, default ``messages``)
-sharegpt        ``{"conversations": [{"from": "system|human|gpt", "value": ...}]}``      SlimOrca, ShareGPT
-                (``user``/``assistant`` and ``chatgpt`` are read as user/assistant;
-                SlimOrca's per-turn ``weight``: an assistant turn's
-                must be null or 1 (0 is refused), others are ignored)
-alpaca          ``{"instruction", "input" (optional, may be ""), "output"}`` and       Stanford Alpaca
-                optional ``system`` and ``history`` ([[instruction, output], ...]);
-                the user turn is ``instruction``, then ``"\\n"`` and ``input`` when
-                ``input`` is not empty (LLaMA-Factory's convention)
-query_response  ``{"query", "response"}``                                              MetaMathQA
-==============  =====================================================================  ======================
-
-``--sft-format auto`` (the default) chooses per file, from the file's first record in one of these
-formats, and says which it chose; a later record of that file in another shape is a bad line (file, line,
-the missing key) like any other.
-"""
+"""Instruction-data record formats (messages, ShareGPT, Alpaca, query/response) -> the ``messages`` list that
+SFT preprocessing tokenizes, so a conversation gets the same ids and loss mask whatever format it came in
+(docs/data.md, "SFT data", "Record formats")."""
 
 from __future__ import annotations
 

@@ -1,21 +1,6 @@
-"""Preprocessing split over machines: ``scidfm-preprocess --shard K/N`` and ``scidfm-merge-data``.
-
-The plan. The inputs (in ``expand_inputs`` order) are laid end to end as one byte stream of ``T`` bytes;
-shard ``K`` of ``N`` owns the bytes ``[K*T//N, (K+1)*T//N)``. In a plain (uncompressed) jsonl file a share
-boundary moves forward to the next line start, so every line belongs to exactly one shard, the one holding
-its first byte; a compressed (.gz/.zst) or parquet file cannot be entered in the middle and goes whole to
-the shard holding its first byte. Every shard computes the same plan from the file list and sizes alone,
-so N array tasks need no coordination, and merging the shards in order gives the documents in the order
-one process writes them: the merged ``.bin``/``.idx`` are byte-identical to a single run (tested).
-
-Each shard writes ``<prefix>.shard-K-of-N_<key>_document.{bin,idx}``, its rejected lines and summary, and
-last a manifest ``<prefix>.shard-K-of-N.manifest.json``: the plan's identity, its pieces of the inputs,
-bytes, lines, documents, tokens, rejected lines, the tokenizer fingerprint, the settings, and every output
-file's size and sha256. A rerun finds a complete manifest whose outputs still have those sizes and skips
-the shard. ``scidfm-merge-data`` checks every manifest (present, complete, checksums, one plan, one
-tokenizer and settings, each share exactly once) and refuses naming the shard at fault, then concatenates
-the shards with megatron-core's ``IndexedDatasetBuilder.add_index``.
-"""
+"""Preprocessing split over machines: ``scidfm-preprocess --shard K/N`` (the byte-range plan, manifests)
+and ``scidfm-merge-data`` (checks every manifest, then concatenates); the merged files are byte-identical to
+one run's (docs/data.md, "Sharding over machines")."""
 
 from __future__ import annotations
 

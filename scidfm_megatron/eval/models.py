@@ -91,6 +91,9 @@ def _science_tokenizer(path: Path):
 
 
 class HFModel(LanguageModel):
+    """A Hugging Face folder scored through transformers, tokenized by the project's own tokenizer code (science
+    or plain SentencePiece), so it sees the same ids as the megatron checkpoint it came from."""
+
     def __init__(self, directory: str | Path, dtype: str = "float32", device: str = "cpu"):
         from transformers import AutoModelForCausalLM
 
@@ -131,6 +134,9 @@ class HFModel(LanguageModel):
 
 
 class MegatronModel(LanguageModel):
+    """A megatron checkpoint scored in one process (:class:`~scidfm_megatron.inference.MegatronLM`), so a
+    checkpoint and its conversion are evaluated the same way."""
+
     def __init__(self, checkpoint: str | Path, tokenizer: Optional[str] = None):
         from ..inference import MegatronLM
 

@@ -1,47 +1,5 @@
-"""Zero-shot tasks of the SciDFM paper (Tables 4, 7, 8, 9) over local JSONL files.
-
-Each task has a *kind* (how it is prompted and scored) and reads one JSONL file whose fields the kind
-defines. ``scidfm-eval-data`` (``eval/converters.py``) writes these files from the public benchmark files.
-
-====================  ===========================================================  =========================
-kind                  fields                                                       metrics
-====================  ===========================================================  =========================
-multiple_choice       question, choices [str], answer (index), optional context    acc, acc_norm (%)
-math                  question, answer (GSM8K solution / final answer; MATH        GSM8K: strict_match,
-                      solution with \boxed{} or final answer)                      flexible_extract (%);
-                                                                                   MATH: acc (%)
-molecule_generation   instruction, input, output (SMILES)                          exact, levenshtein, rdk /
-                                                                                   maccs / morgan FTS, validity
-protein_understanding instruction, input (sequence), output (text)                 rouge_l
-moleculenet           smiles, question, label (0/1), optional task (assay name)    auc_roc (%), per task
-====================  ===========================================================  =========================
-
-Any kind may carry an optional ``split`` field (``scidfm-eval-data pubmedqa`` writes ``"test"`` with
-``--test-ids``, else ``"all <n> of <file>"``): the harness records the splits in each task's result
-(``split``) and the Table 4 ``n`` row.
-
-Prompt formats (``prompt_format``; recorded in the results): ``"chat"`` wraps the task text as one user
-turn of the chat template the SFT data is trained with (``tokenizer.core.chat_segments``:
-``<s><|user|>{text}\n<|assistant|>``) and the answer is the assistant's text; ``"raw"`` is plain text
-for base models. Molecules and proteins go inside the tokenizer's span markers, as in training.
-
-* multiple choice: text ``[context\n]Question: {question}``; raw: + ``\nAnswer:`` and the choices are
-  scored as ``" " + choice``; chat: the choices are the assistant's text. Summed log-likelihood
-  (``acc``) and per-character (``acc_norm``), lm-eval's conventions.
-* math: text = the question (raw: ``Question: {question}\nAnswer:``, lm-eval's gsm8k prompt); greedy
-  until EOS or one of lm-eval's gsm8k stop sequences (``Question:``, ``</s>``, ``<|im_end|>``), never a
-  blank line. GSM8K: lm-eval's strict-match and flexible-extract (``metrics.gsm8k_scores``); MATH: the
-  last ``\boxed{}`` by the MATH convention (``metrics.math_scores``).
-* molecule generation: ``{instruction}\n{input}``, the answer starts with ``[START_I_SMILES]`` (raw:
-  after ``\nAnswer: ``); the prediction is the greedy text up to ``[END_I_SMILES]``; scored by
-  Mol-Instructions' pipeline (default) or MolT5's (``molecule_convention``).
-* protein understanding: ``{instruction}\n[START_AMINO]{input}[END_AMINO]``; raw: + ``\nAnswer:`` and the
-  first generated line; chat: the assistant's text to EOS. ROUGE-L as Mol-Instructions' protein eval.
-* MoleculeNet: ``[START_I_SMILES]{smiles}[END_I_SMILES]\nQuestion: {question}``; the score is
-  P(Yes) / (P(Yes) + P(No)); AUC-ROC per task (the ``task`` field, e.g. an assay of Tox21 / ClinTox;
-  records without one are grouped by their question), the
-  dataset's AUC the mean over its tasks (MoleculeNet's multi-task convention; scikit-learn's AUC).
-"""
+"""Zero-shot tasks of the SciDFM paper (Tables 4, 7, 8, 9) over local JSONL files: each task kind's fields,
+prompts and scoring (docs/evaluation.md, "Task files and converters" and "Prompt formats")."""
 
 from __future__ import annotations
 
@@ -66,6 +24,7 @@ PROMPT_FORMATS = ("chat", "raw")
 
 @dataclass(frozen=True)
 class Task:
+    """A benchmark of the paper: its kind (how it is prompted and scored) and where it is reported."""
     name: str
     kind: str
     paper_table: str

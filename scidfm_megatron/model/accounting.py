@@ -1,22 +1,6 @@
-"""Parameter and FLOP accounting from a ModelConfig alone (no model is built).
-
-``tensor_shapes`` lists every tensor of the global state dict (same names and shapes as
-:mod:`.state_dict`), so the counts are checked against real models in the tests, not just a formula.
-
-Conventions (so the numbers can be compared with papers):
-* *total*: every parameter, input embedding and output layer included.
-* *active*: what one token uses: everything except the (num_experts - topk) unchosen experts per layer.
-* *non-embedding*: without the input embedding and output layer.
-SciDFM's paper quotes 18.2B total / 5.6B active. With the release's shapes the model has 18.52B
-parameters (matching its ~37 GB of bf16 weights); 18.2B is close to the non-embedding total (18.32B,
-0.6% away) and 5.6B to the active count with embeddings (5.58B). ``scidfm-info`` prints all four.
-
-Training FLOPs per token follow the PaLM paper's appendix B (the usual MFU definition):
-``6 * N_matmul_active + 12 * n_layers * seq_len * attention_width``, where N_matmul_active counts the
-weights a token multiplies by (attention, router, its top-k experts, output layer; not the embedding
-lookup or norms) and the second term is QK^T and attention-times-V, forward and backward, without
-discounting the causal mask.
-"""
+"""Parameter and FLOP accounting from a ModelConfig alone (no model is built): total, active and
+non-embedding counts and training FLOPs per token, with ``tensor_shapes`` checked against real models in the
+tests (docs/model.md, "Parameters")."""
 
 from __future__ import annotations
 
@@ -28,6 +12,7 @@ from ..config import ModelConfig
 
 @dataclass(frozen=True)
 class TensorShape:
+    """One tensor of the global state dict, with the kind that decides whether it counts as active or embedding."""
     name: str
     shape: tuple[int, ...]
     kind: str  # embedding | output | attention | norm | router | expert
@@ -69,6 +54,7 @@ def tensor_shapes(cfg: ModelConfig, padded_vocab: bool = True) -> list[TensorSha
 
 @dataclass(frozen=True)
 class ParamCount:
+    """Parameter counts under the paper's conventions (total, active per token, with and without embeddings)."""
     total: int
     active: int
     embedding: int  # input embedding + output layer

@@ -14,6 +14,9 @@ import torch
 
 
 class RMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` with megatron's layer-norm signature and its weight tagged ``sequence_parallel``: the
+    local spec's norm refuses sequence parallelism, which MoE with TP needs."""
+
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, persist_layer_norm: bool = False,
                  zero_centered_gamma: bool = False, normalization: str = "RMSNorm"):
         if config.normalization != "RMSNorm" or zero_centered_gamma or config.layernorm_zero_centered_gamma:

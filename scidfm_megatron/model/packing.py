@@ -1,34 +1,6 @@
-"""Packed sequences and padding on megatron-core: isolation per document, and padding kept out of MoE.
-
-A packed SFT sequence holds several conversations and, at its end, padding. Three things make every
-conversation see exactly what it would see alone, on every pipeline stage and for every sample of a
-micro-batch (the batch carries ``document_ids`` [b, s], -1 on padding; see :mod:`scidfm_megatron.data.sft`):
-
-* **Attention** is block-diagonal causal: :func:`document_attention_mask` turns the document ids into
-  megatron's boolean mask (True = masked out), built on the device by every model chunk from its own copy
-  of the batch, so the boundaries reach the middle pipeline stages and every sample of the micro-batch.
-* **Rotary positions** restart at 0 in every conversation. megatron-core's ``GPTModel`` takes
-  ``position_ids`` but its RoPE ignores them (it rotates by the index in the sequence); :class:`SciDFMGPTModel`
-  gathers the rotary table at the given positions ([s, b, 1, d]: the rows are the same numbers the
-  unpacked run uses, so the rotation is bitwise that of the conversation alone).
-* **Padding out of MoE**: :class:`PaddingAwareRouter` takes megatron's ``padding_mask`` (True = pad). Pad
-  tokens are routed nowhere (their MoE output is zero), take no expert capacity (the capacity is computed
-  from the real tokens, as if the padding were not there) and do not enter the aux / z losses or the
-  expert-load statistics. megatron-core 0.16.1 already keeps padding out of the aux and z losses but
-  still dispatches pad tokens and counts them in the capacity. Under TP > 1 (sequence parallelism: each
-  TP rank routes its share of the sequence) a batch with a padding mask (every SFT batch) decides the
-  capacity over the real tokens of the whole micro-batch, gathered over the TP group
-  (:func:`_drop_over_sequence`), so padding changes no real token's routing at any TP, with a capacity
-  factor as without one (tests/test_packing.py at TP2). Batches without a padding mask (pretraining) keep
-  megatron's per-rank capacity; so does ``moe_pad_expert_input_to_capacity``.
-
-Aux-loss normalisation with the per-token SFT loss (``calculate_per_token_loss``): megatron multiplies each
-micro-batch's aux loss by its token count and divides every gradient by the global number of *loss*
-tokens (assistant tokens), so the effective coefficient would be 0.02 x (real tokens / assistant tokens).
-:func:`aux_token_scale` holds N_loss / N_real for the step (set by ``training.step.train_step``); the router
-multiplies by it, so the aux term is the paper's 0.02 x the Switch loss averaged over routed real tokens,
-whatever the share of assistant tokens. Without the per-token loss the scale is 1 (megatron's mean).
-"""
+"""Packed sequences and padding on megatron-core: attention and rotary positions per document, padding kept
+out of MoE routing, capacity and the aux loss, and the aux loss scaled for the per-token SFT loss
+(docs/training.md, "Packed SFT, padding and the aux loss")."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import torch
 
 @dataclass
 class RouterCall:
+    """One router forward: the tokens each expert got (on the device) and, if asked, the per-sequence gate logits."""
     layer: int  # 1-based global layer number, as megatron numbers layers
     # tokens routed by this call: an int, or a 0-d device tensor (real tokens) when padding was masked
     num_tokens: object
@@ -41,6 +42,9 @@ def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_facto
 
 
 class RouterRecorder:
+    """Records every megatron ``TopKRouter`` call through forward hooks, so statistics and expert-choice
+    analysis read the router's own numbers instead of re-implementing it."""
+
     def __init__(self, models, keep_logits: bool = False):
         from megatron.core.transformer.moe.router import TopKRouter
 

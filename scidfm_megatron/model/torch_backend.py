@@ -1,31 +1,6 @@
-"""The ``torch`` backend (``model.backend: torch``): megatron-core modules on PyTorch's own fused kernels.
-
-No TransformerEngine, no apex, nothing compiled for this project: it runs wherever PyTorch runs, and takes
-PyTorch's fused GPU kernels where they exist. The checkpoint keys and shapes are those of the ``local``
-spec (the modules keep megatron's parameter names), so checkpoints, conversion and evaluation do not care
-which of ``local`` / ``torch`` / ``te`` trained them.
-
-* :class:`PaddedSDPAttention` (core attention): ``torch.nn.functional.scaled_dot_product_attention`` with
-  q, k and v zero-padded *inside the module* to the next multiple of 8 in the head dimension (SciDFM's
-  head_dim 100 -> 104), the softmax scale kept at 1/sqrt(real head_dim), the output sliced back. Zero
-  columns change neither q.k nor the output, so the padding is exact; the weights stay unpadded. Which
-  fused kernels take an unpadded head_dim 100 (bf16, CUDA): PyTorch's flash kernel pads the head dim to a
-  multiple of 8 itself (``pad_last_dim<8>`` in aten's attention.cpp), but cuDNN attention, the
-  memory-efficient kernel (16-byte alignment: a multiple of 8 in bf16 on sm80+), FlashAttention-3 and
-  TransformerEngine's fused attention refuse it; padded to 104, all of PyTorch's run it (the GPU test
-  ``test_padded_attention_runs_under_each_fused_kernel_on_gpu`` records which accept 100 unpadded).
-  Without a mask the kernel is told ``is_causal``; a packed-SFT document mask (megatron's convention,
-  True = masked out, :func:`~scidfm_megatron.model.packing.document_attention_mask`) is passed as SDPA's
-  boolean mask (True = attend), which SDPA runs with its memory-efficient kernel on GPU.
-* :class:`GroupedExperts` (the local experts): one grouped GEMM over all local experts for fc1 and one for
-  fc2 (``torch._grouped_mm``, on CUDA in bf16 at compute capability 8.0+ where a one-time probe shows it
-  runs and equals the loop), an exact per-expert loop elsewhere. It is megatron's ``SequentialMLP`` (same
-  submodules, same ``local_experts.{i}.linear_fc1/2`` parameters, same sharded state dict), with its forward
-  replaced; it supports megatron's ``moe_act`` selective recompute (the SwiGLU output is dropped after fc2 and
-  recomputed in the backward).
-* Norms: the project's :class:`~scidfm_megatron.model.norm.RMSNorm` (``torch.nn.RMSNorm``, i.e.
-  ``torch.nn.functional.rms_norm``, PyTorch's fused kernel where it has one).
-"""
+"""The ``torch`` backend (``model.backend: torch``): megatron-core modules on PyTorch's own fused kernels,
+with the ``local`` spec's checkpoint keys and shapes: padded SDPA attention, grouped-GEMM experts, RMSNorm
+(docs/kernels.md, "model.backend: torch")."""
 
 from __future__ import annotations
 

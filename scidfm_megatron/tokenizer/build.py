@@ -1,21 +1,6 @@
-"""Build the extended science tokenizer from any Llama-style SentencePiece BPE ``tokenizer.model``.
-
-Added, in this id order after the base pieces: the 4 span markers, the molecule vocabulary, the protein
-vocabulary, then the 5 specials (see core.py for how each kind is used).
-
-Molecule vocabulary (pieces ``<m>X``):
-* every element symbol (118), in SMILES's bare form (``C``, ``Cl``, ``Zn``): the unit bracket atoms are
-  spelled with when a whole bracket atom is not in the vocabulary;
-* aromatic atoms ``b c n o p s se as te``;
-* SMILES punctuation: branches ``( )``, bonds ``- = # $ : / \\ ~``, ``.``, ``[ ]``, charges ``+``, ring
-  digits ``0-9``, ``%``, chirality ``@ @@``, wildcard ``*``, and reaction arrows ``> <``;
-* whole bracket atoms (``[C@@H]``, ``[nH]``, ``[O-]``, ``[Na+]``...): every element in brackets plus a
-  list of common charged, protonated, chiral and isotopic forms, plus any given with
-  ``extra_bracket_atoms`` (``tools/build_tokenizer.py --bracket-atoms-from`` harvests them from SMILES
-  files, keeping those seen at least ``--min-count`` times).
-Protein vocabulary (pieces ``<p>X``): the 26 letters A-Z (20 standard residues, B/Z/J ambiguity codes,
-X unknown, U selenocysteine, O pyrrolysine).
-"""
+"""Build the extended science tokenizer from any Llama-style SentencePiece BPE ``tokenizer.model``: span
+markers, molecule and protein vocabularies and the specials appended after the base pieces, and the
+lossless round trip checked on probe texts (docs/data.md, "Science tokenizer")."""
 
 from __future__ import annotations
 

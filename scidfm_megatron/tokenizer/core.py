@@ -1,31 +1,9 @@
-"""SciDFM science tokenizer: a Llama-style SentencePiece BPE plus molecule and protein spans.
+"""SciDFM science tokenizer: a Llama-style SentencePiece BPE plus molecule and protein spans (docs/data.md,
+"Science tokenizer": the text model and the vocabulary layout).
 
-This module is deliberately standalone (standard library + ``sentencepiece``; ``transformers`` only for
-the optional Hugging Face class at the bottom) so a Hugging Face export can ship it verbatim as its
-tokenizer code. It reads everything it needs from one extended ``tokenizer.model``.
-
-Text model
-----------
-* Outside spans: the base BPE, exactly as the base model encodes it.
-* ``[START_I_SMILES]...[END_I_SMILES]`` (molecule span): the SMILES is lexed atom by atom (the usual
-  SMILES regex: bracket atoms, two-letter organic atoms Cl/Br, one-letter atoms, aromatic atoms, bonds,
-  branches, ring closures); every lexeme maps to one molecule token, so every atom is one token. A bracket
-  atom that is not in the vocabulary is spelled with molecule tokens (``[``, its element, chirality,
-  H count, charge, ``]``): its element is still one token and nothing is lost.
-* ``[START_AMINO]...[END_AMINO]`` (protein span): one protein token per residue letter (A-Z).
-* Anything inside a span that the span vocabulary cannot spell falls back to the base BPE, so decoding
-  always returns the exact input (lossless round trip), spans or not.
-* Span markers are Galactica's strings (SciDFM does not publish its own); chat and document specials
-  (``[PAD] <|eod|> <|system|> <|user|> <|assistant|>``) are recognised in text only when the caller asks
-  (``allow_special=True``), so a document that merely contains "<|user|>" cannot inject a turn marker.
-
-Vocabulary layout (ids): the base pieces, then span markers, molecule tokens, protein tokens, and the
-five specials last (as in the SciDFM release). Molecule and protein tokens are SentencePiece pieces of
-type UNUSED named ``<m>C``, ``<m>[C@@H]``, ``<p>M``: SentencePiece itself never emits UNUSED pieces, so
-plain BPE behaviour outside spans is untouched, and the marker keeps ``C`` in a molecule distinct from
-``C`` in prose. Span markers are USER_DEFINED (plain SentencePiece also keeps them whole); specials are
-CONTROL.
-"""
+Standalone on purpose (standard library + ``sentencepiece``; ``transformers`` only for the optional Hugging
+Face class at the bottom): a Hugging Face export ships this file verbatim as its tokenizer code, and it
+reads everything it needs from one extended ``tokenizer.model``."""
 
 from __future__ import annotations
 

@@ -1,23 +1,6 @@
-"""Exact fast tokenization: GigaToken (``pip install scidfm-megatron[fast]``) with SentencePiece's ids.
-
-GigaToken (``gigatoken`` on PyPI, a Rust BPE that loads SentencePiece ``.model`` files) encodes the base
-BPE several times faster than SentencePiece. Its ids are SentencePiece's for ordinary text, but not
-always, so every use here is guarded:
-
-* **per model**: the model must be one GigaToken's loader accepts (BPE, byte fallback, escaped
-  whitespace, no whitespace-as-suffix), and a probe set of hostile strings (control-token look-alikes,
-  NFKC-sensitive characters, emoji, whitespace runs, long lines) must encode identically with both. If
-  not, SentencePiece is used for that model and the reason is printed once (stderr).
-* **per document**: a document containing the text of any non-normal piece (control ``<s>``, ``</s>``,
-  ``<unk>``, the science tokenizer's ``<|eod|>`` / chat markers / span markers / ``<m>`` and ``<p>``
-  pieces) goes to SentencePiece. GigaToken treats control pieces as specials found in the text and can
-  merge into pieces SentencePiece never emits; SentencePiece keeps them as text. For models with a
-  normaliser (a precompiled charsmap, e.g. ``nmt_nfkc``) the check runs on the NFKC form of non-ASCII
-  documents, so a full-width look-alike is caught too.
-
-``SCIDFM_FAST_TOKENIZER=0`` turns the fast path off. Without ``gigatoken`` everything is SentencePiece.
-The science tokenizer's molecule and protein spans are looked up in tables (numpy for residues).
-"""
+"""Exact fast tokenization: GigaToken (``pip install scidfm-megatron[fast]``) with SentencePiece's ids,
+guarded per model (probe set) and per document (text of non-normal pieces goes to SentencePiece);
+``SCIDFM_FAST_TOKENIZER=0`` turns it off (docs/data.md, "Fast tokenization with SentencePiece's ids")."""
 
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ from typing import Mapping, TypedDict
 
 
 class Fingerprint(TypedDict):
+    """What identifies a tokenizer in data summaries and checkpoints: the model file's sha256, its vocabulary
+    size and its kind (science or plain)."""
     sha256: str
     vocab_size: int
     kind: str

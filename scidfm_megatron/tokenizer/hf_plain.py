@@ -1,27 +1,6 @@
-"""A Hugging Face ``tokenizer.json`` that gives a plain SentencePiece model's ids exactly.
-
-A plain model (Llama / Mistral style, or one a user trained) has no span vocabulary, so its HF export
-needs no custom code: ``AutoTokenizer.from_pretrained(DIR)`` loads ``tokenizer.json`` through the generic
-``PreTrainedTokenizerFast``. The pipeline is built here from the model's own proto, because the generic
-conversions differ from SentencePiece (transformers 5.23 on a user's model: ``"The"`` -> ``T``, ``he``; on
-Mistral's: merges in id order, so whitespace runs in code split differently, and a leading space loses
-its dummy-prefix ``▁``). What SentencePiece does, and the pipeline that matches it:
-
-* normalisation: the precompiled character map (``nmt_nfkc``...) if any, then ``remove_extra_whitespaces``
-  (runs of spaces -> one, leading/trailing spaces dropped), the dummy prefix ``▁`` (always: also before
-  a text that starts with a space), spaces -> ``▁``. No pre-tokenizer: SentencePiece's BPE merges across
-  the whole normalised text, and so does this.
-* BPE: at each step SentencePiece merges the adjacent pair whose union has the highest score, leftmost
-  on ties; the merges here are ranked by that score, and among equal scores by longer left then longer
-  right part (which is leftmost-first for whitespace runs: ``▁▁▁`` + ``▁Run``, not ``▁▁▁▁`` + ``Run``).
-  Unigram models are refused: ``tokenizers``' unigram gives other ids than SentencePiece's on some texts
-  (checked by hand on unigram models trained on the sample corpus, with and without byte fallback), and a
-  control piece's string in text (a literal ``<s>``) is that piece in its lattice.
-* control pieces (``<s>``, ``</s>``...) in raw text are text, as in SentencePiece and Megatron-LM's
-  ``GPTSentencePieceTokenizer``: they are special tokens with ``split_special_tokens``.
-
-:func:`check_ids` encodes probe texts both ways; an export is written only when every probe agrees.
-"""
+"""A Hugging Face ``tokenizer.json`` that gives a plain SentencePiece model's ids exactly, built from the
+model's own proto because transformers' generic conversion differs from SentencePiece; :func:`check_ids`
+encodes probe texts both ways before an export is written (docs/conversion.md, "What comes out")."""
 
 from __future__ import annotations
 

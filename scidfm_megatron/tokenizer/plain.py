@@ -16,6 +16,8 @@ import os
 
 
 class PlainSentencePieceTokenizer:
+    """Any SentencePiece model with Megatron-LM's ids (no BOS, EOD ``</s>`` unless the model has ``<|eod|>``), so
+    general corpora need no science vocabulary."""
     kind = "plain"
 
     def __init__(self, model_file: str | os.PathLike):

@@ -1,23 +1,6 @@
-"""The engine: this rank's model chunks, wrapped for data parallelism, and their optimizer. The one place
-that decides how a model is parallelised and which performance switches are on (torchtitan's
-``parallelize``; OLMo-core's ``build()``): ``build_engine(run_config)``.
-
-Switches (``engine:`` in a recipe; ``null`` = automatic):
-
-* ``overlap_grad_reduce``: reduce gradient buckets while the backward pass goes on (auto: on with CUDA
-  and DP > 1; gloo on CPU gains nothing from it);
-* ``overlap_param_gather``: with the distributed optimizer, all-gather updated parameters during the next
-  forward pass (auto: with ``overlap_grad_reduce`` and the distributed optimizer);
-* ``grad_reduce_in_fp32``: fp32 gradient buffers and reductions in bf16 training (default on, as
-  Megatron-LM's recipes for MoE);
-* ``bucket_size``: gradient bucket size in elements (null: megatron's default);
-* ``check_for_nan_in_grad``: megatron's NaN check of the reduced gradients (costs a sync per step).
-
-Everything numerical is megatron-core's: ``DistributedDataParallel`` (contiguous grad buffers, bucketed
-reduce), ``finalize_model_grads`` (DP/TP/PP/EP reductions, the MoE aux-loss scaling) and
-``get_megatron_optimizer`` (AdamW; plain, distributed, and chained with a separate expert optimizer
-when EP > 1; fp32 master weights in bf16).
-"""
+"""The engine: this rank's model chunks, wrapped for data parallelism (megatron-core's DDP), and their
+optimizer, built by ``build_engine(run_config)`` with the recipe's ``engine:`` switches (docs/training.md,
+"Engine switches" and "What the trainer does")."""
 
 from __future__ import annotations
 
@@ -30,6 +13,7 @@ import torch
 
 @dataclass
 class Engine:
+    """What ``build_engine`` returns: this rank's DDP-wrapped chunks, their optimizer and the switches in effect."""
     chunks: list  # DDP-wrapped model chunks of this rank (several with the interleaved pipeline)
     optimizer: object  # megatron-core MegatronOptimizer (or ChainedOptimizer)
     config: Any  # the TransformerConfig the chunks were built with

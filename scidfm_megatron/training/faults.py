@@ -1,26 +1,6 @@
-"""Faults a long run meets, and what the trainer does about each (issue 22); fault drills for tests.
-
-* **Non-finite steps** (``train.on_nan``): megatron's optimizer already skips a step whose gradients
-  hold an Inf/NaN, but only under fp16 loss scaling (``prepare_grads`` returns ``found_inf`` and
-  ``step()`` returns before clipping and the update). :func:`install_nonfinite_check` makes the same
-  check for bf16 and fp32: after megatron's own ``prepare_grads`` the main gradients are checked, the
-  flag is all-reduced over every rank, and megatron's ``step()`` takes its own skip path (weights, Adam
-  moments and Adam's step count untouched). A non-finite loss skips the step before the optimizer is
-  called. ``skip``: the batch is counted (iteration and samples advance, the LR schedule follows the
-  iteration) and logged; more than ``train.max_skipped_steps`` skips stop the run. ``stop``: one line
-  naming the iteration and samples, exit 1; the step is not applied and nothing is saved, so the last
-  good checkpoint stays the newest.
-* **Loss spikes**: a finite loss more than ``train.loss_spike_zscore`` standard deviations above the
-  mean of the last ``train.loss_spike_window`` losses is logged (console warning + ``loss_spike_z``).
-* **Hangs** (``train.hang_timeout_s``): a watchdog thread per rank; when no training iteration
-  completes in time it writes every thread's Python stack to ``<log dir>/hang-stacks-rank<R>.txt`` and
-  ends the process with exit code 124, so torchrun's restart policy can act.
-* **Stragglers**: each rank's step time without the gradient reduction (where a fast rank waits for a
-  slow one: megatron's ``finalize_model_grads``), gathered at every log interval.
-* **Drills** (``faults:``; off by default; they fire in the first attempt of a torchrun job only, so
-  an automatic restart runs clean): NaN loss at an iteration, a rank that hangs, a rank killed mid-step
-  (SIGKILL), a checkpoint save that fails with ENOSPC on one rank, a slow rank.
-"""
+"""Faults a long run meets and what the trainer does about each (non-finite steps, loss spikes, hangs,
+stragglers, failed saves), and the ``faults:`` drills that make them happen on purpose (docs/training.md,
+"Faults")."""
 
 from __future__ import annotations
 

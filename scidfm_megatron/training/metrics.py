@@ -86,6 +86,9 @@ def truncate_metrics(path: str, iteration: int, note: dict) -> int:
 
 
 class Reporter:
+    """Rank 0's per-step output (console line, metrics JSONL, TensorBoard) with throughput and MFU; on resume it
+    drops the rows and events the killed run wrote past the checkpoint."""
+
     def __init__(self, rank0: bool, tensorboard_dir: Optional[str], metrics_file: Optional[str], flops_per_token: float,
                  peak_tflops: Optional[float], world_size: int, resumed_at: Optional[int] = None,
                  resumed_from: Optional[str] = None):

@@ -50,6 +50,7 @@ def forward_step(data_iterator, model):
 
 @dataclass
 class StepResult:
+    """One optimizer step's global loss, token count and grad norm, as every rank sees them."""
     loss: Optional[float]  # mean masked-token loss over the global batch (None when no token counted)
     tokens: int
     grad_norm: Optional[float]

@@ -28,6 +28,9 @@ log = logging.getLogger("scidfm.train")
 
 
 class Trainer:
+    """One training run of a RunConfig: engine, data, resume, the step loop, evaluation, saves and fault
+    policies in one object, so the module-level :func:`run` (what the entry points call) is setup, train, close."""
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self._stop_signal: Optional[int] = None
