@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
+from .errors import ConfigError  # re-export: defined in scidfm_megatron/errors.py
 
 
 # --------------------------------------------------------------------------------------- model

@@ -11,10 +11,7 @@ import os
 from dataclasses import dataclass
 
 from .config import ModelConfig, ParallelConfig
-
-
-class ParallelConfigError(ValueError):
-    pass
+from .errors import ParallelConfigError  # re-export: defined in scidfm_megatron/errors.py
 
 
 @dataclass(frozen=True)

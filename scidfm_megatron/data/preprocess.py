@@ -32,19 +32,12 @@ from typing import Any, Callable, Iterator, Optional, cast
 
 import numpy as np
 
+from ..errors import PreprocessError, PreprocessUsageError  # re-export: defined in scidfm_megatron/errors.py
 from ..utils import atomic_write, decode_line, lone_surrogate
 from .indexed import IndexedWriter, idx_path, optimal_dtype
 
 SPAN_KINDS = ("molecule", "protein")
 SURROGATE_FIX = " (not valid Unicode: an emoji or character cut in half?); repair or drop the line"
-
-
-class PreprocessError(RuntimeError):
-    pass
-
-
-class PreprocessUsageError(PreprocessError):
-    """Bad arguments (the tokenizer cannot do what the flags ask): the CLI exits 2."""
 
 
 @dataclass

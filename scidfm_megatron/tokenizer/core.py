@@ -34,6 +34,8 @@ import re
 import sys
 from typing import Any, Iterable, Optional
 
+from ..errors import NotScienceTokenizer  # re-export: defined in scidfm_megatron/errors.py
+
 MOL_START, MOL_END = "[START_I_SMILES]", "[END_I_SMILES]"
 PROT_START, PROT_END = "[START_AMINO]", "[END_AMINO]"
 SPAN_MARKERS = (MOL_START, MOL_END, PROT_START, PROT_END)
@@ -76,10 +78,6 @@ def spell_bracket_atom(atom: str) -> Optional[list[str]]:
     if klass:
         out += list(klass)
     return out + ["]"]
-
-
-class NotScienceTokenizer(ValueError):
-    """A valid SentencePiece model without the science vocabulary (a plain Llama-style tokenizer)."""
 
 
 class ScienceTokenizer:

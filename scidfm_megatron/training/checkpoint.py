@@ -27,14 +27,11 @@ from typing import Optional
 
 import torch
 
+from ..errors import CheckpointMismatch  # re-export: defined in scidfm_megatron/errors.py
 from ..utils import atomic_write
 
 log = logging.getLogger("scidfm.checkpoint")
 _ITER = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointMismatch(RuntimeError):
-    pass
 
 
 TOKENIZER_FILE = "tokenizer.model"  # the run's tokenizer, copied into every checkpoint it saves

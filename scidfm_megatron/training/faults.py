@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import ConfigError
+from ..errors import RunStopped, SaveFailed  # re-export: defined in scidfm_megatron/errors.py
 
 log = logging.getLogger("scidfm.faults")
 
@@ -96,10 +97,6 @@ def validate_policies(cfg) -> None:
 
 def first_attempt() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0
-
-
-class RunStopped(RuntimeError):
-    """A fault policy stopped the run; the message is the one line the user sees (exit code 1)."""
 
 
 def log_dir(cfg) -> Path:
@@ -440,10 +437,6 @@ def orphan_safe_write_queue() -> None:
     manager.start(initializer=_die_with_parent)
     fa._results_queue = manager.Queue()
     fa._scidfm_manager = manager  # keep it alive
-
-
-class SaveFailed(OSError):
-    """A checkpoint save failed on at least one rank; every rank raises it after the cleanup."""
 
 
 def disk_free_check(root: Path, expected: int) -> Optional[OSError]:
