@@ -4,6 +4,8 @@ A command-line tool catches :class:`ScidfmError` and prints its message as one l
 tool says so) instead of a traceback. Each class also keeps the builtin base it always had, so existing
 ``except ValueError`` / ``except RuntimeError`` / ``except OSError`` callers still catch it. The modules
 that used to define them re-export them (``from scidfm_megatron.config import ConfigError`` still works).
+Not here: tokenizer/core.py's NotScienceTokenizer (that file ships alone in exported HF folders, importing
+nothing of the package) and testing/'s TorchrunError (a test helper's).
 """
 
 from __future__ import annotations
@@ -38,10 +40,6 @@ class CheckpointMismatch(ScidfmError, RuntimeError):
 # ---------------------------------------------------------------------------- tokenizer
 class TokenizerError(ScidfmError, ValueError):
     """A tokenizer that cannot go with this conversion (reported as one line, exit 2)."""
-
-
-class NotScienceTokenizer(ScidfmError, ValueError):
-    """A valid SentencePiece model without the science vocabulary (a plain Llama-style tokenizer)."""
 
 
 class LossyBaseError(ScidfmError, ValueError):
@@ -97,7 +95,7 @@ class CorpusError(ScidfmError, ValueError):
 
 __all__ = [
     "CheckpointMismatch", "ConfigError", "ConvertError", "CorpusError", "HFCheckpointError", "LossyBaseError",
-    "McoreCheckpointError", "NotScienceTokenizer", "ParallelConfigError", "PlainExportError", "PreprocessError",
+    "McoreCheckpointError", "ParallelConfigError", "PlainExportError", "PreprocessError",
     "PreprocessUsageError", "RunStopped", "SFTFormatError", "SaveFailed", "ScidfmError", "ShardError",
     "TaskDataError", "TokenizerError", "VerifyError",
 ]

@@ -34,8 +34,6 @@ import re
 import sys
 from typing import Any, Iterable, Optional
 
-from ..errors import NotScienceTokenizer  # re-export: defined in scidfm_megatron/errors.py
-
 MOL_START, MOL_END = "[START_I_SMILES]", "[END_I_SMILES]"
 PROT_START, PROT_END = "[START_AMINO]", "[END_AMINO]"
 SPAN_MARKERS = (MOL_START, MOL_END, PROT_START, PROT_END)
@@ -78,6 +76,13 @@ def spell_bracket_atom(atom: str) -> Optional[list[str]]:
     if klass:
         out += list(klass)
     return out + ["]"]
+
+
+class NotScienceTokenizer(ValueError):
+    """A valid SentencePiece model without the science vocabulary (a plain Llama-style tokenizer).
+
+    Defined here, not in scidfm_megatron/errors.py: this file ships alone in every exported HF folder
+    (tokenization_scidfm.py), so it imports nothing of the package. Internal: plain.py catches it."""
 
 
 class ScienceTokenizer:
