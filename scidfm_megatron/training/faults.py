@@ -78,23 +78,6 @@ class FaultsConfig:
             raise ConfigError(f"faults.slow_s must be >= 0, got {self.slow_s}")
 
 
-def validate_policies(cfg) -> None:
-    """The fault-policy keys of train: and checkpoint: (called from validate_run)."""
-    t, c = cfg.train, cfg.checkpoint
-    if t.on_nan not in ("stop", "skip"):
-        raise ConfigError(f"train.on_nan must be stop or skip, got {t.on_nan!r}")
-    if t.max_skipped_steps < 0:
-        raise ConfigError(f"train.max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
-    if c.on_save_error not in ("stop", "continue"):
-        raise ConfigError(f"checkpoint.on_save_error must be stop or continue, got {c.on_save_error!r}")
-    if c.keep_every is not None and c.keep_every < 1:
-        raise ConfigError(f"checkpoint.keep_every must be >= 1 (or null), got {c.keep_every}")
-    if t.hang_timeout_s is not None and t.hang_timeout_s < 0:
-        raise ConfigError(f"train.hang_timeout_s must be >= 0 (0 = off, null = automatic), got {t.hang_timeout_s}")
-    if t.collective_timeout_s <= 0:
-        raise ConfigError(f"train.collective_timeout_s must be > 0, got {t.collective_timeout_s}")
-
-
 def first_attempt() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0
 
