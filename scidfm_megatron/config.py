@@ -13,11 +13,21 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
+from .errors import ConfigError  # re-export: defined in scidfm_megatron/errors.py
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
+# The enum-like settings. The loader (``from_dict``) and each section's ``validate()`` refuse any other value with
+# one line naming the key, the value and these choices (``check_choices``); the choices are written only here.
+Backend = Literal["auto", "te", "te-sdpa", "torch", "local"]
+TokenDropPolicy = Literal["probs", "position"]
+TokenDispatcher = Literal["alltoall", "allgather"]
+RouterDtype = Literal["fp32", "fp64"]
+RouterScoreFunction = Literal["softmax", "sigmoid"]
+LoadBalancingType = Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"]
+# train.recompute's named choices; it also takes a comma-separated list of megatron's recompute modules:
+RECOMPUTE_CHOICES = (None, "full", "selective")
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "moe", "layernorm", "mlp")
 
 
 # --------------------------------------------------------------------------------------- model
@@ -44,18 +54,18 @@ class ModelConfig:
     moe_capacity_factor: Optional[float] = 1.0
     # Which tokens lose their slot when an expert is over capacity: lowest router prob ("probs",
     # GShard/Switch practice) or latest position ("position").
-    moe_token_drop_policy: str = "probs"
-    moe_token_dispatcher: str = "alltoall"
-    moe_router_dtype: Optional[str] = "fp32"  # router logits/softmax in fp32 even when training bf16
+    moe_token_drop_policy: TokenDropPolicy = "probs"
+    moe_token_dispatcher: TokenDispatcher = "alltoall"
+    moe_router_dtype: Optional[RouterDtype] = "fp32"  # router logits/softmax in fp32 even when training bf16
     # Router settings, by megatron-core's names (its TransformerConfig documents each). Defaults = Mixtral's
     # routing: softmax over the top-k logits. moe_router_pre_softmax null = on exactly for top-1 softmax
     # routing (megatron refuses top-1 without it: a softmax over one logit has no gradient), off otherwise.
     moe_router_pre_softmax: Optional[bool] = None
-    moe_router_score_function: str = "softmax"  # softmax | sigmoid
+    moe_router_score_function: RouterScoreFunction = "softmax"
     moe_router_num_groups: Optional[int] = None  # group-limited routing: experts in this many groups ...
     moe_router_group_topk: Optional[int] = None  # ... of which each token may use this many
     moe_router_topk_scaling_factor: Optional[float] = None
-    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | global_aux_loss | none
+    moe_router_load_balancing_type: LoadBalancingType = "aux_loss"
     moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3; sigmoid scores)
     moe_router_bias_update_rate: float = 1e-3
     init_method_std: float = 0.02
@@ -70,7 +80,7 @@ class ModelConfig:
     # error when TE is missing); "torch" = PyTorch's fused kernels, no TE (model/torch_backend.py: padded
     # SDPA attention, grouped-GEMM experts); "local" = megatron-core's unfused pure-torch modules. The
     # checkpoint keys are the same for all.
-    backend: str = "auto"
+    backend: Backend = "auto"
 
     @property
     def router_pre_softmax(self) -> bool:
@@ -89,6 +99,7 @@ class ModelConfig:
         return self.num_attention_heads * self.head_dim
 
     def validate(self) -> None:
+        """The model's own consistency (sizes, divisibility, choices); the layout is checked in parallel.py."""
         for f in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
                   "moe_ffn_hidden_size", "num_experts", "moe_router_topk", "vocab_size", "max_seq_length",
                   "make_vocab_size_divisible_by"):
@@ -102,23 +113,7 @@ class ModelConfig:
                               f"({self.num_experts})")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             raise ConfigError("model.moe_capacity_factor must be > 0, or null for dropless routing")
-        if self.moe_token_drop_policy not in ("probs", "position"):
-            raise ConfigError(f"model.moe_token_drop_policy must be 'probs' or 'position', "
-                              f"got {self.moe_token_drop_policy!r}")
-        if self.moe_token_dispatcher not in ("alltoall", "allgather"):
-            raise ConfigError(f"model.moe_token_dispatcher must be 'alltoall' or 'allgather', "
-                              f"got {self.moe_token_dispatcher!r}")
-        if self.backend not in ("auto", "te", "te-sdpa", "torch", "local"):
-            raise ConfigError(f"model.backend must be 'auto', 'te' or 'local' (unfused), 'te-sdpa' (TE with the "
-                              f"padded SDPA attention) or 'torch' (PyTorch's fused kernels), got {self.backend!r}")
-        if self.moe_router_score_function not in ("softmax", "sigmoid"):
-            raise ConfigError(f"model.moe_router_score_function must be 'softmax' or 'sigmoid', "
-                              f"got {self.moe_router_score_function!r}")
-        if self.moe_router_load_balancing_type not in ("aux_loss", "seq_aux_loss", "global_aux_loss", "none"):
-            raise ConfigError(f"model.moe_router_load_balancing_type must be aux_loss, seq_aux_loss, global_aux_loss "
-                              f"or none, got {self.moe_router_load_balancing_type!r}")
-        if self.moe_router_dtype not in (None, "fp32", "fp64"):
-            raise ConfigError(f"model.moe_router_dtype must be null, 'fp32' or 'fp64', got {self.moe_router_dtype!r}")
+        check_choices(self, "model")  # a preset changed in code (get_preset(..., backend=...)) skips the loader
 
 
 # ------------------------------------------------------------------------------------ parallel
@@ -158,8 +153,46 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def choices_of(tp: Any) -> Optional[tuple]:
+    """The allowed values of a ``Literal[...]`` or ``Optional[Literal[...]]`` annotation (None for null first),
+    else None."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and typing.get_origin(rest[0]) is Literal:
+            return ((None,) if len(rest) < len(args) else ()) + typing.get_args(rest[0])
+    return None
+
+
+def describe_choices(choices) -> str:
+    """("a", "b", None) -> "a, b or null" (the way a recipe writes them)."""
+    words = ["null" if c is None else str(c) for c in choices]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def choice_error(path: str, value: Any, choices) -> ConfigError:
+    return ConfigError(f"{path} must be {describe_choices(choices)}, got {value!r}")
+
+
+def check_choices(obj: Any, section: str) -> None:
+    """Raise ConfigError for the first ``Literal`` field of dataclass ``obj`` whose value is not a choice."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        choices = choices_of(hints[f.name])
+        value = getattr(obj, f.name)
+        if choices is not None and not any(value == c and type(value) is type(c) for c in choices):
+            raise choice_error(f"{section}.{f.name}", value, choices)
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``path``."""
+    choices = choices_of(tp)
+    if choices is not None:
+        if any(value == c and type(value) is type(c) for c in choices):
+            return value
+        raise choice_error(path, value, choices)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -280,5 +313,5 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "apply_overrides", "from_dict", "load_yaml",
-           "parse_override", "to_dict", "field"]
+__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "apply_overrides", "check_choices", "choices_of",
+           "from_dict", "load_yaml", "parse_override", "to_dict", "field"]

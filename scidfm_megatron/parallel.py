@@ -11,14 +11,15 @@ import os
 from dataclasses import dataclass
 
 from .config import ModelConfig, ParallelConfig
-
-
-class ParallelConfigError(ValueError):
-    pass
+from .errors import ParallelConfigError  # re-export: defined in scidfm_megatron/errors.py
 
 
 @dataclass(frozen=True)
 class Layout:
+    """The resolved degrees of a run (validate_layout): dense TP x PP x DP and the experts' own ETP x EP x EDP
+    over the same ranks; what every later step (groups, data sharding, checkpoint names) reads instead of
+    recomputing it from the config and the world size."""
+
     tp: int
     pp: int
     ep: int

@@ -115,3 +115,123 @@ def test_schedule_changes_are_one_line_per_key():
     assert changes(saved, new) == ["train.lr 3.0e-4 -> 1.5e-4", "train.warmup_iters 0 -> 2",
                                    "decay length (train.lr_decay_iters, else train.train_iters) 100 -> 150",
                                    "train.lr_decay_style cosine -> linear", "train.weight_decay 0.1 -> 0.0"]
+
+
+# ------------------------------------------------------------------ enum-like settings (Literal fields)
+# Every setting with a fixed set of values, and the choices a refusal lists, as a recipe writes them.
+CHOICES = {
+    "model.backend": "auto, te, te-sdpa, torch or local",
+    "model.moe_token_drop_policy": "probs or position",
+    "model.moe_token_dispatcher": "alltoall or allgather",
+    "model.moe_router_dtype": "null, fp32 or fp64",
+    "model.moe_router_score_function": "softmax or sigmoid",
+    "model.moe_router_load_balancing_type": "aux_loss, seq_aux_loss, global_aux_loss or none",
+    "train.stage": "pretrain or sft",
+    "train.precision": "auto, fp32 or bf16",
+    "train.lr_decay_style": "cosine, linear or constant",
+    "train.on_nan": "stop or skip",
+    "checkpoint.format": "auto, fully_reshardable or dp_reshardable",
+    "checkpoint.on_save_error": "stop or continue",
+}
+
+
+def scidfm_train(capsys, *args) -> tuple[int, list[str]]:
+    """``scidfm-train ARGS`` in this process: (exit code, stderr lines)."""
+    from scidfm_megatron.entry import main
+
+    capsys.readouterr()
+    rc = main(argv=[str(a) for a in args])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_every_enum_like_setting_is_a_literal_field():
+    import dataclasses
+    import typing
+
+    from scidfm_megatron.config import choices_of
+    from scidfm_megatron.training.config import RunConfig
+
+    sections = typing.get_type_hints(RunConfig)
+    found = {f"{s.name}.{k}" for s in dataclasses.fields(RunConfig)
+             for k, tp in typing.get_type_hints(sections[s.name]).items() if choices_of(tp) is not None}
+    assert found == set(CHOICES)
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_a_bad_choice_is_refused_by_the_loader_in_one_line(capsys, key):
+    """``scidfm-train --config R key=bogus``: exit 2, one line naming the key, the value and every choice; a
+    config changed in code is refused by the same check (RunConfig.check_sections, run by RunConfig.validate)."""
+    from conftest import RECIPES
+    from scidfm_megatron.training.config import load_run_config
+
+    want = f"{key} must be {CHOICES[key]}, got 'bogus'"
+    rc, err = scidfm_train(capsys, "--config", RECIPES / "tiny_stage1.yaml", "--check", "--layout-only",
+                           f"{key}=bogus")
+    assert (rc, err) == (2, [f"scidfm-train: configuration error: {want}"])
+    cfg = load_run_config(RECIPES / "tiny_stage1.yaml")
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, "bogus")
+    with pytest.raises(ConfigError) as exc:
+        cfg.check_sections()
+    assert str(exc.value) == want
+
+
+def test_a_bad_recompute_is_refused_at_load(capsys):
+    """Before: the loader took any string and the model builder raised a ValueError."""
+    from conftest import RECIPES
+    from scidfm_megatron.training.config import load_run_config
+
+    tiny = RECIPES / "tiny_stage1.yaml"
+    for bad in ("everything", "core_attn,flash", "selective,moe", ""):
+        with pytest.raises(ConfigError, match=r"^train.recompute must be null, full, selective or a comma-separated "
+                                              r"list of core_attn, moe_act, moe, layernorm, mlp .*, got "):
+            load_run_config(tiny, [f"train.recompute={bad}"])
+    rc, err = scidfm_train(capsys, "--config", tiny, "train.recompute=everything")
+    assert rc == 2 and len(err) == 1 and err[0].startswith("scidfm-train: configuration error: train.recompute")
+    for good, value in (("null", None), ("full", "full"), ("selective", "selective"),
+                        ("core_attn,moe", "core_attn,moe")):
+        assert load_run_config(tiny, [f"train.recompute={good}"]).train.recompute == value
+
+
+def test_backend_auto_is_logged_as_resolved_and_kept_as_written():
+    """model.backend: auto builds what this machine has; the run logs that choice with its reason (at --check
+    and at start: applied_defaults), and the config, which a checkpoint saves, keeps "auto"."""
+    from scidfm_megatron.model.builder import resolve_backend
+    from scidfm_megatron.training.megatron_check import applied_defaults
+
+    auto = get_preset("scidfm-tiny")
+    built = resolve_backend("auto")
+    notes = [n for n in applied_defaults(auto) if n.startswith("model.backend")]
+    assert len(notes) == 1 and notes[0].startswith(f"model.backend: auto -> {built} ("), notes
+    assert auto.backend == "auto"
+    assert not [n for n in applied_defaults(get_preset("scidfm-tiny", backend="local")) if "backend" in n]
+
+
+def test_every_error_has_the_common_base_and_keeps_its_builtin_one():
+    """One errors module: a CLI catches ScidfmError; old ``except ValueError`` callers and old imports work."""
+    import importlib
+
+    from scidfm_megatron import errors
+
+    homes = {"config": ["ConfigError"], "parallel": ["ParallelConfigError"],
+             "training.faults": ["RunStopped", "SaveFailed"], "training.checkpoint": ["CheckpointMismatch"],
+             "convert.tokenizer_files": ["TokenizerError"], "convert.verify": ["VerifyError"],
+             "convert.hf_io": ["HFCheckpointError"], "convert.mcore_io": ["McoreCheckpointError"],
+             "data.preprocess": ["PreprocessError", "PreprocessUsageError"], "data.sft_formats": ["SFTFormatError"],
+             "data.shards": ["ShardError"],
+             "tokenizer.build": ["LossyBaseError"], "tokenizer.hf_plain": ["PlainExportError"],
+             "eval.experts": ["CorpusError"], "eval.converters": ["ConvertError"], "eval.tasks": ["TaskDataError"]}
+    builtin = {"ConfigError": ValueError, "ParallelConfigError": ValueError, "RunStopped": RuntimeError,
+               "SaveFailed": OSError, "CheckpointMismatch": RuntimeError, "TokenizerError": ValueError,
+               "VerifyError": RuntimeError, "HFCheckpointError": RuntimeError, "McoreCheckpointError": RuntimeError,
+               "PreprocessError": RuntimeError, "PreprocessUsageError": RuntimeError, "SFTFormatError": ValueError,
+               "ShardError": RuntimeError, "LossyBaseError": ValueError,
+               "PlainExportError": ValueError, "CorpusError": ValueError, "ConvertError": ValueError,
+               "TaskDataError": ValueError}
+    assert sorted(n for names in homes.values() for n in names) == sorted(builtin)
+    assert set(builtin) | {"ScidfmError"} == set(errors.__all__)
+    for module, names in homes.items():
+        mod = importlib.import_module(f"scidfm_megatron.{module}")
+        for name in names:
+            cls = getattr(errors, name)
+            assert getattr(mod, name) is cls and issubclass(cls, errors.ScidfmError) and issubclass(cls, builtin[name])

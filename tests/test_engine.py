@@ -108,9 +108,10 @@ def test_backend_te_without_transformer_engine_fails_with_the_reason(runs, capsy
     assert r.returncode == 2
     assert "model.backend is 'te' but TransformerEngine does not import: ModuleNotFoundError" in r.stderr, r.stderr
     r = check(capsys, "model.backend=auto", runs=runs)
-    assert r.returncode == 0 and "(backend auto" in r.stdout
+    assert r.returncode == 0 and "(backend auto" in r.stdout  # the config keeps what the recipe says ...
+    assert "[scidfm] model.backend: auto -> local (CUDA is not available)" in r.stdout  # ... and logs what it builds
     r = check(capsys, "model.backend=fused", runs=runs)
-    assert r.returncode == 2 and "model.backend must be 'auto', 'te' or 'local'" in r.stderr
+    assert r.returncode == 2 and "model.backend must be auto, te, te-sdpa, torch or local, got 'fused'" in r.stderr
 
 
 def test_the_log_names_the_implementations(one_rank):

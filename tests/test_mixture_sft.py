@@ -39,6 +39,10 @@ def test_recipe_errors_name_the_problem(tmp_path):
                                                           {"name": "a", "domain": "d", "category": "general"}]}))
     with pytest.raises(ConfigError, match=r"duplicate source names \['a'\]"):
         Mixture.load(p)
+    p.write_text(yaml.safe_dump({"name": "x", "sources": [{"name": "a", "domain": "d", "category": "sciense"}]}))
+    with pytest.raises(ConfigError, match=r"m.yaml: mixture.sources\[0\].category must be science or general, "
+                                          r"got 'sciense'$"):
+        Mixture.load(p)
     p.write_text(yaml.safe_dump({"name": "x", "unit": "tokens", "sources": [
         {"name": "a", "domain": "d", "category": "science", "tokens": "auto", "data": "nope_text_document"}]}))
     with pytest.raises(ConfigError, match="nope_text_document.idx does not exist: preprocess that source first"):

@@ -223,7 +223,7 @@ def test_backend_and_recompute_choices(rank):
     assert tc.recompute_granularity == "selective" and tc.recompute_modules == ["core_attn", "moe_act"]
     with pytest.raises(ValueError, match="moe_act needs model.backend torch or te"):
         to_transformer_config(local_cfg, ParallelConfig(), recompute="core_attn,moe_act")
-    with pytest.raises(ConfigError, match="'torch'"):
+    with pytest.raises(ConfigError, match="model.backend must be auto, te, te-sdpa, torch or local, got 'flash'"):
         get_preset("scidfm-debug", backend="flash")
 
 

@@ -46,11 +46,7 @@ def main(argv=None) -> int:
         ap.error("--tokenizer is for mcore-to-hf; hf-to-mcore carries the tokenizer files of the --load folder")
     if args.verify_tokens < 1 or args.verify_batch < 1:
         ap.error("--verify-tokens and --verify-batch must be >= 1")
-    from .._errors import conversion_errors
-    from ..config import ConfigError
-    from ..convert.tokenizer_files import TokenizerError
-    from ..convert.verify import VerifyError
-    from ..parallel import ParallelConfigError
+    from ..errors import ScidfmError, VerifyError
 
     verify_options = dict(tokens=args.verify_tokens, batch=args.verify_batch)
     try:
@@ -65,12 +61,12 @@ def main(argv=None) -> int:
 
             out = convert_hf_to_mcore(args.load, args.save, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
                                       force=args.force, verify=args.verify, verify_options=verify_options)
-    except (conversion_errors() + (ConfigError, ParallelConfigError, FileExistsError, TokenizerError)) as exc:
-        print(f"scidfm-convert: error: {exc}", file=sys.stderr)
-        return 2
     except VerifyError as exc:
         print(f"scidfm-convert: {exc}; nothing written to {args.save}", file=sys.stderr)
         return 1
+    except (ScidfmError, FileExistsError) as exc:  # bad input (checkpoint, tokenizer, config): one line
+        print(f"scidfm-convert: error: {exc}", file=sys.stderr)
+        return 2
     print(f"[scidfm] wrote {out}")
     return 0
 

@@ -24,13 +24,11 @@ from typing import Any, Optional
 
 import torch
 
+from ..errors import HFCheckpointError  # re-export: defined in scidfm_megatron/errors.py
+
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _TORCH = {v: k for k, v in _DTYPES.items()}
 _SIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
-
-
-class HFCheckpointError(RuntimeError):
-    """A Hugging Face checkpoint folder that is incomplete, corrupt or does not fit its config."""
 
 
 # ------------------------------------------------------------------------------------------ write

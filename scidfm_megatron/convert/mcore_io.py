@@ -23,12 +23,8 @@ import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from ..config import ModelConfig, from_dict
+from ..errors import McoreCheckpointError  # re-export: defined in scidfm_megatron/errors.py
 from ..model.state_dict import canonical_name
-
-
-class McoreCheckpointError(RuntimeError):
-    """An incomplete or corrupt megatron checkpoint directory, or one this tool cannot interpret."""
-
 
 _ITER = re.compile(r"^iter_(\d{7})$")
 

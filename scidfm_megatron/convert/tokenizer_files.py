@@ -10,16 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, cast
 
+from ..errors import TokenizerError  # re-export: defined in scidfm_megatron/errors.py
+
 # Files that make up a Hugging Face tokenizer folder (copied verbatim when present), plus the code
 # files that tokenizer_config.json's auto_map may name.
 HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
                       "chat_template.json", "science_tokens.json")
 HF_MARKERS = ("tokenizer.json", "tokenizer_config.json")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer that cannot go with this conversion (reported as one line, exit 2)."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..errors import VerifyError  # re-export: defined in scidfm_megatron/errors.py
 from . import tokenizer_files as tokfiles
 
 # A fixed paragraph of real scientific prose (written for this check) with a molecule span: what the
@@ -47,10 +48,6 @@ TOLERANCES = {
     "fp32": dict(rtol=1e-4, topk_min=0.99),
     "bf16": dict(rtol=3e-2, topk_min=0.90),
 }
-
-
-class VerifyError(RuntimeError):
-    """The converted model does not reproduce its source (the message names the first layer)."""
 
 
 @dataclass

@@ -50,7 +50,7 @@ def encode_batch(batch: tuple[int, int, bytes]):
     ``batch`` is (file index, number of the block's first line, raw bytes). Returns (file index, per-key
     (flat tokens in the output dtype, lengths), rejections, empty, blank, bytes, lines)."""
     if "init_error" in _W:
-        from .preprocess import PreprocessError
+        from ..errors import PreprocessError
 
         raise PreprocessError(f"tokenizer worker failed to start: {_W['init_error']}")
     file_idx, first_line, block = batch

@@ -16,11 +16,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, cast
+from typing import Literal, Optional, cast
 
 import numpy as np
 
-from ..config import ConfigError, from_dict, load_yaml
+from ..config import ConfigError, check_choices, from_dict, load_yaml
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Source:
     """One row of the mixture table: a corpus, its Table-2 grouping and how many tokens of it an epoch takes."""
     name: str
     domain: str
-    category: str  # "science" or "general", as Table 2 groups them
+    category: Literal["science", "general"]  # as Table 2 groups them
     tokens: Optional[float] = None  # in the recipe's unit; None ("auto") = read from the .idx
     data: Optional[str] = None  # Megatron dataset prefix (<dir>/<name>_text_document), relative to data_root
     group: str = ""  # the Table-2 row a subset belongs to (SlimPajama's subsets)
@@ -51,7 +51,7 @@ class Mixture:
     """A pretraining mixture (a recipe's ``mixture:`` file): the sources and the unit their token counts are in;
     turned into megatron's blend weights per epoch."""
     name: str
-    unit: str = "B"  # "B" (billions, as in the paper) or "tokens"
+    unit: Literal["B", "tokens"] = "B"  # billions, as in the paper, or tokens
     data_root: str = "."
     sources: list[Source] = field(default_factory=list)
 
@@ -62,7 +62,10 @@ class Mixture:
             if s.get("tokens") == "auto":
                 s["tokens"] = None
             s["epochs"] = {int(k): v for k, v in (s.get("epochs") or {}).items()}
-        mix = from_dict(cls, raw, "mixture")
+        try:
+            mix = from_dict(cls, raw, "mixture")
+        except ConfigError as exc:  # name the file: a run reads the mixture the recipe points at
+            raise ConfigError(f"{path}: {exc}") from None
         base = Path(path).resolve().parent
         root = data_root or os.environ.get("SCIDFM_DATA_ROOT") or mix.data_root
         mix.data_root = str(root if os.path.isabs(root) else (base / root).resolve())
@@ -70,15 +73,13 @@ class Mixture:
         return mix
 
     def validate(self, where: str = "mixture") -> None:
-        if self.unit not in ("B", "tokens"):
-            raise ConfigError(f"{where}: unit must be 'B' or 'tokens', got {self.unit!r}")
+        check_choices(self, f"{where}: mixture")
         names = [s.name for s in self.sources]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"{where}: duplicate source names {dup}")
-        for s in self.sources:
-            if s.category not in ("science", "general"):
-                raise ConfigError(f"{where}: source {s.name!r}: category must be science or general")
+        for i, s in enumerate(self.sources):
+            check_choices(s, f"{where}: mixture.sources[{i}]")
             if s.tokens is not None and s.tokens < 0:
                 raise ConfigError(f"{where}: source {s.name!r}: tokens must be >= 0")
 

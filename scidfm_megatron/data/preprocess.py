@@ -31,19 +31,12 @@ from typing import Any, Callable, Iterator, Optional, cast
 
 import numpy as np
 
+from ..errors import PreprocessError, PreprocessUsageError  # re-export: defined in scidfm_megatron/errors.py
 from ..utils import atomic_write
 from .encode_worker import encode_batch, init_worker  # the worker processes' side
 from .indexed import IndexedWriter, idx_path, optimal_dtype
 
 SPAN_KINDS = ("molecule", "protein")
-
-
-class PreprocessError(RuntimeError):
-    pass
-
-
-class PreprocessUsageError(PreprocessError):
-    """Bad arguments (the tokenizer cannot do what the flags ask): the CLI exits 2."""
 
 
 @dataclass

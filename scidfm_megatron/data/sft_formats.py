@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+from ..errors import SFTFormatError  # re-export: defined in scidfm_megatron/errors.py
+
 FORMATS = ("messages", "sharegpt", "alpaca", "query_response")
 CHOICES = ("auto",) + FORMATS
 DESCRIPTION = {
@@ -16,10 +18,6 @@ DESCRIPTION = {
 }
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant"}
-
-
-class SFTFormatError(ValueError):
-    """A file whose records are in none of the formats (the CLI exits 2)."""
 
 
 def _type_name(v) -> str:

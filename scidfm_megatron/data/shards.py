@@ -11,12 +11,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..errors import ShardError  # re-export: defined in scidfm_megatron/errors.py
+
 MANIFEST_VERSION = 1
 WHOLE_FILE_SUFFIXES = (".gz", ".zst", ".parquet")
-
-
-class ShardError(RuntimeError):
-    """A shard cannot be merged (or a --shard value is wrong); the message names the shard and the fix."""
 
 
 def parse_shard(value: str) -> tuple[int, int]:

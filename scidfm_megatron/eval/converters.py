@@ -27,9 +27,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-
-class ConvertError(ValueError):
-    pass
+from ..errors import ConvertError  # re-export: defined in scidfm_megatron/errors.py
 
 
 class Report:

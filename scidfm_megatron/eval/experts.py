@@ -28,10 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-class CorpusError(ValueError):
-    """A corpus folder the analysis cannot use (the CLI prints it as one line, exit 2)."""
-
+from ..errors import CorpusError  # re-export: defined in scidfm_megatron/errors.py
 
 CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 MIN_TEXTS = 3  # a domain with fewer texts is left out (and said so)

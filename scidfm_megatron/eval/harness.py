@@ -180,8 +180,7 @@ def main(argv=None) -> int:
         ap.error("--suite paper needs --data-dir (a folder of <task>.jsonl files)")
     if not args.suite and not args.task:
         ap.error("give --task NAME --data FILE (repeatable) or --suite paper --data-dir DIR")
-    from .._errors import conversion_errors
-    from ..config import ConfigError
+    from ..errors import ScidfmError
     from .models import load_model
 
     try:
@@ -208,7 +207,7 @@ def main(argv=None) -> int:
                                molecule_convention=args.molecule_scoring, strict=args.strict)
         finally:
             model.close()
-    except (TaskDataError, FileNotFoundError, ConfigError) + conversion_errors() as exc:
+    except (ScidfmError, FileNotFoundError) as exc:  # bad task data, model folder or config: one line
         print(f"scidfm-evaluate: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(results))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..errors import TaskDataError  # re-export: defined in scidfm_megatron/errors.py
 from ..tokenizer.core import chat_segments, wrap_molecule, wrap_protein
 from . import metrics
 
@@ -51,10 +52,6 @@ TASKS = {t.name: t for t in [
        ("catalytic_activity", "catalytic activity"), ("domain_motif", "domain/motif"),
        ("mol_instructions_protein", ""))),
 ]}
-
-
-class TaskDataError(ValueError):
-    pass
 
 
 def _record_problem(rec, kind: str) -> Optional[str]:

@@ -12,14 +12,13 @@ from typing import Optional
 
 import torch
 
-from ..config import ModelConfig, ParallelConfig
+from ..config import RECOMPUTE_MODULES, ModelConfig, ParallelConfig
 
 PRECISIONS = ("fp32", "bf16")
 # train.recompute: "selective" -> these megatron recompute modules, per backend (to_transformer_config).
 SELECTIVE_RECOMPUTE = {"torch": ["moe_act"], "te-sdpa": ["moe_act"], "te": ["core_attn", "moe_act"],
                        "local": ["core_attn", "moe"]}
 TE_BACKENDS = ("te", "te-sdpa")  # backends built on TransformerEngine's linears, norms and grouped experts
-RECOMPUTE_MODULES = ("core_attn", "moe_act", "moe", "layernorm", "mlp")
 
 
 def have_te() -> bool:
@@ -98,17 +97,17 @@ def resolve_backend(backend: Optional[str] = "auto") -> str:
     "te" fails with it.
     """
     import logging
+    import typing
 
     import megatron_patches
 
-    from ..config import ConfigError
+    from ..config import Backend, ConfigError, choice_error
 
     backend = backend or "auto"
     if backend in ("local", "torch"):
         return backend
-    if backend not in ("auto", "te", "te-sdpa"):
-        raise ConfigError(f"model.backend must be 'auto', 'te' or 'local' (unfused), 'te-sdpa' (TE with the "
-                          f"padded SDPA attention) or 'torch' (PyTorch's fused kernels), got {backend!r}")
+    if backend not in typing.get_args(Backend):
+        raise choice_error("model.backend", backend, typing.get_args(Backend))
     err = megatron_patches.transformer_engine_import_error()
     cuda = torch.cuda.is_available()
     if backend in TE_BACKENDS:
@@ -127,6 +126,25 @@ def resolve_backend(backend: Optional[str] = "auto") -> str:
     if not cuda:
         return "local"
     return "te-sdpa" if err is None else "torch"
+
+
+def backend_resolution(backend: Optional[str] = "auto") -> Optional[str]:
+    """``model.backend: auto -> X (reason)``: what ``auto`` resolves to on this machine and why, the line the run
+    logs once (rank 0) at --check and at start (training/megatron_check.py ``applied_defaults``); None for a
+    backend given by name (built as written). The config keeps ``auto``: a checkpoint's recipe stays portable."""
+    import megatron_patches
+
+    if (backend or "auto") != "auto":
+        return None
+    resolved = resolve_backend("auto")
+    if resolved == "te-sdpa":
+        why = "TransformerEngine imports and CUDA is present"
+    elif resolved == "torch":
+        err = megatron_patches.transformer_engine_import_error()
+        why = "CUDA is present, TransformerEngine does not import" + (f" ({type(err).__name__})" if err else "")
+    else:
+        why = "CUDA is not available"
+    return f"model.backend: auto -> {resolved} ({why})"
 
 
 def describe_implementations(chunks) -> dict:

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from ..errors import LossyBaseError  # re-export: defined in scidfm_megatron/errors.py
 from ..utils import atomic_write
 from .core import MOL_PREFIX, PROT_PREFIX, SPAN_MARKERS, SPECIALS, ScienceTokenizer, split_smiles
 
@@ -93,10 +94,6 @@ ROUND_TRIP_PROBES = (
     "reaction [START_I_SMILES]CCO.CC(=O)O>>CCOC(C)=O[END_I_SMILES]  (esterification)",
     "mass spectrometry 質量分析 — naïve café",
 )
-
-
-class LossyBaseError(ValueError):
-    """The base model's normaliser changes text: encode + decode does not give the text back."""
 
 
 def round_trip_failures(tok: ScienceTokenizer, texts: Iterable[str]) -> tuple[int, list[tuple[str, str]]]:

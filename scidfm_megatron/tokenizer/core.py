@@ -57,7 +57,10 @@ def spell_bracket_atom(atom: str) -> Optional[list[str]]:
 
 
 class NotScienceTokenizer(ValueError):
-    """A valid SentencePiece model without the science vocabulary (a plain Llama-style tokenizer)."""
+    """A valid SentencePiece model without the science vocabulary (a plain Llama-style tokenizer).
+
+    Defined here, not in scidfm_megatron/errors.py: this file ships alone in every exported HF folder
+    (tokenization_scidfm.py), so it imports nothing of the package. Internal: plain.py catches it."""
 
 
 class ScienceTokenizer:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import PlainExportError  # re-export: defined in scidfm_megatron/errors.py
+
 # SentencePiece piece types (sentencepiece_model.proto)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -21,10 +23,6 @@ PROBES = (
     "<s> and </s> and <unk> are text here", "naïve café Straße résumé", "質量分析 タンパク質 단백질",
     "emoji 🧪🧬 and ∑∫√ symbols", "x" * 40, "    ", " ", "",
 )
-
-
-class PlainExportError(ValueError):
-    pass
 
 
 def _proto(model_file):

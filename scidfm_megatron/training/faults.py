@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import ConfigError
+from ..errors import RunStopped, SaveFailed  # re-export: defined in scidfm_megatron/errors.py
 
 log = logging.getLogger("scidfm.faults")
 
@@ -57,29 +58,8 @@ class FaultsConfig:
             raise ConfigError(f"faults.slow_s must be >= 0, got {self.slow_s}")
 
 
-def validate_policies(cfg) -> None:
-    """The fault-policy keys of train: and checkpoint: (called from validate_run)."""
-    t, c = cfg.train, cfg.checkpoint
-    if t.on_nan not in ("stop", "skip"):
-        raise ConfigError(f"train.on_nan must be stop or skip, got {t.on_nan!r}")
-    if t.max_skipped_steps < 0:
-        raise ConfigError(f"train.max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
-    if c.on_save_error not in ("stop", "continue"):
-        raise ConfigError(f"checkpoint.on_save_error must be stop or continue, got {c.on_save_error!r}")
-    if c.keep_every is not None and c.keep_every < 1:
-        raise ConfigError(f"checkpoint.keep_every must be >= 1 (or null), got {c.keep_every}")
-    if t.hang_timeout_s is not None and t.hang_timeout_s < 0:
-        raise ConfigError(f"train.hang_timeout_s must be >= 0 (0 = off, null = automatic), got {t.hang_timeout_s}")
-    if t.collective_timeout_s <= 0:
-        raise ConfigError(f"train.collective_timeout_s must be > 0, got {t.collective_timeout_s}")
-
-
 def first_attempt() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0
-
-
-class RunStopped(RuntimeError):
-    """A fault policy stopped the run; the message is the one line the user sees (exit code 1)."""
 
 
 def log_dir(cfg) -> Path:
@@ -420,10 +400,6 @@ def orphan_safe_write_queue() -> None:
     manager.start(initializer=_die_with_parent)
     fa._results_queue = manager.Queue()
     fa._scidfm_manager = manager  # keep it alive
-
-
-class SaveFailed(OSError):
-    """A checkpoint save failed on at least one rank; every rank raises it after the cleanup."""
 
 
 def disk_free_check(root: Path, expected: int) -> Optional[OSError]:

@@ -111,7 +111,12 @@ def check_megatron_configs(cfg, layout):
 
 def applied_defaults(model) -> list[str]:
     """Settings the run applies differently from what the recipe literally says (logged at --check and start)."""
+    from ..model.builder import backend_resolution
+
     notes = []
+    resolution = backend_resolution(model.backend)
+    if resolution:
+        notes.append(resolution)
     if model.moe_router_pre_softmax is None and model.router_pre_softmax:
         notes.append("model.moe_router_pre_softmax is null and model.moe_router_topk is 1: routing with "
                      "megatron's pre-softmax (softmax over all experts, then the top-1; megatron refuses top-1 "

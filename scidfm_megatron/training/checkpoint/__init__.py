@@ -3,9 +3,9 @@
 conversion); ``integrity``: checks before and after a load; ``reshard``: optimizer state across
 EP=1 <-> EP>1; ``save_load``: save and load. Every public name is re-exported here."""
 
+from ...errors import CheckpointMismatch  # defined in scidfm_megatron/errors.py
 from .directory import (
     TOKENIZER_FILE,
-    CheckpointMismatch,
     complete_checkpoints,
     find_resume,
     is_weights_only,

@@ -15,10 +15,6 @@ log = logging.getLogger("scidfm.checkpoint")
 _ITER = re.compile(r"^iter_(\d{7})$")
 
 
-class CheckpointMismatch(RuntimeError):
-    """A checkpoint this run cannot load as asked (damaged, another model, another format or layout)."""
-
-
 TOKENIZER_FILE = "tokenizer.model"  # the run's tokenizer, copied into every checkpoint it saves
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .directory import CheckpointMismatch
+from ...errors import CheckpointMismatch
 
 
 def check_data_position(saved_config: Optional[dict], train, path: str | Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .directory import CheckpointMismatch
+from ...errors import CheckpointMismatch
 
 
 def _optimizer_metadata(by_param: bool = True, fmt: str = "fully_reshardable") -> dict:

@@ -11,8 +11,9 @@ from typing import Optional
 
 import torch
 
+from ...errors import CheckpointMismatch
 from ...utils import atomic_write
-from .directory import CheckpointMismatch, complete_checkpoints, iter_dir, log, read_meta
+from .directory import complete_checkpoints, iter_dir, log, read_meta
 from .integrity import check_files, check_model_shapes
 from .reshard import _optimizer_metadata, across_ep
 
