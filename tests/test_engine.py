@@ -82,10 +82,10 @@ def test_router_statistics_reach_the_host_once_per_step(one_rank, monkeypatch):
 
 def entry(capsys, *args) -> subprocess.CompletedProcess:
     """``python -m scidfm_megatron.train ARGS`` in this process: the module's whole body is
-    ``sys.exit(entry.main())``, and a valid recipe's check imports megatron-core (~5 s a subprocess). The
-    command line itself (exit status 2, message on stderr) runs as a subprocess in
+    ``sys.exit(main())`` (scidfm_megatron/cli/train.py), and a valid recipe's check imports megatron-core
+    (~5 s a subprocess). The command line itself (exit status 2, message on stderr) runs as a subprocess in
     test_a_bad_recipe_fails_before_anything_is_built and in the launchers' checks (tests/test_launch.py)."""
-    from scidfm_megatron.entry import main
+    from scidfm_megatron.cli.train import main
 
     capsys.readouterr()
     rc = main(argv=[str(a) for a in args])
