@@ -1,11 +1,9 @@
-"""Pretraining entrypoint (SciDFM stages 1 and 2):
-
-    torchrun --nproc-per-node 2 -m scidfm_megatron.pretrain --config examples/recipes/tiny_stage1.yaml
-"""
+"""Alias kept for existing job scripts: ``-m scidfm_megatron.pretrain ARGS`` is ``-m scidfm_megatron.train
+--stage pretrain ARGS`` (scidfm_megatron/cli/train.py), which refuses an SFT recipe."""
 
 import sys
 
-from .entry import main
+from .cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main("pretrain"))
+    sys.exit(main(["--stage", "pretrain", *sys.argv[1:]]))

@@ -1,11 +1,9 @@
-"""Instruction-tuning entrypoint:
-
-    torchrun --nproc-per-node 2 -m scidfm_megatron.sft --config examples/recipes/tiny_sft.yaml
-"""
+"""Alias kept for existing job scripts: ``-m scidfm_megatron.sft ARGS`` is ``-m scidfm_megatron.train
+--stage sft ARGS`` (scidfm_megatron/cli/train.py), which refuses a pretraining recipe."""
 
 import sys
 
-from .entry import main
+from .cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main("sft"))
+    sys.exit(main(["--stage", "sft", *sys.argv[1:]]))

@@ -117,7 +117,7 @@ def cmd(nproc: int, recipe: str, args: list[str], stage: str = "pretrain", nnode
         port: int | None = None):
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
             f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
-            "-m", f"scidfm_megatron.{stage}", "--config", str(RECIPES / recipe), *args]
+            "-m", "scidfm_megatron.train", "--stage", stage, "--config", str(RECIPES / recipe), *args]
 
 
 def train_losses(work: Path) -> dict[int, float]:

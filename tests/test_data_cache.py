@@ -141,7 +141,7 @@ def test_prepare_data_then_the_trainer_builds_nothing(tmp_path, sample_datasets,
                  "mixture": str(_recipe(tmp_path, sample_datasets["dir"])), "split": "98,2,0",
                  "cache_dir": str(tmp_path / "cache")}}))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-m", "scidfm_megatron.data.prepare", "--config", str(recipe),
+    out = subprocess.run([sys.executable, "-m", "scidfm_megatron.cli.prepare_data", "--config", str(recipe),
                           "--epochs", "1,2", "train.seed=11"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "epoch 1: train" in out.stdout and "epoch 2: train" in out.stdout
@@ -157,7 +157,7 @@ def test_prepare_data_then_the_trainer_builds_nothing(tmp_path, sample_datasets,
         assert f"dataset indices: 0 built, 8 loaded from {tmp_path / 'cache'}" in caplog.text
     assert sorted(os.listdir(tmp_path / "cache")) == files
     # a recipe that is not pretraining, or has nowhere to put the cache, stops with one line (exit 2)
-    from scidfm_megatron.data.prepare import main
+    from scidfm_megatron.cli.prepare_data import main
 
     for bad, msg in ((["train.stage=sft"], "only pretraining recipes"),
                      (["data.cache_dir=null"], "data.cache_dir is not set")):

@@ -82,10 +82,10 @@ def test_router_statistics_reach_the_host_once_per_step(one_rank, monkeypatch):
 
 def entry(capsys, *args) -> subprocess.CompletedProcess:
     """``python -m scidfm_megatron.train ARGS`` in this process: the module's whole body is
-    ``sys.exit(entry.main())``, and a valid recipe's check imports megatron-core (~5 s a subprocess). The
-    command line itself (exit status 2, message on stderr) runs as a subprocess in
+    ``sys.exit(main())`` (scidfm_megatron/cli/train.py), and a valid recipe's check imports megatron-core
+    (~5 s a subprocess). The command line itself (exit status 2, message on stderr) runs as a subprocess in
     test_a_bad_recipe_fails_before_anything_is_built and in the launchers' checks (tests/test_launch.py)."""
-    from scidfm_megatron.entry import main
+    from scidfm_megatron.cli.train import main
 
     capsys.readouterr()
     rc = main(argv=[str(a) for a in args])
@@ -206,3 +206,39 @@ def test_capacity_routing_with_padding_copies_nothing_to_the_host(one_rank, monk
     assert torch.equal(rmap[idx], m_ref) and torch.equal(probs[idx], p_ref)
     assert not rmap[~real].any() and not probs[~real].any()
     assert int(m_all[idx].sum()) > int(m_ref.sum())  # the capacity did drop tokens: the case is not trivial
+
+
+def test_the_engine_makes_the_parallel_choices_the_builder_applies(monkeypatch):
+    """training/engine.py is the one place for parallel choices: sequence parallelism (auto: TP > 1) and the
+    pipeline's p2p (Megatron-LM's overlapped, unbatched p2p with VPP) come from ``parallel_choices``, which
+    ``build_engine`` hands to the builder, whose TransformerConfig carries what it is given."""
+    import types
+
+    from scidfm_megatron.config import ParallelConfig
+    from scidfm_megatron.model.builder import to_transformer_config
+    from scidfm_megatron.model.presets import get_preset
+    from scidfm_megatron.training import engine
+    from scidfm_megatron.training.config import load_run_config
+
+    assert engine.parallel_choices(ParallelConfig(tp=2, pp=2, vpp=2)) == dict(
+        sequence_parallel=True, overlap_p2p_comm=True, batch_p2p_comm=False)
+    assert engine.parallel_choices(ParallelConfig(tp=2, sequence_parallel=False)) == dict(
+        sequence_parallel=False, overlap_p2p_comm=False, batch_p2p_comm=True)
+    given = dict(sequence_parallel=False, overlap_p2p_comm=False, batch_p2p_comm=True)
+    tc = to_transformer_config(get_preset("scidfm-debug"), ParallelConfig(tp=2), precision="fp32", parallel=given)
+    assert (tc.sequence_parallel, tc.overlap_p2p_comm, tc.batch_p2p_comm) == (False, False, True)
+
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def fake_chunks(*a, **kw):
+        seen.update(kw)
+        raise Built
+
+    monkeypatch.setattr("scidfm_megatron.model.builder.build_model_chunks", fake_chunks)
+    cfg = load_run_config(str(RECIPES / "tiny_stage1.yaml"), ["parallel.tp=2", "parallel.ep=1"])
+    with pytest.raises(Built):
+        engine.build_engine(cfg, types.SimpleNamespace(dp=1))
+    assert seen["parallel"] == engine.parallel_choices(cfg.parallel) and seen["parallel"]["sequence_parallel"]

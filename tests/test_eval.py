@@ -223,7 +223,7 @@ def test_lm_eval_runs_offline_on_the_converted_model(hf_tiny, both_models):
 def test_suite_paper_cli(hf_tiny, tmp_path, capsys):
     """--suite paper finds <task>.jsonl files, prints the paper's tables beside SciDFM's row and records
     the prompt format in the results JSON; an empty folder is an error (exit 2)."""
-    from scidfm_megatron.eval.harness import main
+    from scidfm_megatron.cli.evaluate import main
 
     d = tmp_path / "tasks"
     d.mkdir()

@@ -112,7 +112,7 @@ def test_an_unexpected_shape_is_one_line(tmp_path, capsys):
 
 
 def test_cli_rejects_a_wrong_file(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "scidfm_megatron.eval.converters", "sciq", str(OFF / "gsm8k_test.jsonl"),
+    r = subprocess.run([sys.executable, "-m", "scidfm_megatron.cli.eval_data", "sciq", str(OFF / "gsm8k_test.jsonl"),
                         "-o", str(tmp_path / "x.jsonl")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "missing field 'distractor1'" in r.stderr and "SciQ" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "x.jsonl").exists()
@@ -141,7 +141,7 @@ class _PromptRecorder:
 
 
 def _cli(capsys, *args):
-    from scidfm_megatron.eval.converters import main
+    from scidfm_megatron.cli.eval_data import main
 
     rc = main([str(a) for a in args])
     out = capsys.readouterr()

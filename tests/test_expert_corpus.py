@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from scidfm_megatron.eval.experts import CorpusError, domain_texts, main
+from scidfm_megatron.cli.analyze_experts import main
+from scidfm_megatron.eval.experts import CorpusError, domain_texts
 
 TEXTS = {
     "chemistry": [f"Reaction {i}: sodium hydroxide neutralises hydrochloric acid to give water and salt."

@@ -81,10 +81,12 @@ def test_recipe_layout_is_used_unless_overridden(runs, tmp_path):
                      data_args(runs))
     assert r.returncode == 0 and argv[argv.index("--max-restarts") + 1] == "0", r.stdout + r.stderr
 
-    # STAGE (scripts/run_main.sh sets it) still selects the alias module, which checks the recipe's stage
+    # STAGE adds --stage, which checks the recipe's stage (in the --check too: test_recipes.py)
     r, argv = launch(tmp_path, "torchrun_single.sh", {"RECIPE": recipe, "NPROC": "2", "STAGE": "pretrain"},
                      data_args(runs))
-    assert r.returncode == 0 and "scidfm_megatron.pretrain" in argv, r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    i = argv.index("-m")
+    assert argv[i + 1:i + 5] == ["scidfm_megatron.train", "--stage", "pretrain", "--config"], argv
 
 
 def test_18b_recipe_runs_its_own_layout_on_16_nodes(runs, tmp_path):

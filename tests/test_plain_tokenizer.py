@@ -16,7 +16,7 @@ PLAIN_VOCAB = 32000  # examples/tokenizer/base_tokenizer.model: a plain Llama-st
 
 
 def entry(capsys, recipe, *overrides):
-    from scidfm_megatron.entry import main
+    from scidfm_megatron.cli.train import main
 
     capsys.readouterr()
     rc = main(argv=["--config", str(RECIPES / recipe), "--check", "--world-size", "1", *map(str, overrides)])
@@ -74,7 +74,7 @@ def test_plain_tokenizer_end_to_end(plain_data, capsys, tmp_path, monkeypatch):
     assert rc == 2 and err.count("\n") == 1 and "train.stage: sft needs the chat markers of a science tokenizer" in err
     assert f"scidfm-build-tokenizer --base-model {BASE_MODEL}" in err
 
-    from scidfm_megatron.entry import main
+    from scidfm_megatron.cli.train import main
     from scidfm_megatron.parallel import free_port
 
     for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
@@ -105,7 +105,7 @@ def test_plain_tokenizer_end_to_end(plain_data, capsys, tmp_path, monkeypatch):
     assert sum(g != w for g, w in zip(got, want, strict=False)) == 0
     assert tok.tokenize("The") == ["▁The"] and tok("The")["input_ids"] == [sp.bos_id()] + sp.encode("The")
 
-    from scidfm_megatron.eval.harness import main as evaluate
+    from scidfm_megatron.cli.evaluate import main as evaluate
 
     data_file = RECIPES.parent / "eval" / "data" / "multiple_choice.jsonl"
     capsys.readouterr()

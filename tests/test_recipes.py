@@ -24,7 +24,7 @@ TINY = (RECIPES / "tiny_stage1.yaml").read_text()
 
 def entry(capsys, *args) -> subprocess.CompletedProcess:
     """``scidfm-train ARGS`` in this process (the console script is ``sys.exit(main())``)."""
-    from scidfm_megatron.entry import main
+    from scidfm_megatron.cli.train import main
 
     capsys.readouterr()
     rc = main(argv=[str(a) for a in args])
@@ -229,7 +229,7 @@ def top2_moved(runs, tmp_path_factory):
 
 def test_convert_and_evaluate_from_another_working_directory(top2_moved, runs, monkeypatch):
     from scidfm_megatron.cli.convert import main as convert
-    from scidfm_megatron.eval.harness import main as evaluate
+    from scidfm_megatron.cli.evaluate import main as evaluate
 
     work = top2_moved
     monkeypatch.chdir((work / "cwd_b").mkdir() or work / "cwd_b")
@@ -269,6 +269,12 @@ def test_every_flag_of_every_console_script_has_help(monkeypatch):
 
     scripts = re.findall(r'"(scidfm-[\w-]+)=([\w.]+):(\w+)"', (ROOT / "setup.py").read_text())
     assert len(scripts) >= 11, scripts
+    # every CLI main() is in scidfm_megatron/cli/ (the -m aliases of the training entry call its main;
+    # benchmark programs, if the package holds any, are not CLIs of the library)
+    assert [m for _, m, _ in scripts if not m.startswith("scidfm_megatron.cli.")] == [], scripts
+    outside = [str(p.relative_to(ROOT)) for p in (ROOT / "scidfm_megatron").rglob("*.py")
+               if not {"cli", "benchmarks"} & set(p.parts) and re.search(r"^def main\(", p.read_text(), re.M)]
+    assert outside == [], outside
     parsers = []
 
     class Parsed(Exception):
@@ -298,3 +304,23 @@ def test_every_flag_of_every_console_script_has_help(monkeypatch):
         for p in parsers:
             walk(p, script, missing)
     assert not missing, missing
+
+
+def test_stage_flag_and_the_alias_modules_refuse_a_recipe_of_the_other_stage(capsys, monkeypatch):
+    """One entry (scidfm_megatron/cli/train.py): ``--stage`` (what scidfm-pretrain / scidfm-sft and the
+    launchers' STAGE= add) refuses a recipe of the other stage in one line, before anything is built, and
+    the alias modules job scripts launch (``-m scidfm_megatron.pretrain`` / ``.sft``) run that same main."""
+    import runpy
+    import sys
+
+    r = entry(capsys, "--stage", "sft", "--config", RECIPES / "tiny_stage1.yaml", "--print-config")
+    one_line_refusal(r, "scidfm-sft: configuration error:", "tiny_stage1.yaml is a train.stage=pretrain recipe")
+    for module, recipe, stage in (("scidfm_megatron.sft", "tiny_stage1.yaml", "pretrain"),
+                                  ("scidfm_megatron.pretrain", "tiny_sft.yaml", "sft")):
+        monkeypatch.setattr(sys, "argv", [module, "--config", str(RECIPES / recipe), "--print-config"])
+        capsys.readouterr()
+        with warnings.catch_warnings(), pytest.raises(SystemExit) as exc:
+            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is already imported
+            runpy.run_module(module, run_name="__main__")
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"is a train.stage={stage} recipe" in err, err

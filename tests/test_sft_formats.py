@@ -144,7 +144,7 @@ def test_json_array_releases_are_named_and_converted(tmp_path, science_tokenizer
     """Alpaca's alpaca_data.json and MetaMathQA's release are one JSON array (indented), not JSON Lines:
     refused in one line with the command that converts them; converted, they preprocess."""
     from scidfm_megatron.cli.preprocess import main
-    from scidfm_megatron.data.sft_formats import main as to_jsonl
+    from scidfm_megatron.cli.sft_formats import main as to_jsonl
 
     recs = [{"instruction": "Name the gas.", "input": "CO2", "output": "Carbon dioxide."},
             {"instruction": "What is NaCl?", "input": "", "output": "Table salt."}]
@@ -155,7 +155,7 @@ def test_json_array_releases_are_named_and_converted(tmp_path, science_tokenizer
             "--sft-seq-length", "64", "--no-progress"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    fix = f"python -m scidfm_megatron.data.sft_formats {src} alpaca_data.jsonl"
+    fix = f"python -m scidfm_megatron.cli.sft_formats {src} alpaca_data.jsonl"
     assert len(err) == 1 and f"{src}:1: one JSON array" in err[0] and err[0].endswith(fix)
     assert to_jsonl([str(src), str(tmp_path / "alpaca_data.jsonl")]) == 0
     args[1] = str(tmp_path / "alpaca_data.jsonl")

@@ -73,7 +73,7 @@ def sharded(tmp_path_factory, science_tokenizer_dir):
 
 
 def _merge(prefix, out, capsys):
-    from scidfm_megatron.data.shards import main
+    from scidfm_megatron.cli.merge_data import main
 
     rc = main(["--input-prefix", str(prefix), "--shards", str(N), "--output-prefix", str(out)])
     return rc, capsys.readouterr()

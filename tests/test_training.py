@@ -333,7 +333,7 @@ def test_resume_applies_the_recipes_schedule_and_a_stop_is_layout_free(runs, tmp
     import contextlib
     import io
 
-    from scidfm_megatron.entry import main
+    from scidfm_megatron.cli.train import main
     from scidfm_megatron.training.checkpoint import read_meta
 
     w = tmp_path / "w"

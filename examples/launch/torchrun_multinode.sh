@@ -6,8 +6,8 @@
 # The recipe is the source of truth: its parallel: section (TP2 x PP2 x EP8 for scidfm18b_stage1.yaml)
 # is used as is. TP, PP, EP, ETP, VPP override parallel.tp/pp/ep/etp/vpp only when set (so do
 # parallel.*=... arguments, which come last and win). The stage (pretrain/sft) comes from the recipe
-# (python -m scidfm_megatron.train); STAGE=pretrain|sft, if set, uses that alias module instead, which
-# also checks that the recipe is of that stage.
+# (python -m scidfm_megatron.train); STAGE=pretrain|sft, if set, adds --stage STAGE, which checks that the
+# recipe is of that stage.
 #
 # Before starting torchrun, the whole configuration is validated for NNODES x GPUS_PER_NODE processes
 # (scidfm_megatron.train --check, ~1.5 s, no process group): it prints the layout that will run, e.g.
@@ -32,10 +32,10 @@ MAX_RESTARTS=${MAX_RESTARTS:-3}
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-module=scidfm_megatron.train
+stage=()
 case "${STAGE:-}" in
   "") ;;
-  pretrain|sft) module=scidfm_megatron.$STAGE ;;
+  pretrain|sft) stage=(--stage "$STAGE") ;;
   *) echo "torchrun_multinode.sh: STAGE=$STAGE: expected pretrain or sft (or leave it unset: the recipe says)" >&2
      exit 2 ;;
 esac
@@ -45,13 +45,13 @@ for kv in tp:TP pp:PP ep:EP etp:ETP vpp:VPP; do
   var=${kv#*:}
   if [ -n "${!var:-}" ]; then layout+=("parallel.${kv%%:*}=${!var}"); fi
 done
-args=(--config "$RECIPE" ${layout[@]+"${layout[@]}"} "$@")
+args=(${stage[@]+"${stage[@]}"} --config "$RECIPE" ${layout[@]+"${layout[@]}"} "$@")
 if [ ${#layout[@]} -gt 0 ]; then echo "[launch] layout overrides from the environment: ${layout[*]}"; fi
 
-"$PYTHON" -m "$module" --check --world-size $((NNODES * GPUS_PER_NODE)) "${args[@]}" || exit $?
+"$PYTHON" -m scidfm_megatron.train --check --world-size $((NNODES * GPUS_PER_NODE)) "${args[@]}" || exit $?
 
 "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
-  --max-restarts "$MAX_RESTARTS" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m "$module" "${args[@]}" &
+  --max-restarts "$MAX_RESTARTS" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m scidfm_megatron.train "${args[@]}" &
 agent=$!
 forward() { pkill -"$1" -P "$agent" 2>/dev/null || true; }
 trap 'forward TERM' TERM

@@ -12,10 +12,7 @@ recipe with its own schedule is prepared with its own ``--config``.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import time
 from typing import Optional
 
 from ..config import ConfigError
@@ -43,6 +40,7 @@ def run_cache_dir(cfg) -> Optional[str]:
 
 
 def check_pretrain(cfg) -> None:
+    """Refuse, naming the key, a recipe with no mixture indices to build (SFT, no mixture, no train_iters)."""
     if cfg.train.stage != "pretrain":
         raise ConfigError(f"train.stage is {cfg.train.stage!r}: only pretraining recipes have mixture indices to "
                           f"prepare (SFT data needs none)")
@@ -75,54 +73,3 @@ def build_run_datasets(cfg, tokenizer, *, epoch: Optional[int] = None, threads: 
                                    seq_length=t.seq_length, samples=pretrain_samples(cfg), seed=t.seed,
                                    split=cfg.data.split, cache_dir=cache_dir,
                                    threads=default_threads() if threads is None else threads)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="scidfm-prepare-data", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="the pretraining recipe the run will use")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, as given to scidfm-train")
-    ap.add_argument("--epochs", default=None,
-                    help="mixture epochs to prepare, e.g. 1,2 (default: the recipe's data.epoch)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help=f"sources indexed in parallel (default: cores, at most 8; here {default_threads()})")
-    args = ap.parse_args(argv)
-    import logging
-
-    from ..entry import quiet_megatron
-    from ..training.config import load_run_config
-
-    quiet_megatron()
-    logging.basicConfig(level=logging.INFO, format="[scidfm] %(message)s")
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-        check_pretrain(cfg)
-        cache_dir = run_cache_dir(cfg)
-        if cache_dir is None:
-            raise ConfigError("data.cache_dir is not set (nor checkpoint.save): give the directory the run will "
-                              "read its dataset indices from, e.g. data.cache_dir=/data/scidfm/cache")
-        try:
-            epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else [cfg.data.epoch]
-        except ValueError:
-            raise ConfigError(f"--epochs {args.epochs!r}: give epoch numbers separated by commas, e.g. 1,2") from None
-        from ..tokenizer import ScienceTokenizer
-
-        tokenizer = ScienceTokenizer(cfg.data.tokenizer_model)
-        os.makedirs(cache_dir, exist_ok=True)
-        for epoch in epochs:
-            t0 = time.perf_counter()
-            train, valid, _ = build_run_datasets(cfg, tokenizer, epoch=epoch, threads=args.threads, cache_dir=cache_dir)
-            print(f"[scidfm] epoch {epoch}: train {len(train)} samples"
-                  + (f", validation {len(valid)}" if valid is not None else "")
-                  + f" of {cfg.train.seq_length} tokens; indices in {cache_dir} ({time.perf_counter() - t0:.1f} s)",
-                  flush=True)
-    except ConfigError as exc:
-        print(f"scidfm-prepare-data: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"scidfm-prepare-data: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

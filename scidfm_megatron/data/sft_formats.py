@@ -154,7 +154,7 @@ def choose(lines: Iterable[tuple[int, bytes]], path: str, requested: str, messag
         if first is None and raw.lstrip().startswith(b"["):
             raise SFTFormatError(
                 f"{path}:{no}: one JSON array (as Alpaca's alpaca_data.json and MetaMathQA's release are), not JSON "
-                f"Lines; convert it once: python -m scidfm_megatron.data.sft_formats {path} "
+                f"Lines; convert it once: python -m scidfm_megatron.cli.sft_formats {path} "
                 f"{_jsonl_name(path)}")
         if requested != "auto":
             return requested, "--sft-format"
@@ -202,25 +202,3 @@ def json_array_to_jsonl(src: str, dst: str) -> int:
         raise SFTFormatError(f"{src}: expected a JSON array of records, got {_type_name(data)}")
     atomic_write(dst, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data))
     return len(data)
-
-
-def main(argv=None) -> int:
-    """python -m scidfm_megatron.data.sft_formats SRC.json DST.jsonl: a JSON array file as JSON Lines."""
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0].startswith("-"):
-        print("usage: python -m scidfm_megatron.data.sft_formats SRC.json DST.jsonl  (a JSON array file -> JSON "
-              "Lines, for scidfm-preprocess)", file=sys.stderr)
-        return 2
-    try:
-        n = json_array_to_jsonl(args[0], args[1])
-    except (SFTFormatError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"[scidfm] {args[0]}: {n:,} records -> {args[1]}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,14 +16,12 @@ written and skipped, with the reasons counted. Name the output ``<task>.jsonl`` 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import csv
 import gzip
 import io
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -489,27 +487,3 @@ def convert(benchmark: str, src: str | Path, dst: str | Path, *, test_ids: Optio
     atomic_write(Path(dst), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     rep.written = len(recs)
     return len(recs)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="scidfm-eval-data", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("benchmark", choices=sorted(CONVERTERS), help="which benchmark's public file SRC is")
-    ap.add_argument("src", help="the benchmark's public file, .gz accepted (MATH: its folder; MMLU: a CSV or a "
-                                "folder of *_test.csv)")
-    ap.add_argument("-o", "--output", required=True, help="task file to write (<task>.jsonl)")
-    ap.add_argument("--test-ids", default=None, metavar="JSON",
-                    help="pubmedqa: the release's test_ground_truth.json; keep only its 500 test questions")
-    a = ap.parse_args(argv)
-    rep = Report()
-    try:
-        convert(a.benchmark, a.src, a.output, test_ids=a.test_ids, report=rep)
-    except (ConvertError, OSError) as exc:
-        print(f"scidfm-eval-data: error: {exc}", file=sys.stderr)
-        return 2
-    print(rep.render(a.benchmark, a.output))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

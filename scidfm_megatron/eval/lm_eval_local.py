@@ -10,15 +10,13 @@ Nothing is downloaded: the Hugging Face offline switches are set before lm-eval,
 ``transformers`` are imported (and forced on in their already-imported config modules), and the task
 file builds its dataset in memory from the JSONL file.
 
-    python -m scidfm_megatron.eval.lm_eval_local --model DIR --data FILE.jsonl [--limit N]
+    python -m scidfm_megatron.cli.lm_eval_local --model DIR --data FILE.jsonl [--limit N]
 
 See docs/lm_eval.md for the equivalent ``lm_eval --model hf ...`` command line.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -94,28 +92,3 @@ def run_lm_eval(model_dir: str, data_file: str | os.PathLike, limit: int | None 
                for s in sorted(out["samples"][TASK], key=lambda s: s["doc_id"])]
     return {"task": TASK, "acc": float(raw["acc,none"]), "acc_norm": float(raw["acc_norm,none"]),
             "n": int(out["n-samples"][TASK]["effective"]), "raw": raw, "samples": samples}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scidfm_megatron.eval.lm_eval_local", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="converted Hugging Face model folder")
-    p.add_argument("--data", required=True, help='JSONL of {"question", "choices", "answer"}')
-    p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 (torch dtype name)")
-    p.add_argument("--task-dir", default=None, help=f"folder holding {TASK}.yaml (default: examples/eval/lm_eval)")
-    p.add_argument("--json", default=None, help="also write the result (without per-question samples) here")
-    a = p.parse_args(argv)
-    res = run_lm_eval(a.model, a.data, limit=a.limit, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
-                      task_dir=a.task_dir)
-    if not res:
-        return 0
-    print(f"{res['task']}: acc={res['acc']:.4f} acc_norm={res['acc_norm']:.4f} n={res['n']}")
-    if a.json:
-        Path(a.json).write_text(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -175,8 +175,12 @@ def default_precision() -> str:
 
 def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision: Optional[str] = None,
                           recompute: Optional[str] = None, calculate_per_token_loss: bool = False,
-                          **extra):
+                          parallel: Optional[dict] = None, **extra):
     """The one adapter to megatron's TransformerConfig.
+
+    parallel: the engine's :func:`~scidfm_megatron.training.engine.parallel_choices` (sequence parallelism,
+    p2p communication); None asks it for ``par``'s (conversion, inference and tests build models without
+    an engine).
 
     recompute: None, "full" (every layer, uniform), "selective" (the backend's selective set, below), or a
     comma-separated list of megatron's recompute modules ("core_attn,moe_act"). "selective" is the cheapest
@@ -188,6 +192,8 @@ def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision:
     """
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
+
+    from ..training.engine import parallel_choices
 
     precision = precision or default_precision()
     if precision not in PRECISIONS:
@@ -252,14 +258,8 @@ def to_transformer_config(model: ModelConfig, par: ParallelConfig, *, precision:
         virtual_pipeline_model_parallel_size=par.vpp,
         expert_model_parallel_size=par.ep,
         expert_tensor_parallel_size=par.etp,
-        sequence_parallel=par.use_sequence_parallel,
-        # Interleaved pipeline: Megatron-LM's settings (overlapped, unbatched p2p). megatron-core's defaults
-        # (batched p2p) post a stage's send-to-next and send-to-prev in one batch; with PP=2 both peers
-        # are the same rank, and the receiver matches the two same-shaped messages in the other order:
-        # activations and gradients swap (measured on gloo: the loss of micro-batches 3+ is off by 1e-3).
-        # The unbatched path puts the two directions on different communicators for PP=2.
-        overlap_p2p_comm=bool(par.vpp),
-        batch_p2p_comm=not par.vpp,
+        # sequence parallelism and the pipeline's p2p communication: the engine's choice
+        **(parallel if parallel is not None else parallel_choices(par)),
         # Precision. On CPU, master weights are built on the host (megatron's CPU-init path).
         params_dtype=dtype,
         pipeline_dtype=dtype,

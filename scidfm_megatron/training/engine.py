@@ -1,6 +1,8 @@
 """The engine: this rank's model chunks, wrapped for data parallelism (megatron-core's DDP), and their
-optimizer, built by ``build_engine(run_config)`` with the recipe's ``engine:`` switches (docs/training.md,
-"Engine switches" and "What the trainer does")."""
+optimizer, built by ``build_engine(run_config)``: the one place that decides how a model is parallelised
+(:func:`parallel_choices`: sequence parallelism, p2p communication; recompute) and which ``engine:``
+switches are on; the builder applies what it receives (docs/training.md, "Engine switches" and "What
+the trainer does")."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import torch
 
 @dataclass
 class Engine:
-    """What ``build_engine`` returns: this rank's DDP-wrapped chunks, their optimizer and the switches in effect."""
+    """What the trainer drives: this rank's DDP-wrapped chunks, their optimizer, the TransformerConfig they
+    were built with and the switches resolved for this run (logged by :meth:`describe`)."""
+
     chunks: list  # DDP-wrapped model chunks of this rank (several with the interleaved pipeline)
     optimizer: object  # megatron-core MegatronOptimizer (or ChainedOptimizer)
     config: Any  # the TransformerConfig the chunks were built with
@@ -45,7 +49,23 @@ class Engine:
                 f"linear {impl['linear']}; {on}")
 
 
+def parallel_choices(par) -> dict:
+    """The TransformerConfig fields that say how the layers run in parallel (``par``: ParallelConfig), handed
+    to the builder: sequence parallelism (auto: with TP > 1) and the pipeline's point-to-point messages."""
+    return dict(
+        sequence_parallel=par.use_sequence_parallel,
+        # Interleaved pipeline: Megatron-LM's settings (overlapped, unbatched p2p). megatron-core's defaults
+        # (batched p2p) post a stage's send-to-next and send-to-prev in one batch; with PP=2 both peers
+        # are the same rank, and the receiver matches the two same-shaped messages in the other order:
+        # activations and gradients swap (measured on gloo: the loss of micro-batches 3+ is off by 1e-3).
+        # The unbatched path puts the two directions on different communicators for PP=2.
+        overlap_p2p_comm=bool(par.vpp),
+        batch_p2p_comm=not par.vpp,
+    )
+
+
 def resolve_switches(engine_cfg, *, use_distributed_optimizer: bool, dp: int) -> dict:
+    """``engine:`` switches with ``null`` resolved for this machine and DP size (the module docstring's rules)."""
     cuda = torch.cuda.is_available()
     overlap = engine_cfg.overlap_grad_reduce
     if overlap is None:
@@ -126,7 +146,8 @@ def build_engine(cfg, layout) -> Engine:
     switches = resolve_switches(cfg.engine, use_distributed_optimizer=t.use_distributed_optimizer, dp=layout.dp)
     precision = None if t.precision == "auto" else t.precision
     chunks = build_model_chunks(m, cfg.parallel, precision=precision, recompute=t.recompute,
-                                calculate_per_token_loss=t.stage == "sft", deterministic_mode=t.deterministic)
+                                parallel=parallel_choices(cfg.parallel), calculate_per_token_loss=t.stage == "sft",
+                                deterministic_mode=t.deterministic)
     config = chunks[0].config
     chunks = wrap_ddp(chunks, config, **switches)
     optimizer = build_optimizer(

@@ -1,15 +1,14 @@
-"""The one training entry point: the stage comes from the recipe (``train.stage``).
+"""The one training entry: ``main()`` of ``scidfm-train``; the stage comes from the recipe (``train.stage``).
 
     torchrun --nproc-per-node 8 -m scidfm_megatron.train --config RECIPE [a.b=value ...]
-    python -m scidfm_megatron.train --config RECIPE --check --world-size 128   # validate, print the layout
-    python -m scidfm_megatron.train --config RECIPE --print-config            # the resolved recipe
+    scidfm-train --config RECIPE --check --world-size 128   # validate, print the layout
+    scidfm-train --config RECIPE --print-config             # the resolved recipe
 
-``scidfm-train`` is the console script; ``scidfm-pretrain`` / ``scidfm-sft`` and ``-m
-scidfm_megatron.pretrain`` / ``.sft`` are aliases that also check the recipe is of their stage.
+``-m scidfm_megatron.train`` (the launch path of job scripts), ``-m scidfm_megatron.pretrain`` / ``.sft`` and
+the console scripts ``scidfm-pretrain`` / ``scidfm-sft`` all run this ``main``; the last four add
+``--stage pretrain|sft``, which refuses a recipe of the other stage.
 
-The whole configuration (types, schedule, layout against the world size, data paths, backend) is
-validated before any model, process group or dataset is built, so a recipe error costs a second, not
-the ~40 s of building a model first.
+The whole configuration is validated before any model, process group or dataset is built (docs/training.md).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ QUIET_WARNINGS = (r"Transformer Engine and Apex are not installed", r"Apex is no
 
 
 def quiet_megatron() -> None:
+    """Drop megatron-core's import warnings and INFO lines: the run logs what it uses in one line instead."""
     import logging
     import warnings
 
@@ -35,12 +35,12 @@ def quiet_megatron() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
-def main(stage: Optional[str] = None, argv=None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
+    """``scidfm-train``: validate the recipe, then check, print or run it; 2 and one line on a config error."""
     quiet_megatron()
-    prog = f"scidfm-{stage}" if stage else "scidfm-train"
     ap = argparse.ArgumentParser(
-        prog=prog, description="SciDFM training on megatron-core: stage 1/2 pretraining or SFT, as the recipe "
-                               "says (launch with torchrun; overrides as a.b=value)")
+        prog="scidfm-train", description="SciDFM training on megatron-core: stage 1/2 pretraining or SFT, as the "
+                                         "recipe says (launch with torchrun; overrides as a.b=value)")
     ap.add_argument("--config", required=True, help="recipe YAML (examples/recipes/)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5 parallel.tp=2")
     ap.add_argument("--print-config", action="store_true", help="validate, print the resolved config and exit")
@@ -51,18 +51,23 @@ def main(stage: Optional[str] = None, argv=None) -> int:
                          "file (data, tokenizer, checkpoints): for a cluster recipe on a machine without its paths")
     ap.add_argument("--world-size", type=int, default=None,
                     help="with --check: the number of processes to validate for (default: $WORLD_SIZE or 1)")
+    ap.add_argument("--stage", choices=("pretrain", "sft"), default=None,
+                    help="refuse a recipe whose train.stage is not this one (scidfm-pretrain / scidfm-sft, "
+                         "-m scidfm_megatron.pretrain / .sft); the recipe still chooses the stage")
     args = ap.parse_args(argv)
-    from .config import ConfigError
-    from .parallel import ParallelConfigError
-    from .training.config import load_run_config, validate_run
-    from .training.faults import RunStopped
+    stage = args.stage
+    prog = f"scidfm-{stage}" if stage else "scidfm-train"
+    from ..config import ConfigError
+    from ..parallel import ParallelConfigError
+    from ..training.config import load_run_config, validate_run
+    from ..training.faults import RunStopped
 
     try:
         cfg = load_run_config(args.config, args.overrides)
         if stage is not None and (stage == "sft") != (cfg.train.stage == "sft"):
             raise ConfigError(f"{args.config} is a train.stage={cfg.train.stage} recipe; use scidfm-"
                               f"{'sft' if cfg.train.stage == 'sft' else 'pretrain'} (or scidfm-train)")
-        from .parallel import env_world_size
+        from ..parallel import env_world_size
 
         world = args.world_size or env_world_size()
         if args.layout_only and not args.check:
@@ -74,7 +79,7 @@ def main(stage: Optional[str] = None, argv=None) -> int:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
         if args.check:
-            from .training.megatron_check import applied_defaults
+            from ..training.megatron_check import applied_defaults
 
             for note in applied_defaults(cfg.model):
                 print(f"[scidfm] {note}", flush=True)
@@ -82,13 +87,13 @@ def main(stage: Optional[str] = None, argv=None) -> int:
                   f"(backend {cfg.model.backend}, precision {cfg.train.precision}): "
                   f"{'layout and model (no file opened)' if args.layout_only else 'configuration'} OK", flush=True)
             if not args.layout_only:
-                from .training.schedule import check_report
+                from ..training.schedule import check_report
 
                 report = check_report(cfg)  # a resume applies the recipe's LR schedule: show what changes
                 if report:
                     print(report, flush=True)
             return 0
-        from .training.trainer import run
+        from ..training.trainer import run
 
         run(cfg, validated=True)
     except (ConfigError, ParallelConfigError) as exc:
@@ -101,6 +106,16 @@ def main(stage: Optional[str] = None, argv=None) -> int:
             print(f"{prog}: stopped: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def pretrain() -> int:
+    """``scidfm-pretrain``: ``scidfm-train --stage pretrain`` (kept for existing job scripts)."""
+    return main(["--stage", "pretrain", *sys.argv[1:]])
+
+
+def sft() -> int:
+    """``scidfm-sft``: ``scidfm-train --stage sft`` (kept for existing job scripts)."""
+    return main(["--stage", "sft", *sys.argv[1:]])
 
 
 if __name__ == "__main__":
