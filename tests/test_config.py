@@ -137,7 +137,7 @@ CHOICES = {
 
 def scidfm_train(capsys, *args) -> tuple[int, list[str]]:
     """``scidfm-train ARGS`` in this process: (exit code, stderr lines)."""
-    from scidfm_megatron.entry import main
+    from scidfm_megatron.cli.train import main
 
     capsys.readouterr()
     rc = main(argv=[str(a) for a in args])
