@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -319,6 +320,12 @@ class Checker:
     def log(self, name: str) -> Path:
         return self.work / "logs" / f"{name}.log"
 
+    def script(self, name: str) -> str:
+        """The project's console script ``name`` beside the children's interpreter (its venv's bin/), else
+        the one on PATH (gpu_check.sh's fallback install puts its scripts there)."""
+        beside = Path(self.py).parent / name
+        return str(beside) if beside.exists() else (shutil.which(name) or name)
+
     # a. environment -----------------------------------------------------------------------------------
     def environment(self, fig: dict):
         wheel = os.environ.get("GPU_CHECK_PROJECT_WHEEL")
@@ -580,8 +587,8 @@ class Checker:
         s1 = need(self.art.get("s1_ckpt"), "the stage-1 checkpoint")
         hf = self.work / "hf_stage1"
         t = time.monotonic()
-        run([self.py, str(ROOT / "tools" / "convert_checkpoint.py"), "--direction", "mcore-to-hf", "--load", s1,
-             "--save", hf, "--dtype", "fp32", "--force"], self.log("convert"), self.budget, CAPS["convert"])
+        run([self.script("scidfm-convert"), "--direction", "mcore-to-hf", "--load", s1, "--save", hf, "--dtype",
+             "fp32", "--force"], self.log("convert"), self.budget, CAPS["convert"])
         fig["convert_s"] = round(time.monotonic() - t, 1)
         device = "cpu" if self.mode == "dry-run" else "cuda"
         res = self.work / "logits.json"

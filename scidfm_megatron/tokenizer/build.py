@@ -11,7 +11,7 @@ Molecule vocabulary (pieces ``<m>X``):
   digits ``0-9``, ``%``, chirality ``@ @@``, wildcard ``*``, and reaction arrows ``> <``;
 * whole bracket atoms (``[C@@H]``, ``[nH]``, ``[O-]``, ``[Na+]``...): every element in brackets plus a
   list of common charged, protonated, chiral and isotopic forms, plus any given with
-  ``extra_bracket_atoms`` (``tools/build_tokenizer.py --bracket-atoms-from`` harvests them from SMILES
+  ``extra_bracket_atoms`` (``scidfm-build-tokenizer --bracket-atoms-from`` harvests them from SMILES
   files, keeping those seen at least ``--min-count`` times).
 Protein vocabulary (pieces ``<p>X``): the 26 letters A-Z (20 standard residues, B/Z/J ambiguity codes,
 X unknown, U selenocysteine, O pyrrolysine).
