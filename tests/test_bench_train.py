@@ -32,3 +32,26 @@ def test_median_ci_order_statistics():
     assert ci(list(range(1, 21))) == (6, 15)  # n = 20: 6th and 15th (95.9%)
     assert ci(list(range(1, 31))) == (10, 21)
     assert ci([3.0]) == (3.0, 3.0)
+
+
+def test_tools_are_launchers_of_modules_that_exist():
+    """tools/ keeps no library logic: each file is a launcher of a package module's main() (the documented
+    `python tools/bench_*.py` commands), or a dev-time generator of the bundled fixtures, or hf_generate.py
+    (transformers alone, on purpose)."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    standalone = {"make_sample_corpus.py", "make_eval_fixtures.py", "_wheeldata.py", "hf_generate.py"}
+    launchers = {}
+    for f in sorted(tools.glob("*.py")):
+        if f.name in standalone:
+            continue
+        text = f.read_text()
+        m = re.search(r"^from (scidfm_megatron\.[\w.]+) import main$", text, re.M)
+        assert m and len(text.splitlines()) <= 10, f"{f.name} is not a launcher"
+        launchers[f.name] = m.group(1)
+    assert {"bench_train.py", "gpu_check.py", "train_synthetic.py"} <= set(launchers)
+    for name, module in launchers.items():
+        assert callable(importlib.import_module(module).main), name
