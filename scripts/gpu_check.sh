@@ -117,8 +117,9 @@ elif [ -f "$WHEELS/manifest.txt" ]; then
     TODO=()
     while read -r whl module kind; do
       case "$whl" in ''|'#'*) continue ;; esac
-      [ "$kind" = project ] && continue
-      if [ "$kind" = required ] || ! "$PYTHON" -c "import $module" 2>/dev/null; then
+      # The project's wheel too: its console scripts (scidfm-*) land in $SITE/bin; the repository's copy of
+      # the package stays first on PYTHONPATH.
+      if [ "$kind" = required ] || [ "$kind" = project ] || ! "$PYTHON" -c "import $module" 2>/dev/null; then
         TODO+=("$WHEELS/$whl")
         INSTALLED="$INSTALLED $whl"
       fi
@@ -130,7 +131,7 @@ elif [ -f "$WHEELS/manifest.txt" ]; then
       echo "[gpu_check.sh] error: pip could not install $WHEELS/" >&2
       exit 2
     fi
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
   fi
 elif "$PYTHON" -c "import megatron.core, zstandard" 2>/dev/null; then
   echo "[gpu_check.sh] no $WHEELS/: using the installed megatron-core"

@@ -10,10 +10,11 @@ cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-test,hf,eval} bash scripts/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCHDYNAMO_DISABLE=1 PYTHONWARNINGS=ignore
 export PYTHON=.venv/bin/python NPROC=${NPROC:-2}   # the tiny recipes run EP2 (their parallel: section)
+BIN=.venv/bin   # the project's console scripts (setup_env.sh installs the project into .venv)
 echo "== 1/8 tokenizer and datasets from examples/sample_corpus"
 bash scripts/prepare_sample_data.sh
 echo "== 2/8 mixture (epoch 1)"
-$PYTHON tools/mixture.py examples/mixtures/sample_corpus.yaml --epoch 1
+$BIN/scidfm-mixture examples/mixtures/sample_corpus.yaml --epoch 1
 for stage in "pretrain tiny_stage1" "pretrain tiny_stage2" "sft tiny_sft"; do
   set -- $stage
   echo "== $([ $2 = tiny_stage1 ] && echo 3 || ([ $2 = tiny_stage2 ] && echo 4 || echo 5))/8 $2 ($NPROC CPU processes, the recipe's layout)"
@@ -21,13 +22,13 @@ for stage in "pretrain tiny_stage1" "pretrain tiny_stage2" "sft tiny_sft"; do
     | grep -E "^\[scidfm\] [^IW]|^iter" || { echo "$2 failed; rerun without the filter to see why"; exit 1; }
 done
 echo "== 6/8 convert the SFT checkpoint to Hugging Face (Mixtral layout, fp32) -> runs/tiny/hf"
-$PYTHON tools/convert_checkpoint.py --direction mcore-to-hf --load runs/tiny/sft/checkpoints --save runs/tiny/hf \
+$BIN/scidfm-convert --direction mcore-to-hf --load runs/tiny/sft/checkpoints --save runs/tiny/hf \
   --dtype fp32 --force
 echo "== 7/8 zero-shot evaluation: the paper's tables on the bundled fixtures (examples/eval/paper: stand-ins, not"
 echo "       the benchmarks; chat prompts) and expert-choice analysis of the converted model"
-$PYTHON tools/evaluate.py --model runs/tiny/hf --suite paper --data-dir examples/eval/paper --prompt-format chat \
+$BIN/scidfm-evaluate --model runs/tiny/hf --suite paper --data-dir examples/eval/paper --prompt-format chat \
   --limit 12 --max-new-tokens 16 --output runs/tiny/eval.json 2>&1 | tr '\r' '\n' | grep -v -E "Loading weights|it/s]|req/s]" | sed "s/^ *$//" | cat -s
-$PYTHON tools/analyze_experts.py --model runs/tiny/hf --per-domain 12 --out runs/tiny/experts 2>&1 \
+$BIN/scidfm-analyze-experts --model runs/tiny/hf --per-domain 12 --out runs/tiny/experts 2>&1 \
   | grep -E "silhouette|plots"
 echo "== 8/8 greedy generation from runs/tiny/hf with transformers alone (AutoModelForCausalLM, chat template)"
 $PYTHON tools/hf_generate.py --model runs/tiny/hf --chat --max-new-tokens 16 \

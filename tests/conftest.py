@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -7,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from scidfm_megatron.testing.distributed import cpu_env, free_port
+from scidfm_megatron.testing.runs import train_losses  # noqa: F401  (the tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ROOT / "tests" / "workers"
@@ -118,16 +118,6 @@ def cmd(nproc: int, recipe: str, args: list[str], stage: str = "pretrain", nnode
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
             f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
             "-m", "scidfm_megatron.train", "--stage", stage, "--config", str(RECIPES / recipe), *args]
-
-
-def train_losses(work: Path) -> dict[int, float]:
-    """{iteration: loss} of the training steps a run logged to ``work/metrics.jsonl``."""
-    out = {}
-    for line in open(work / "metrics.jsonl"):
-        row = json.loads(line)
-        if row["phase"] == "train":
-            out[row["iteration"]] = row["loss"]
-    return out
 
 
 def train(nproc, args, recipe="tiny_stage1.yaml", stage="pretrain", check=True, timeout=600):

@@ -1,25 +1,18 @@
-"""Smoke test of tools/bench_train.py --overhead: one 2-process launch, both sides train, the table and
-the JSON come out. No timing is asserted (CI machines are shared; the benchmark itself judges)."""
+"""Smoke test of tools/bench_train.py --overhead (scidfm_megatron/bench/overhead.py): one 2-process launch,
+both sides train, the table and the JSON come out. No timing is asserted (CI machines are shared; the benchmark
+itself judges)."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools" / "bench_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from scidfm_megatron.bench.overhead import median_ci
+from scidfm_megatron.bench.train import run
 
 
 def test_overhead_mode_runs_both_loops(runs, tmp_path, capsys):
     out = tmp_path / "overhead.json"
-    _bench().main(["--overhead", "--rounds", "2", "--steps", "1", "--warmup-steps", "1", "--breakdown",
-                   "--runs", str(runs), "--json", str(out)])
+    run(["--overhead", "--rounds", "2", "--steps", "1", "--warmup-steps", "1", "--breakdown",
+         "--runs", str(runs), "--json", str(out)])
     text = capsys.readouterr().out
     assert "trainer (wall)" in text and "bare (wall)" in text and ("PASS (wall)" in text or "FAIL (wall)" in text)
     [res] = json.loads(out.read_text())
@@ -35,7 +28,30 @@ def test_overhead_mode_runs_both_loops(runs, tmp_path, capsys):
 
 
 def test_median_ci_order_statistics():
-    ci = _bench().median_ci
+    ci = median_ci
     assert ci(list(range(1, 21))) == (6, 15)  # n = 20: 6th and 15th (95.9%)
     assert ci(list(range(1, 31))) == (10, 21)
     assert ci([3.0]) == (3.0, 3.0)
+
+
+def test_tools_are_launchers_of_modules_that_exist():
+    """tools/ keeps no library logic: each file is a launcher of a package module's main() (the documented
+    `python tools/bench_*.py` commands), or a dev-time generator of the bundled fixtures, or hf_generate.py
+    (transformers alone, on purpose)."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    standalone = {"make_sample_corpus.py", "make_eval_fixtures.py", "_wheeldata.py", "hf_generate.py"}
+    launchers = {}
+    for f in sorted(tools.glob("*.py")):
+        if f.name in standalone:
+            continue
+        text = f.read_text()
+        m = re.search(r"^from (scidfm_megatron\.[\w.]+) import main$", text, re.M)
+        assert m and len(text.splitlines()) <= 10, f"{f.name} is not a launcher"
+        launchers[f.name] = m.group(1)
+    assert {"bench_train.py", "gpu_check.py", "train_synthetic.py"} <= set(launchers)
+    for name, module in launchers.items():
+        assert callable(importlib.import_module(module).main), name

@@ -20,13 +20,13 @@ weights: every step must stay clearly below that level.
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, overrides, train
 from scidfm_megatron.testing.distributed import cpu_env
+from scidfm_megatron.testing.runs import console_script
 
 BF16 = {"train.precision": "bf16"}
 NEAR_ZERO = {"train.lr": "1.0e-7", "train.min_lr": "1.0e-8", "train.warmup_iters": 0}
@@ -102,7 +102,7 @@ def test_without_the_master_reload_stage2_reverts_to_random_weights(runs, stage1
 
 def test_hf_import_keeps_its_weights_in_bf16(runs, stage1, tmp_path):
     """Stage 1 -> Hugging Face folder -> megatron EP2 checkpoint -> bf16 stage 2 (plain optimizer) at LR ~0."""
-    cli = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
+    cli = console_script("scidfm-convert")
     for args in (["--direction", "mcore-to-hf", "--load", stage1 / "ckpt", "--save", tmp_path / "hf"],
                  ["--direction", "hf-to-mcore", "--load", tmp_path / "hf", "--save", tmp_path / "mc", "--ep", "2"]):
         r = subprocess.run([*cli, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=cpu_env(),

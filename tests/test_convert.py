@@ -4,15 +4,15 @@ import json
 import shutil
 import struct
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import ROOT, sample_documents
 from scidfm_megatron.testing.distributed import cpu_env
+from scidfm_megatron.testing.runs import console_script
 
-CLI = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
+CLI = console_script("scidfm-convert")
 
 
 def cli(*args):

@@ -3,7 +3,6 @@
 import json
 import math
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from conftest import ROOT
 from scidfm_megatron.eval.models import LanguageModel
 from scidfm_megatron.eval.tasks import TASKS, TaskDataError, load_records, run_task
 from scidfm_megatron.testing.distributed import cpu_env
+from scidfm_megatron.testing.runs import console_script
 
 DATA = ROOT / "examples" / "eval" / "data"
 FIXTURES = {  # task name -> fixture file (one per task kind)
@@ -137,8 +137,8 @@ def test_bad_task_file_names_the_line(tmp_path):
                         f"['question', 'choices', 'answer']"]
     with pytest.raises(TaskDataError, match=r"mc.jsonl:2: missing field\(s\) \['answer'\]"):
         load_records(bad, "multiple_choice", strict=True)
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--model", str(tmp_path), "--task",
-                        f"sciq={bad}", "--strict"], capture_output=True, text=True, env=cpu_env(), cwd=ROOT)
+    r = subprocess.run([*console_script("scidfm-evaluate"), "--model", str(tmp_path), "--task", f"sciq={bad}",
+                        "--strict"], capture_output=True, text=True, env=cpu_env(), cwd=ROOT)
     assert r.returncode == 2 and "mc.jsonl:2" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -1,6 +1,6 @@
-"""The GPU acceptance check (scripts/gpu_check.sh, tools/gpu_check.py) in its CPU dry run: the same driver,
-the same checks and assertions as on the GPU machine, tiny sizes, gloo, bf16 where the check says bf16.
-docs/gpu.md says what each check asserts on the GPU."""
+"""The GPU acceptance check (scripts/gpu_check.sh, scidfm_megatron/testing/gpu_check.py) in its CPU dry run:
+the same driver, the same checks and assertions as on the GPU machine, tiny sizes, gloo, bf16 where the check
+says bf16. docs/gpu.md says what each check asserts on the GPU."""
 
 import json
 import math
@@ -72,35 +72,24 @@ def test_install_flag_is_refused_where_it_cannot_apply(tmp_path):
 
 
 def test_losses_parser_skips_a_line_cut_by_sigkill(tmp_path):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    from scidfm_megatron.testing.runs import train_losses
+
     m = tmp_path / "m.jsonl"
     m.write_text('{"iteration": 1, "phase": "train", "loss": 10.5}\n{"iteration": 2, "phase": "valid", "loss": 9}\n'
                  '{"iteration": 2, "phase": "train", "loss": 9.5}\n{"iteration": 3, "pha')
-    assert gpu_check.losses(m) == {1: 10.5, 2: 9.5}
-
-
-def _gpu_check_module():
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return gpu_check
+    assert train_losses(m, tolerant=True) == {1: 10.5, 2: 9.5}
 
 
 def test_dynamo_off_on_cpu_only_and_commit_from_the_wheels(tmp_path, monkeypatch):
     """TorchDynamo is disabled for the dry run's children only (on the GPU megatron's jit_fuser compiles, as
     in a user's run); without .git (the GPU machine) the results name the commit gpu_wheels.sh wrote."""
-    gpu_check = _gpu_check_module()
+    from scidfm_megatron.testing import gpu_check, processes
+
     monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
-    monkeypatch.setattr(gpu_check, "CPU_ONLY", False)
-    assert "TORCHDYNAMO_DISABLE" not in gpu_check.child_env()
-    monkeypatch.setattr(gpu_check, "CPU_ONLY", True)
-    assert gpu_check.child_env()["TORCHDYNAMO_DISABLE"] == "1"
+    monkeypatch.setattr(processes, "CPU_ONLY", False)
+    assert "TORCHDYNAMO_DISABLE" not in processes.child_env()
+    monkeypatch.setattr(processes, "CPU_ONLY", True)
+    assert processes.child_env()["TORCHDYNAMO_DISABLE"] == "1"
     assert gpu_check._commit()["commit_source"] == "git"
 
     (tmp_path / "COMMIT").write_text("0123abcd+dirty\n")

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 
 from conftest import ROOT, SAMPLE
 from scidfm_megatron.data.preprocess import PreprocessError, preprocess
+from scidfm_megatron.testing.runs import console_script
 
 
 def megatron_dataset(prefix):
@@ -22,8 +22,7 @@ def megatron_dataset(prefix):
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), *map(str, args),
-                           "--no-progress"],
+    return subprocess.run([*console_script("scidfm-preprocess"), *map(str, args), "--no-progress"],
                           capture_output=True, text=True, timeout=600, **kw)
 
 
@@ -156,7 +155,7 @@ def big_jsonl(tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_mid_run_leaves_nothing_at_the_output_names(tmp_path, science_tokenizer_dir, big_jsonl, sig):
     out = tmp_path / "k"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(big_jsonl),
+    proc = subprocess.Popen([*console_script("scidfm-preprocess"), "--input", str(big_jsonl),
                              "--output-prefix", str(out), "--workers", "2", "--no-progress",
                              "--tokenizer-model", str(science_tokenizer_dir / "tokenizer.model")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -201,7 +200,7 @@ def test_peak_memory_is_flat_in_input_size(tmp_path, science_tokenizer_dir, big_
             f.write(big_jsonl.read_bytes())
     peaks = []
     for src in (big_jsonl, five):
-        peaks.append(_peak_rss_of_tree([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(src),
+        peaks.append(_peak_rss_of_tree([*console_script("scidfm-preprocess"), "--input", str(src),
                                         "--output-prefix", str(tmp_path / src.stem), "--workers", "2", "--no-progress",
                                         "--tokenizer-model", str(science_tokenizer_dir / "tokenizer.model")]))
     assert peaks[1] <= 1.2 * peaks[0], f"peak RSS {peaks[0] / 1e6:.0f} MB -> {peaks[1] / 1e6:.0f} MB"

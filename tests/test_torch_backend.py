@@ -332,20 +332,16 @@ def test_grouped_mm_equals_loop_on_gpu():
 
 
 def test_gpu_slice_benchmark_refuses_cpu_and_its_code_runs(rank, capsys):
-    """tools/bench_train.py --gpu-slice: one line and exit 2 without CUDA; its --dry-run (the same code at a
-    toy width on CPU) trains the local and torch backends and times attention fused vs unfused."""
-    import importlib.util
+    """tools/bench_train.py --gpu-slice (scidfm_megatron/bench/gpu_slice.py): one line and exit 2 without CUDA;
+    its --dry-run (the same code at a toy width on CPU) trains the local and torch backends and times attention
+    fused vs unfused."""
+    from scidfm_megatron.bench.train import run
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "tools" / "bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     if not torch.cuda.is_available():
-        assert bench.main(["--gpu-slice"]) == 2
+        assert run(["--gpu-slice"]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "no CUDA device" in err
-    r = bench.main(["--gpu-slice", "--dry-run", "--seq-length", "32", "--iters", "1", "--warmup", "1"])
+    r = run(["--gpu-slice", "--dry-run", "--seq-length", "32", "--iters", "1", "--warmup", "1"])
     out = capsys.readouterr().out
     assert [row["backend"] for row in r["backends"]][:2] == ["local", "torch"]
     assert all("error" not in row and row["tokens_per_s"] > 0 for row in r["backends"]), [

@@ -56,6 +56,8 @@ class Trace:
     hidden: list[torch.Tensor]  # per layer, [batch, seq, hidden] fp32
     topk: list[torch.Tensor]  # per layer, [batch * seq, k] expert ids, sorted per token
     logits: torch.Tensor  # [batch, seq, vocab] fp32
+    model_class: str = ""  # what ran: the model's class and its parameters' device
+    device: str = ""
 
 
 def sample_ids(tok: tokfiles.Tokenizer, vocab: int, batch: int, tokens: int) -> tuple[torch.Tensor, str]:
@@ -90,13 +92,14 @@ def megatron_trace(mcore_dir: Path, ids: torch.Tensor, precision: str, device=No
             hooks.append(layer.mlp.router.register_forward_hook(
                 lambda _m, _i, out: topk.append(_choices(out[1], k).view(s, b, k).transpose(0, 1).reshape(b * s, k))))
         logits = lm.logits(ids)
+        ran = (type(lm.model).__name__, str(next(lm.model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
         lm.close()
         del lm
         gc.collect()
-    return Trace(hidden, topk, logits)
+    return Trace(hidden, topk, logits, *ran)
 
 
 def _choices(routing_map: torch.Tensor, k: int) -> torch.Tensor:
@@ -122,12 +125,13 @@ def hf_trace(hf_dir: Path, ids: torch.Tensor, dtype: torch.dtype, device=None) -
                 lambda _m, _i, out: topk.append(out[2].sort(dim=-1).values.cpu())))
         with torch.no_grad():
             logits = model(ids.to(next(model.parameters()).device)).logits.float().cpu()
+        ran = (type(model).__name__, str(next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
         del model
         gc.collect()
-    return Trace(hidden, topk, logits)
+    return Trace(hidden, topk, logits, *ran)
 
 
 def compare(ref: Trace, got: Trace, dtype: str) -> tuple[list[dict], Optional[str]]:

@@ -14,17 +14,20 @@ from pathlib import Path
 from ..parallel import free_port  # tests import it from here too
 
 
-def cpu_env(extra: dict | None = None) -> dict:
+def cpu_env(extra: dict | None = None, *, dynamo_off: bool | None = None) -> dict:
     """The environment of a launched process. TorchDynamo is disabled where there is no CUDA only (megatron's
     jit_fuser is torch.compile: slow to compile and nothing gained on the CPU; on a GPU it is the run's
-    speed, so a benchmark there runs compiled, as a user's run does)."""
-    import torch
+    speed, so a benchmark there runs compiled, as a user's run does); ``dynamo_off`` decides instead (the
+    GPU check: its dry run), without importing torch."""
+    if dynamo_off is None:
+        import torch
 
+        dynamo_off = not torch.cuda.is_available()
     # A launcher inherits nothing of an earlier in-process rendezvous (MASTER_PORT of a dead store...).
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
-    if not torch.cuda.is_available():
+    if dynamo_off:
         env["TORCHDYNAMO_DISABLE"] = "1"
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

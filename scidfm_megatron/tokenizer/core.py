@@ -107,7 +107,7 @@ class ScienceTokenizer:
         if missing or not self.mol_vocab or not self.prot_vocab:
             raise NotScienceTokenizer(f"{self.model_file} is not an extended science tokenizer "
                                       f"(missing {missing or 'span vocabularies'}); "
-                                      f"build one with tools/build_tokenizer.py --base-model BASE.model "
+                                      f"build one with scidfm-build-tokenizer --base-model BASE.model "
                                       f"--output-dir DIR")
         self._surface = surface
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()

@@ -4,7 +4,7 @@ PyTorch's deterministic mode with ``warn_only=True`` keeps a run going through a
 deterministic implementation (an atomic-add scatter on CUDA, ...), but its warning is what tells why two runs
 differ. The project's launchers set ``PYTHONWARNINGS=ignore``: this installs a filter ahead of that one, so
 each such op's warning ("<op> does not have a deterministic implementation ...") is printed once per run.
-The GPU check collects the names from the logs (``tools/gpu_check.py``, ``nondeterministic_ops``).
+The GPU check collects the names from the logs (``testing/gpu_check.py``, ``nondeterministic_ops``).
 """
 
 from __future__ import annotations
