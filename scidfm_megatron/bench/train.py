@@ -118,7 +118,8 @@ def bench_layouts(args, runs: Path, vocab: int):
             metrics = Path(tmp) / "m.jsonl"
             over = base_overrides(args, runs, vocab, lay) + [
                 f"train.train_iters={args.iters}", f"logging.metrics_file={metrics}", "logging.log_interval=1000"]
-            run_torchrun("-m", args.nproc, ["scidfm_megatron.train", "--stage", "pretrain", "--config", args.recipe, *over], timeout=1800)
+            entry = ["scidfm_megatron.train", "--stage", "pretrain", "--config", args.recipe]
+            run_torchrun("-m", args.nproc, [*entry, *over], timeout=1800)
             steps = [json.loads(line) for line in open(metrics)][args.warmup:]
         tps = sum(s["tokens_per_s"] for s in steps) / len(steps)
         tfl = sum(s["tflops_per_device"] for s in steps) / len(steps)
