@@ -78,6 +78,13 @@ def test_unusable_corpus_is_one_line(tmp_path, corpus, capsys):
                                "name the text field with --text-key (a record may instead hold 'smiles' or 'sequence')"]
     rc, err = _cli(capsys, "--corpus", corpus)  # text under 'body': only the .txt domains have texts
     assert rc == 2 and "chemistry.jsonl:1: no string 'text' key" in err[-1] and "Traceback" not in "\n".join(err)
+    two = tmp_path / "two"  # a usable corpus, a model folder that is not one: one line too
+    two.mkdir()
+    for name in ("a", "b"):
+        (two / f"{name}.txt").write_text("a line of text that is long enough\n" * 3)
+    rc, err = _cli(capsys, "--corpus", two)
+    assert rc == 2 and len(err) == 2 and err[-1].startswith("scidfm-analyze-experts: error: ") \
+        and "/nonexistent/model" in err[-1], err
     single = tmp_path / "only.txt"  # one domain: nothing to compare
     single.write_text("a line of text that is long enough\n" * 3)
     with pytest.raises(CorpusError, match=r"1 domain\(s\) with >= 3 texts .*give at least 2"):

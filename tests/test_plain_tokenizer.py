@@ -68,6 +68,11 @@ def test_plain_tokenizer_end_to_end(plain_data, capsys, tmp_path, monkeypatch):
 
     rc, out, err = entry(capsys, "tiny_stage1.yaml", *run_args(work, data))
     assert rc == 0 and "configuration OK" in out, err
+    from scidfm_megatron.cli.prepare_data import main as prepare  # the indices, built ahead with this tokenizer
+
+    assert prepare(["--config", str(RECIPES / "tiny_stage1.yaml"), *run_args(work, data),
+                    f"data.cache_dir={work / 'idx'}"]) == 0
+    assert "epoch 1: train" in capsys.readouterr().out and any((work / "idx").rglob("*.npy"))
     rc, out, err = entry(capsys, "tiny_sft.yaml", f"data.tokenizer_model={BASE_MODEL}",
                          f"model.vocab_size={PLAIN_VOCAB}",
                          "parallel.ep=1", "checkpoint.init_from=null")

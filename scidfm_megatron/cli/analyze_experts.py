@@ -37,7 +37,13 @@ def main(argv=None) -> int:
         print(f"scidfm-analyze-experts: error: {exc}", file=sys.stderr)
         return 2
     print("[scidfm] domains: " + ", ".join(f"{k} ({len(v)})" for k, v in groups.items()), file=sys.stderr)
-    model = load_model(args.model, tokenizer=args.tokenizer)
+    from ..errors import ScidfmError
+
+    try:  # a wrong --model or --tokenizer: one line, as scidfm-evaluate says it
+        model = load_model(args.model, tokenizer=args.tokenizer)
+    except (ScidfmError, FileNotFoundError) as exc:
+        print(f"scidfm-analyze-experts: error: {exc}", file=sys.stderr)
+        return 2
     try:
         summary = analyze(model, groups, args.out, max_tokens=args.max_tokens)
     finally:

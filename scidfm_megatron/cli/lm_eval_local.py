@@ -26,8 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task-dir", default=None, help=f"folder holding {TASK}.yaml (default: examples/eval/lm_eval)")
     p.add_argument("--json", default=None, help="also write the result (without per-question samples) here")
     a = p.parse_args(argv)
-    res = run_lm_eval(a.model, a.data, limit=a.limit, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
-                      task_dir=a.task_dir)
+    from ..errors import ScidfmError
+
+    try:
+        res = run_lm_eval(a.model, a.data, limit=a.limit, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
+                          task_dir=a.task_dir)
+    except (ScidfmError, FileNotFoundError) as exc:  # a missing model, data or task folder: one line
+        print(f"lm_eval_local: error: {exc}", file=sys.stderr)
+        return 2
     if not res:
         return 0
     print(f"{res['task']}: acc={res['acc']:.4f} acc_norm={res['acc_norm']:.4f} n={res['n']}")

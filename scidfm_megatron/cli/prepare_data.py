@@ -42,9 +42,9 @@ def main(argv=None) -> int:
             epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else [cfg.data.epoch]
         except ValueError:
             raise ConfigError(f"--epochs {args.epochs!r}: give epoch numbers separated by commas, e.g. 1,2") from None
-        from ..tokenizer import ScienceTokenizer
+        from ..tokenizer.plain import load_tokenizer
 
-        tokenizer = ScienceTokenizer(cfg.data.tokenizer_model)
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model)  # science or plain, as the trainer loads it
         os.makedirs(cache_dir, exist_ok=True)
         for epoch in epochs:
             t0 = time.perf_counter()
