@@ -11,7 +11,7 @@ through ``training.engine`` and trains on synthetic batches. For each way of sav
   * training stall: how long the training loop is held up: for a synchronous save its whole save time;
     for the asynchronous save, the time inside the save call (staging, fork) plus the extra time of the
     steps that ran while the write was in flight, against the steps' mean without any save.
-Ways of saving (training/checkpoint.py): fully_reshardable (the layout-free format: each DP group's
+Ways of saving (training/checkpoint/save_load.py): fully_reshardable (the layout-free format: each DP group's
 optimizer shards gathered into per-parameter tensors), dp_reshardable (each rank's buffers as they are,
 no gather; fully-parallel writes), dp_reshardable written asynchronously. Rank 0 prints one table, the
 first row being the baseline the ratios are against. The same command runs on a GPU machine.

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: examples/
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # children run -m from any cwd
 BASE_TOKENIZER = ROOT / "examples" / "tokenizer" / "base_tokenizer.model"
 MB = 1e6
 
@@ -193,7 +194,7 @@ def run_child(mode: str, src: Path, dst: Path, max_shard: str) -> dict:
     if dst.exists():
         shutil.rmtree(dst)
     proc = subprocess.Popen([sys.executable, "-m", "scidfm_megatron.bench.convert", "--_child", mode, str(src),
-                             str(dst), max_shard],
+                             str(dst), max_shard], env=dict(os.environ, PYTHONPATH=PYTHONPATH),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = Sampler(proc.pid)
     out, err = proc.communicate()

@@ -42,6 +42,7 @@ from pathlib import Path
 from ..testing.runs import console_script
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: examples/
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # children run -m from any cwd
 SAMPLE = ROOT / "examples" / "sample_corpus"
 
 
@@ -104,7 +105,7 @@ def run_ours(inp: Path, out: Path, model: Path, workers: int):
 def run_gigatoken_path(inp: Path, out: Path, model: Path, threads: int):
     cmd = [sys.executable, "-m", "scidfm_megatron.bench.preprocess", "--gigatoken-path", str(inp), str(out),
            str(model)]
-    return run_measured(cmd, dict(os.environ, RAYON_NUM_THREADS=str(threads)))
+    return run_measured(cmd, dict(os.environ, RAYON_NUM_THREADS=str(threads), PYTHONPATH=PYTHONPATH))
 
 
 def gigatoken_path(inp: str, out: str, model: str, key: str = "text") -> None:

@@ -254,7 +254,7 @@ def write_checkpoint(hf: HFCheckpoint, cfg, out_iter: Path, dtype: torch.dtype, 
     writer = FileSystemWriter(str(out_iter), single_file_per_rank=True, sync_files=True, thread_count=1)
     dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
     # What megatron's dist_checkpointing.save writes beside the DCP files: the backend config and the
-    # common (non-sharded) state; then this project's meta file, as training/checkpoint.py writes it.
+    # common (non-sharded) state; then this project's meta file, as training/checkpoint/directory.py defines it.
     save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(out_iter))
     torch.save({"common": common}, out_iter / "common.pt")
     (out_iter / "scidfm_meta.json").write_text(json.dumps(common, indent=1, default=str))

@@ -170,11 +170,13 @@ class Checker:
     def log(self, name: str) -> Path:
         return self.work / "logs" / f"{name}.log"
 
-    def script(self, name: str) -> str:
+    def script(self, name: str, module: str) -> list:
         """The project's console script ``name`` beside the children's interpreter (its venv's bin/), else
-        the one on PATH (gpu_check.sh's fallback install puts its scripts there)."""
+        the one on PATH (gpu_check.sh's fallback install puts its scripts there), else ``python -m module``
+        (the project not installed: gpu_check.sh's installed-megatron-core branch runs it from the repo)."""
         beside = Path(self.py).parent / name
-        return str(beside) if beside.exists() else (shutil.which(name) or name)
+        found = str(beside) if beside.exists() else shutil.which(name)
+        return [found] if found else [self.py, "-m", module]
 
     # a. environment -----------------------------------------------------------------------------------
     def environment(self, fig: dict):
@@ -437,8 +439,8 @@ class Checker:
         s1 = need(self.art.get("s1_ckpt"), "the stage-1 checkpoint")
         hf = self.work / "hf_stage1"
         t = time.monotonic()
-        run([self.script("scidfm-convert"), "--direction", "mcore-to-hf", "--load", s1, "--save", hf, "--dtype",
-             "fp32", "--force"], self.log("convert"), self.budget, CAPS["convert"])
+        run([*self.script("scidfm-convert", "scidfm_megatron.cli.convert"), "--direction", "mcore-to-hf", "--load", s1,
+             "--save", hf, "--dtype", "fp32", "--force"], self.log("convert"), self.budget, CAPS["convert"])
         fig["convert_s"] = round(time.monotonic() - t, 1)
         device = "cpu" if self.mode == "dry-run" else "cuda"
         res = self.work / "logits.json"

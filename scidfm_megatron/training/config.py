@@ -144,7 +144,7 @@ class CheckpointConfig:
     # complete one) instead of the newest in checkpoint.save; later saves still go to checkpoint.save.
     resume_from: Optional[str] = None
     save_on_exit: bool = True
-    # The distributed optimizer's layout on disk (training/checkpoint.py). auto: the periodic saves write
+    # The distributed optimizer's layout on disk (training/checkpoint/save_load.py). auto: the periodic saves write
     # each rank's buffers as they are (dp_reshardable: no gather, loadable at the same TP/PP/EP), the
     # final save (end of run, or a signal) the layout-free fully_reshardable format; or one of the two
     # for every save. The plain optimizer is stored the same way in both.
