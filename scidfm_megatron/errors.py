@@ -1,7 +1,8 @@
 """Every error this library raises on purpose, under one base class.
 
-A command-line tool catches :class:`ScidfmError` and prints its message as one line (exit 2, or 1 where the
-tool says so) instead of a traceback. Each class also keeps the builtin base it always had, so existing
+A command-line tool catches :class:`ScidfmError` (or the subclasses it expects) and prints its message as
+one line (exit 2, or 1 where the tool says so) instead of a traceback. Each class also keeps the builtin
+base it always had, so existing
 ``except ValueError`` / ``except RuntimeError`` / ``except OSError`` callers still catch it. The modules
 that used to define them re-export them (``from scidfm_megatron.config import ConfigError`` still works).
 Not here: tokenizer/core.py's NotScienceTokenizer (that file ships alone in exported HF folders, importing
