@@ -14,9 +14,9 @@ import sys
 import pytest
 
 import megatron_patches
-from conftest import WORKERS
 from megatron_patches import PATCHES, UnsupportedMegatronVersion
-from scidfm_megatron.testing.distributed import TorchrunError, root_cause, run_torchrun
+from scidfm_megatron.testing.fork import DistributedTestError, run_distributed
+from test_parallel_parity import parity_rank
 
 
 def run_py(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -137,11 +137,39 @@ def test_every_patch_has_a_symptom_check():
     assert set(LAYOUT) <= set(SYMPTOMS)
 
 
+def patch_symptoms(rank, world_size, cases):
+    """In a fresh interpreter that has applied no patch: for each (patch, TP, EP), one training step on TP*EP
+    ranks forked from here with that patch disabled. {patch: every failed rank's traceback, None if it passed}."""
+    import megatron_patches
+    import scidfm_megatron.model.accounting
+    import scidfm_megatron.model.builder
+    import scidfm_megatron.training.engine
+    import scidfm_megatron.training.step  # noqa: F401 - imported once here, not in every forked rank
+
+    assert megatron_patches.applied() == [], megatron_patches.applied()
+    out = {}
+    for name, tp, ep in cases:
+        try:
+            run_distributed(parity_rank, tp * ep, kwargs=dict(mode="capacity", tp=tp, ep=ep, steps=1),
+                            env={"SCIDFM_DISABLE_PATCHES": name}, timeout=300)
+            out[name] = None
+        except DistributedTestError as exc:
+            out[name] = exc.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def symptoms():
+    """One fresh interpreter (spawned: ranks forked from this process would inherit the patches it applied)
+    forks the ranks of every case, so megatron-core is imported once for all of them."""
+    cases = [(name, *LAYOUT.get(name, (1, 1))) for name in sorted(SYMPTOMS)]
+    return run_distributed(patch_symptoms, 1, cases, start_method="spawn", process_group=False, timeout=1200)
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", sorted(SYMPTOMS))
-def test_each_patch_is_needed(tmp_path, name):
+def test_each_patch_is_needed(symptoms, name):
     """Remove one patch: a training step on CPU (LAYOUT, else one process) fails with its documented symptom."""
-    tp, ep = LAYOUT.get(name, (1, 1))
-    args = ["--mode", "capacity", "--tp", tp, "--ep", ep, "--steps", 1, "--out", tmp_path / "out.pt"]
-    with pytest.raises(TorchrunError) as info:
-        run_torchrun(WORKERS / "parity_worker.py", tp * ep, args, env={"SCIDFM_DISABLE_PATCHES": name}, timeout=300)
-    assert SYMPTOMS[name] in info.value.output, root_cause(info.value.output)
+    out = symptoms[name]
+    assert out is not None, f"a training step with {name} disabled passed"
+    assert SYMPTOMS[name] in out, out[-3000:]
