@@ -69,3 +69,14 @@ def test_timeout_kills_every_rank_and_what_it_started(tmp_path):
     time.sleep(0.5)
     alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not alive, alive
+
+
+def test_refuses_to_fork_a_disabled_patch_this_process_applied():
+    """Forked ranks inherit the patches this process applied, so SCIDFM_DISABLE_PATCHES could not act there:
+    refused, naming the way out (test_patches' symptom checks fork from a spawned interpreter instead)."""
+    import megatron_patches
+
+    megatron_patches.apply()  # what any in-process test of the suite may have done before
+    with pytest.raises(RuntimeError, match="already applied those patches.*start_method='spawn'"):
+        run_distributed(_sum_ranks, 1, 0, env={"SCIDFM_DISABLE_PATCHES": "cpu_rng"})
+

@@ -194,6 +194,8 @@ def _error(procs, failed: list[int], results: Path, timeout: float | None, func)
     if timeout is not None:
         return DistributedTestError(f"{name} on {len(procs)} ranks did not finish in {timeout:.0f} s; every rank "
                                     f"was killed\n{output}", output, None)
+    from .distributed import root_cause
+
     first, text = reports[0]
-    cause = text.strip().splitlines()[-1] if text.strip() else ""
+    cause = root_cause(text) or (text.strip().splitlines() or [""])[-1]
     return DistributedTestError(f"{name} failed on rank {first} of {len(procs)}: {cause}\n{text}", output, first)
