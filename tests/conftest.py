@@ -18,9 +18,22 @@ def pytest_addoption(parser):
                      help="rewrite tests/assets/losses/*.txt from this run (tests/test_golden_losses.py)")
 
 
+# Every test is in exactly one group, run as separate CI steps (.ci/run): the group it is marked with (on the
+# test, or its module's pytestmark), else "integration" when it needs the sample data a script makes (the `runs`
+# fixture, which the CLI's torchrun launches start from), else "unit".
+GROUPS = ("unit", "distributed", "integration")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by mark
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:
+        marked = {m.name for m in item.iter_markers() if m.name in GROUPS}
+        if len(marked) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked {sorted(marked)}: a test is in one of {GROUPS}")
+        if not marked:
+            item.add_marker("integration" if "runs" in item.fixturenames else "unit")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (run on a GPU machine; see docs/gpu.md)")

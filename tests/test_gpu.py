@@ -11,6 +11,7 @@ from scidfm_megatron.testing.distributed import run_torchrun
 
 
 @pytest.mark.gpu
+@pytest.mark.integration
 def test_te_spec_model_matches_local_spec(tmp_path):
     pytest.importorskip("transformer_engine")
     out = tmp_path / "te.pt"

@@ -1,8 +1,9 @@
 """Acceptance: one set of global weights, every parallel layout, the single-process numbers.
 
-Each layout is one torchrun launch of workers/parity_worker.py (fp32, dropless routing, megatron DDP,
-megatron AdamW with clipping) that checks several things: the global-batch loss, every gradient
-gathered to its global name, the grad norm, and the weights after one optimizer step.
+Each layout is one run of ``parity_rank`` on TP*PP*EP*DP gloo ranks forked by
+``scidfm_megatron.testing.fork.run_distributed`` (fp32, dropless routing, megatron DDP, megatron AdamW with
+clipping) that checks several things: the global-batch loss, every gradient gathered to its global name, the
+grad norm, and the weights after one optimizer step.
 
 Layout tuples follow the issue: (TP, PP, EP, DP) on TP*PP*EP*DP processes, where DP counts the
 data-parallel replicas of the *experts* (megatron's expert-data-parallel size with ETP = TP); the dense
@@ -12,8 +13,123 @@ part then runs with data parallelism EP*DP.
 import pytest
 import torch
 
-from conftest import WORKERS
-from scidfm_megatron.testing.distributed import run_torchrun
+from scidfm_megatron.testing.fork import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+
+def parity_rank(rank, world_size, weights=None, batch=None, *, mode="parity", tp=1, pp=1, ep=1, etp=None, vpp=None,
+                dist_opt=False, precision="fp32", overlap=False, micro_batch_size=2, steps=12, backend=None,
+                recompute=None):
+    """One rank of a layout (rank 0 returns the result).
+
+    parity mode: load the global ``weights`` (``None``: the single-process fp32 reference, which returns its
+    own initial weights as ``initial_weights``), run the global ``batch`` (tokens [B, S+1]) once (fp32 or
+    bf16, dropless routing) and return the global-mean loss, the gradients gathered to global names (before
+    clipping), the grad norm, the weights after one AdamW step and every rank's allocated bytes.
+
+    capacity mode: train with capacity factor 1.0 for ``steps`` steps on a learnable synthetic task,
+    recording every router call (tokens per expert after dropping, capacity), then one forward pass with
+    dropless routing on the same model, to show the bound is what the dropping enforces.
+    ``overlap``: the engine switches overlap grad reduce (+ param gather with ``dist_opt``), small buckets.
+    ``backend``: model.backend (default: the preset's, auto); ``recompute``: train.recompute."""
+    from megatron.core import parallel_state as ps
+
+    from scidfm_megatron.config import ParallelConfig
+    from scidfm_megatron.model.builder import build_model_chunks
+    from scidfm_megatron.model.presets import get_preset
+    from scidfm_megatron.model.routing import RouterRecorder, expert_capacity
+    from scidfm_megatron.model.state_dict import gather_global_state_dict, load_global_state_dict
+    from scidfm_megatron.parallel import init_distributed
+    from scidfm_megatron.training.engine import build_optimizer, wrap_ddp
+    from scidfm_megatron.training.step import train_step
+
+    capacity = 1.0 if mode == "capacity" else None
+    model_cfg = get_preset("scidfm-debug", moe_capacity_factor=capacity)
+    par = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp)
+    layout = init_distributed(model_cfg, par, seed=1234)
+    chunks = build_model_chunks(model_cfg, par, precision=precision, backend=backend, recompute=recompute)
+    config = chunks[0].config
+
+    result = {"layout": str(layout)}
+    if mode == "parity":
+        if weights is not None:
+            load_global_state_dict(chunks, weights)
+        else:
+            assert layout.world_size == 1 and precision == "fp32", \
+                "reference weights are written by the single-process fp32 run"
+            result["initial_weights"] = gather_global_state_dict(chunks)
+    gather = overlap and dist_opt
+    chunks = wrap_ddp(chunks, config, use_distributed_optimizer=dist_opt, overlap_grad_reduce=overlap,
+                      overlap_param_gather=gather, bucket_size=2000 if overlap else None)
+    optimizer = build_optimizer(chunks, config, lr=1e-3, weight_decay=0.1, clip_grad=1.0,
+                                use_distributed_optimizer=dist_opt)
+
+    mbs, dp, dp_rank = micro_batch_size, layout.dp, ps.get_data_parallel_rank()
+
+    def microbatches(tokens):
+        """This DP rank's contiguous share of the global batch, as micro-batches."""
+        per_rank = tokens.shape[0] // dp
+        mine = tokens[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        seq = tokens.shape[1] - 1
+        out = []
+        for i in range(0, per_rank, mbs):
+            t = mine[i:i + mbs]
+            out.append(dict(tokens=t[:, :-1].contiguous(), labels=t[:, 1:].contiguous(),
+                            loss_mask=torch.ones(t.shape[0], seq),
+                            position_ids=torch.arange(seq).expand(t.shape[0], seq).contiguous()))
+        return out
+
+    if mode == "parity":
+        mb = microbatches(batch)
+        step = train_step(chunks, optimizer, mb, seq_length=mb[0]["tokens"].shape[1],
+                          micro_batch_size=mbs, step_optimizer=False)
+        if not dist_opt:  # the distributed optimizer keeps only its own shard of reduced grads
+            result["grads"] = gather_global_state_dict(chunks, tensor_of=lambda prm: prm.main_grad)
+        ok, grad_norm, _ = optimizer.step()
+        if gather:  # overlapped param gather happens in the next forward: finish it before reading weights
+            for c in chunks:
+                c.start_param_sync(force_sync=True)
+        result.update(loss=step.loss, tokens=step.tokens, grad_norm=float(grad_norm), ok=bool(ok),
+                      weights=gather_global_state_dict(chunks))
+        from scidfm_megatron.model.accounting import allocated_bytes
+
+        memory = [None] * torch.distributed.get_world_size()  # per rank: weights, grads, optimizer bytes
+        torch.distributed.all_gather_object(memory, allocated_bytes(chunks, optimizer))
+        result["memory"] = memory
+    else:
+        g = torch.Generator().manual_seed(7)
+        vocab, seq, nseq = model_cfg.vocab_size, 32, 4 * dp
+
+        def synthetic():
+            start = torch.randint(0, vocab, (nseq, 1), generator=g)
+            stride = torch.randint(1, 5, (nseq, 1), generator=g)
+            return (start + stride * torch.arange(seq + 1)) % vocab
+
+        losses, calls = [], []
+        with RouterRecorder(chunks) as rec:
+            for _ in range(steps):
+                mb = microbatches(synthetic())
+                s = train_step(chunks, optimizer, mb, seq_length=seq,
+                               micro_batch_size=mbs)
+                losses.append(s.loss)
+            calls = [(c.layer, c.num_tokens, c.tokens_per_expert.tolist(),
+                      expert_capacity(c.num_tokens, model_cfg.moe_router_topk, model_cfg.num_experts, capacity))
+                     for c in rec.calls]
+            rec.clear()
+            config.moe_expert_capacity_factor = None  # the same model, dropless
+            mb = microbatches(synthetic())
+            train_step(chunks, optimizer, mb, seq_length=seq,
+                       micro_batch_size=mbs, forward_only=True)
+            dropless = [(c.layer, c.num_tokens, c.tokens_per_expert.tolist(),
+                         expert_capacity(c.num_tokens, model_cfg.moe_router_topk, model_cfg.num_experts, capacity))
+                        for c in rec.calls]
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, (calls, dropless))
+        result.update(losses=losses, calls=[c for r in everyone for c in r[0]],
+                      dropless_calls=[c for r in everyone for c in r[1]])
+    return result if rank == 0 else None
+
 
 LR = 1e-3
 LAYOUTS = [
@@ -28,29 +144,22 @@ LAYOUTS = [
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    d = tmp_path_factory.mktemp("parity")
+def reference():
     g = torch.Generator().manual_seed(0)
     # 8 sequences of 32 tokens (+1 for the shifted labels); micro-batches of 2 -> the single process
     # runs 4 micro-batches, DP ranks run their contiguous share, so every micro-batch is the same.
-    torch.save(torch.randint(0, 500, (8, 33), generator=g), d / "batch.pt")
-    paths = dict(weights=d / "weights.pt", batch=d / "batch.pt")
-    run_torchrun(WORKERS / "parity_worker.py", 1,
-                 ["--weights", paths["weights"], "--batch", paths["batch"], "--out", d / "single.pt"])
-    ref = torch.load(d / "single.pt")
+    batch = torch.randint(0, 500, (8, 33), generator=g)
+    ref = run_distributed(parity_rank, 1, None, batch)
+    weights = ref.pop("initial_weights")
     # The reference must exercise every tensor, or a zero-vs-zero comparison could hide a bug.
     dead = [k for k, v in ref["grads"].items() if float(v.abs().sum()) == 0.0]
     assert not dead, f"reference run left tensors without gradient: {dead}"
-    return d, paths, ref
+    return weights, batch, ref
 
 
-def run_layout(d, paths, layout, *extra):
+def run_layout(weights, batch, layout, **opts):
     tp, pp, ep, edp = layout
-    out = d / f"tp{tp}pp{pp}ep{ep}dp{edp}{'-'.join(extra)}.pt"
-    run_torchrun(WORKERS / "parity_worker.py", tp * pp * ep * edp,
-                 ["--tp", tp, "--pp", pp, "--ep", ep, "--weights", paths["weights"], "--batch", paths["batch"],
-                  "--out", out, *extra])
-    return torch.load(out)
+    return run_distributed(parity_rank, tp * pp * ep * edp, weights, batch, kwargs=dict(tp=tp, pp=pp, ep=ep, **opts))
 
 
 def assert_weights_match(got, ref):
@@ -79,16 +188,16 @@ def assert_matches_reference(got, ref):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_matches_single_process(reference, layout):
-    d, paths, ref = reference
-    got = run_layout(d, paths, layout)
+    weights, batch, ref = reference
+    got = run_layout(weights, batch, layout)
     assert_matches_reference(got, ref)
 
 
 def test_overlapped_grad_reduce_and_param_gather_match_single_process(reference):
     """The engine's GPU defaults (engine.overlap_grad_reduce / overlap_param_gather, with the distributed
     optimizer and small buckets so several overlap) give the single process's step over EP2 x DP2 on gloo."""
-    d, paths, ref = reference
-    got = run_layout(d, paths, (1, 1, 2, 2), "--dist-opt", "--overlap")
+    weights, batch, ref = reference
+    got = run_layout(weights, batch, (1, 1, 2, 2), dist_opt=True, overlap=True)
     assert abs(got["loss"] - ref["loss"]) <= 1e-5
     assert abs(got["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"]
     assert_weights_match(got, ref)
@@ -97,8 +206,8 @@ def test_overlapped_grad_reduce_and_param_gather_match_single_process(reference)
 def test_virtual_pipeline_matches_single_process(reference):
     """PP2 x VPP2 (interleaved 1F1B; 4 layers -> one per model chunk, rank 0 holds layers 1 and 3): every
     chunk reads its micro-batches from its own iterator. Same tolerances as the other layouts."""
-    d, paths, ref = reference
-    got = run_layout(d, paths, (1, 2, 1, 1), "--vpp", "2")
+    weights, batch, ref = reference
+    got = run_layout(weights, batch, (1, 2, 1, 1), vpp=2)
     assert got["tokens"] == ref["tokens"] == 8 * 32
     assert abs(got["loss"] - ref["loss"]) <= 1e-5, (got["loss"], ref["loss"])
     for k, g in ref["grads"].items():
@@ -111,8 +220,8 @@ def test_torch_backend_matches_single_process(reference):
     """The ``torch`` backend (padded SDPA attention, grouped-GEMM experts with moe_act recompute) over
     TP2 x EP2 against the ``local`` single process: the same weights give the same step. The memory plan
     equals what each rank allocated."""
-    d, paths, ref = reference
-    got = run_layout(d, paths, (2, 1, 2, 1), "--backend", "torch", "--recompute", "selective")
+    weights, batch, ref = reference
+    got = run_layout(weights, batch, (2, 1, 2, 1), backend="torch", recompute="selective")
     # scidfm-info's memory plan: every rank's weights, grad buffers and optimizer state, to the byte
     from scidfm_megatron.model.accounting import memory_plan
     from scidfm_megatron.model.presets import get_preset
@@ -125,8 +234,8 @@ def test_torch_backend_matches_single_process(reference):
 
 def test_distributed_optimizer_matches_single_process(reference):
     """megatron's distributed optimizer (sharded fp32 state) over EP2 x DP2 gives the same step."""
-    d, paths, ref = reference
-    got = run_layout(d, paths, (1, 1, 2, 2), "--dist-opt")
+    weights, batch, ref = reference
+    got = run_layout(weights, batch, (1, 1, 2, 2), dist_opt=True)
     assert abs(got["loss"] - ref["loss"]) <= 1e-5
     assert abs(got["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"]
     assert_weights_match(got, ref)
@@ -135,15 +244,15 @@ def test_distributed_optimizer_matches_single_process(reference):
 @pytest.fixture(scope="module")
 def bf16_reference(reference):
     """The same global weights and batch in bf16 on one process (fp32 master weights and grad buffers)."""
-    d, paths, ref = reference
-    return run_layout(d, paths, (1, 1, 1, 1), "--precision", "bf16")
+    weights, batch, ref = reference
+    return run_layout(weights, batch, (1, 1, 1, 1), precision="bf16")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("layout,extra", [((2, 1, 2, 1), ()), ((1, 2, 1, 1), ("--vpp", "2"))],
+@pytest.mark.parametrize("layout,extra", [((2, 1, 2, 1), {}), ((1, 2, 1, 1), {"vpp": 2})],
                          ids=["tp2-ep2", "pp2-vpp2"])
 def test_bf16_layout_matches_single_process(reference, bf16_reference, layout, extra):
     """bf16 in another layout against bf16 on one process. Tolerance: a layout may change the bf16 result
@@ -151,9 +260,9 @@ def test_bf16_layout_matches_single_process(reference, bf16_reference, layout, e
     noise scale of this model), plus a floor. Measured (2026-11-28): TP2 moves the loss by 3.1e-5 and the
     grad norm by 2.2e-4 (rel) where bf16 vs fp32 is 2.4e-5 and 2.9e-4; PP and VPP are bitwise. A
     perturbed weight moves the loss by > 1e-4."""
-    d, paths, f32 = reference
+    weights, batch, f32 = reference
     b16 = bf16_reference
-    got = run_layout(d, paths, layout, "--precision", "bf16", *extra)
+    got = run_layout(weights, batch, layout, precision="bf16", **extra)
     assert got["tokens"] == b16["tokens"] == 8 * 32
     assert abs(got["loss"] - b16["loss"]) <= 2 * abs(b16["loss"] - f32["loss"]) + 1e-6, (got["loss"], b16["loss"])
     noise_norm = abs(b16["grad_norm"] - f32["grad_norm"]) / f32["grad_norm"]
@@ -170,25 +279,21 @@ def test_bf16_layout_matches_single_process(reference, bf16_reference, layout, e
             assert rel(got["grads"][k], b16["grads"][k]) <= 2 * rel(b16["grads"][k], f32["grads"][k]) + 0.05, k
 
 
-def test_parity_detects_wrong_weights(reference, tmp_path):
+def test_parity_detects_wrong_weights(reference):
     """The comparison is sharp: one perturbed expert weight in the global state dict changes the loss."""
-    d, paths, ref = reference
-    w = torch.load(paths["weights"])
+    weights, batch, ref = reference
+    w = dict(weights)
     key = "decoder.layers.1.mlp.experts.local_experts.5.linear_fc2.weight"
     w[key] = w[key] + 0.05 * torch.randn(w[key].shape, generator=torch.Generator().manual_seed(1))
-    torch.save(w, tmp_path / "perturbed.pt")
-    got = run_layout(tmp_path, dict(paths, weights=tmp_path / "perturbed.pt"), (1, 1, 2, 1))
+    got = run_layout(w, batch, (1, 1, 2, 1))
     assert abs(got["loss"] - ref["loss"]) > 1e-4
     assert not torch.allclose(got["grads"][key], ref["grads"][key], rtol=1e-4, atol=1e-7)
 
 
-def test_expert_capacity_bounds_tokens_per_expert(tmp_path):
+def test_expert_capacity_bounds_tokens_per_expert():
     """Capacity factor 1.0 under TP2 x EP2: every router call sends each expert at most its capacity,
     tokens are really dropped, the loss falls; the same model with dropless routing exceeds it."""
-    out = tmp_path / "capacity.pt"
-    run_torchrun(WORKERS / "parity_worker.py", 4,
-                 ["--mode", "capacity", "--tp", 2, "--ep", 2, "--steps", 15, "--out", out])
-    r = torch.load(out)
+    r = run_distributed(parity_rank, 4, kwargs=dict(mode="capacity", tp=2, ep=2, steps=15))
     calls = r["calls"]
     assert len(calls) == 15 * 2 * 4 * 4  # steps x micro-batches x layers x ranks
     for layer, tokens, per_expert, capacity in calls:

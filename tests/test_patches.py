@@ -14,9 +14,9 @@ import sys
 import pytest
 
 import megatron_patches
-from conftest import WORKERS
 from megatron_patches import PATCHES, UnsupportedMegatronVersion
-from scidfm_megatron.testing.distributed import TorchrunError, root_cause, run_torchrun
+from scidfm_megatron.testing.fork import DistributedTestError, run_distributed
+from test_parallel_parity import parity_rank
 
 
 def run_py(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -48,25 +48,15 @@ def test_refuses_an_unsupported_megatron_version(monkeypatch):
         megatron_patches.apply()
 
 
-def test_apply_is_idempotent_and_cpu_only_patches_follow_cuda():
-    out = run_py(
+# apply() in a new process: the four checks below run in one interpreter, in this order (the first apply() is
+# the idempotency check's), each printing after a "## name" line (one interpreter: megatron imported once).
+NEW_PROCESS = {
+    "idempotent": (
         "import megatron_patches, torch\n"
         "a = megatron_patches.apply(); f = torch.zeros; t = torch.Tensor.to\n"
         "b = megatron_patches.apply()\n"
-        "print(a == b, torch.zeros is f, torch.Tensor.to is t, sorted(a))\n")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("True True True")
-    expected = sorted(p.name for p in PATCHES)  # no CUDA and no TE here: every patch applies
-    assert str(expected) in out.stdout
-
-
-def test_unknown_disabled_patch_is_an_error():
-    out = run_py("import megatron_patches; megatron_patches.apply()", env={"SCIDFM_DISABLE_PATCHES": "nope"})
-    assert out.returncode != 0 and "unknown patches ['nope']" in out.stderr
-
-
-def test_cpu_device_and_tensor_type_act_only_for_megatron_callers():
-    out = run_py(
+        "print(a == b, torch.zeros is f, torch.Tensor.to is t, sorted(a))\n"),
+    "callers": (
         "import megatron_patches, torch\n"
         "megatron_patches.apply()\n"
         "try:\n"
@@ -78,33 +68,65 @@ def test_cpu_device_and_tensor_type_act_only_for_megatron_callers():
         "exec(\"t = torch.zeros(2, device='cuda'); u = torch.ones(1).cuda(); "
         "v = torch.ones(1).to(torch.cuda.current_device()); "
         "kind = t.type()\", ns)\n"
-        "print('megatron:', ns['t'].device, ns['u'].device, ns['v'].device, ns['kind'])\n")
-    assert out.returncode == 0, out.stderr
-    assert "user: refused" in out.stdout and "user type: torch.FloatTensor" in out.stdout
-    assert "megatron: cpu cpu cpu torch.cuda.FloatTensor" in out.stdout
-
-
-def test_cpu_device_keeps_torch_device_context_working():
-    """Wrapped factories must still obey ``with torch.device(...)`` (transformers builds models on the meta
-    device and then recomputes non-persistent buffers such as RoPE's inv_freq): regression test for a
-    patch that broke it by wrapping the factories before torch cached its set of them."""
-    out = run_py(
+        "print('megatron:', ns['t'].device, ns['u'].device, ns['v'].device, ns['kind'])\n"),
+    "device_context": (
         "import megatron_patches, torch\n"
         "megatron_patches.apply()\n"
         "with torch.device('meta'):\n"
-        "    print('meta:', torch.arange(3).device, torch.zeros(2).device, torch.empty(1).device)\n")
-    assert out.returncode == 0, out.stderr
-    assert "meta: meta meta meta" in out.stdout
-
-
-def test_moe_split_sizes_become_numpy_in_both_modules():
-    out = run_py(
+        "    print('meta:', torch.arange(3).device, torch.zeros(2).device, torch.empty(1).device)\n"),
+    "split_sizes": (
         "import megatron_patches, torch\n"
         "megatron_patches.apply()\n"
         "import megatron.core.transformer.moe.moe_utils as mu, megatron.core.transformer.moe.token_dispatcher as td\n"
         "r = td.maybe_move_tensor_to_cpu(torch.tensor([3, 5]), as_numpy=True)\n"
-        "print(type(r).__name__, r.tolist(), mu.maybe_move_tensor_to_cpu is td.maybe_move_tensor_to_cpu)\n")
-    assert out.stdout.strip() == "ndarray [3, 5] True", out.stderr
+        "print(type(r).__name__, r.tolist(), mu.maybe_move_tensor_to_cpu is td.maybe_move_tensor_to_cpu)\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def new_process():
+    """{check: what it printed} from one new interpreter running NEW_PROCESS in order."""
+    out = run_py("".join(f"print('## {name}', flush=True)\n{code}" for name, code in NEW_PROCESS.items()))
+    assert out.returncode == 0, out.stderr
+    printed: dict[str, str] = {}
+    name = None
+    for line in out.stdout.splitlines(keepends=True):
+        if line.startswith("## ") and line[3:].strip() in NEW_PROCESS:
+            name = line[3:].strip()
+            printed[name] = ""
+        elif name is not None:
+            printed[name] += line
+    assert list(printed) == list(NEW_PROCESS), out.stdout
+    return printed
+
+
+def test_apply_is_idempotent_and_cpu_only_patches_follow_cuda(new_process):
+    stdout = new_process["idempotent"]
+    assert stdout.startswith("True True True")
+    expected = sorted(p.name for p in PATCHES)  # no CUDA and no TE here: every patch applies
+    assert str(expected) in stdout
+
+
+def test_unknown_disabled_patch_is_an_error():
+    out = run_py("import megatron_patches; megatron_patches.apply()", env={"SCIDFM_DISABLE_PATCHES": "nope"})
+    assert out.returncode != 0 and "unknown patches ['nope']" in out.stderr
+
+
+def test_cpu_device_and_tensor_type_act_only_for_megatron_callers(new_process):
+    stdout = new_process["callers"]
+    assert "user: refused" in stdout and "user type: torch.FloatTensor" in stdout
+    assert "megatron: cpu cpu cpu torch.cuda.FloatTensor" in stdout
+
+
+def test_cpu_device_keeps_torch_device_context_working(new_process):
+    """Wrapped factories must still obey ``with torch.device(...)`` (transformers builds models on the meta
+    device and then recomputes non-persistent buffers such as RoPE's inv_freq): regression test for a
+    patch that broke it by wrapping the factories before torch cached its set of them."""
+    assert "meta: meta meta meta" in new_process["device_context"]
+
+
+def test_moe_split_sizes_become_numpy_in_both_modules(new_process):
+    assert new_process["split_sizes"].strip() == "ndarray [3, 5] True"
 
 
 SYMPTOMS = {
@@ -137,11 +159,39 @@ def test_every_patch_has_a_symptom_check():
     assert set(LAYOUT) <= set(SYMPTOMS)
 
 
+def patch_symptoms(rank, world_size, cases):
+    """In a fresh interpreter that has applied no patch: for each (patch, TP, EP), one training step on TP*EP
+    ranks forked from here with that patch disabled. {patch: every failed rank's traceback, None if it passed}."""
+    import megatron_patches
+    import scidfm_megatron.model.accounting
+    import scidfm_megatron.model.builder
+    import scidfm_megatron.training.engine
+    import scidfm_megatron.training.step  # noqa: F401 - imported once here, not in every forked rank
+
+    assert megatron_patches.applied() == [], megatron_patches.applied()
+    out = {}
+    for name, tp, ep in cases:
+        try:
+            run_distributed(parity_rank, tp * ep, kwargs=dict(mode="capacity", tp=tp, ep=ep, steps=1),
+                            env={"SCIDFM_DISABLE_PATCHES": name}, timeout=300)
+            out[name] = None
+        except DistributedTestError as exc:
+            out[name] = exc.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def symptoms():
+    """One fresh interpreter (spawned: ranks forked from this process would inherit the patches it applied)
+    forks the ranks of every case, so megatron-core is imported once for all of them."""
+    cases = [(name, *LAYOUT.get(name, (1, 1))) for name in sorted(SYMPTOMS)]
+    return run_distributed(patch_symptoms, 1, cases, start_method="spawn", process_group=False, timeout=1200)
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", sorted(SYMPTOMS))
-def test_each_patch_is_needed(tmp_path, name):
+def test_each_patch_is_needed(symptoms, name):
     """Remove one patch: a training step on CPU (LAYOUT, else one process) fails with its documented symptom."""
-    tp, ep = LAYOUT.get(name, (1, 1))
-    args = ["--mode", "capacity", "--tp", tp, "--ep", ep, "--steps", 1, "--out", tmp_path / "out.pt"]
-    with pytest.raises(TorchrunError) as info:
-        run_torchrun(WORKERS / "parity_worker.py", tp * ep, args, env={"SCIDFM_DISABLE_PATCHES": name}, timeout=300)
-    assert SYMPTOMS[name] in info.value.output, root_cause(info.value.output)
+    out = symptoms[name]
+    assert out is not None, f"a training step with {name} disabled passed"
+    assert SYMPTOMS[name] in out, out[-3000:]
