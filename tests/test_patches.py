@@ -173,7 +173,7 @@ def patch_symptoms(rank, world_size, cases):
     for name, tp, ep in cases:
         try:
             run_distributed(parity_rank, tp * ep, kwargs=dict(mode="capacity", tp=tp, ep=ep, steps=1),
-                            env={"SCIDFM_DISABLE_PATCHES": name}, timeout=300)
+                            env={"SCIDFM_DISABLE_PATCHES": name}, timeout=300, start_method="fork")
             out[name] = None
         except DistributedTestError as exc:
             out[name] = exc.output

@@ -78,5 +78,5 @@ def test_refuses_to_fork_a_disabled_patch_this_process_applied():
 
     megatron_patches.apply()  # what any in-process test of the suite may have done before
     with pytest.raises(RuntimeError, match="already applied those patches.*start_method='spawn'"):
-        run_distributed(_sum_ranks, 1, 0, env={"SCIDFM_DISABLE_PATCHES": "cpu_rng"})
+        run_distributed(_sum_ranks, 1, 0, env={"SCIDFM_DISABLE_PATCHES": "cpu_rng"}, start_method="fork")
 

@@ -1,13 +1,17 @@
-"""Run a function on ``world_size`` gloo ranks forked from this process (OLMo-core's ``run_distributed_test``).
+"""Run a function on ``world_size`` gloo ranks forked from a clean server (OLMo-core's ``run_distributed_test``).
 
-The ranks are forked *after* torch and megatron-core are imported here, so a launch costs no import (a torchrun
-launch pays ~5 s per process for it). Each rank gets a fresh gloo process group on a free port, one torch
-thread and torch's fresh-process seed, runs ``func(rank, world_size, *args)`` and exits; ``run_distributed``
-returns rank 0's return value (every rank's with ``all_ranks=True``). A failing rank raises
-:class:`DistributedTestError` with its traceback; a timeout or an interrupt kills every rank and its children.
+The ranks are forked from multiprocessing's fork server, which imported torch and megatron-core once
+(``PRELOAD``), so a launch costs no import (a torchrun launch pays ~5 s per process for it), and they inherit
+nothing of this process: forking pytest itself after an in-process test had made and destroyed a gloo group
+crashed megatron's ``initialize_model_parallel`` with a segfault in the ranks. Each rank gets a fresh
+gloo process group on a free port, one torch thread and torch's fresh-process seed, runs
+``func(rank, world_size, *args)`` and exits; ``run_distributed`` returns rank 0's return value (every
+rank's with ``all_ranks=True``). A failing rank raises :class:`DistributedTestError` with its traceback;
+a timeout or an interrupt kills every rank and its children.
 
-``start_method="spawn"`` starts fresh interpreters instead (``func`` must then be importable by name): for
-state that must not come from this process, e.g. ``SCIDFM_DISABLE_PATCHES`` once patches are applied here.
+``func`` and its arguments are pickled (a module-level function). ``start_method="fork"`` forks this process
+instead (only from a process that never made a process group, e.g. a spawned helper); ``"spawn"`` starts
+fresh interpreters.
 Tests of the user's real path (``torchrun -m ...``, SIGKILL and restart) launch with ``distributed.run_torchrun``.
 """
 
@@ -22,6 +26,10 @@ from typing import Any, Callable
 
 # torch's default CPU seed in a new process (a forked rank would otherwise continue this process's stream)
 FRESH_SEED = 67280421310721
+# imported once by the fork server, before it forks any rank
+PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.parallel_state",
+           "megatron.core.models.gpt", "megatron.core.optimizer", "megatron.core.distributed",
+           "scidfm_megatron.testing.fork"]
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                    "GROUP_RANK", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE")
 
@@ -115,7 +123,7 @@ def _kill(procs) -> None:
 
 
 def run_distributed(func: Callable, world_size: int, *args: Any, timeout: float = 600, env: dict | None = None,
-                    kwargs: dict | None = None, start_method: str = "fork", all_ranks: bool = False,
+                    kwargs: dict | None = None, start_method: str = "forkserver", all_ranks: bool = False,
                     grace: float = 10.0, process_group: bool = True) -> Any:
     """Run ``func(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; return rank 0's result
     (a list of every rank's with ``all_ranks``). ``env`` is set in the ranks only (never in this process).
@@ -142,6 +150,8 @@ def run_distributed(func: Callable, world_size: int, *args: Any, timeout: float 
                 raise RuntimeError(f"SCIDFM_DISABLE_PATCHES={env['SCIDFM_DISABLE_PATCHES']}: this process already "
                                    "applied those patches and forked ranks inherit them; use start_method='spawn'")
     ctx: Any = multiprocessing.get_context(start_method)  # its Process is the start method's
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)  # read when the server starts (the first call), ignored after
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="run_distributed_") as results:
         procs = [ctx.Process(target=_rank_main, name=f"rank{r}", daemon=False,
