@@ -270,10 +270,10 @@ def test_every_flag_of_every_console_script_has_help(monkeypatch):
     scripts = re.findall(r'"(scidfm-[\w-]+)=([\w.]+):(\w+)"', (ROOT / "setup.py").read_text())
     assert len(scripts) >= 11, scripts
     # every CLI main() is in scidfm_megatron/cli/ (the -m aliases of the training entry call its main;
-    # benchmark programs, if the package holds any, are not CLIs of the library)
+    # the benchmark and test programs under bench/ and testing/, run with python -m, are not CLIs of the library)
     assert [m for _, m, _ in scripts if not m.startswith("scidfm_megatron.cli.")] == [], scripts
     outside = [str(p.relative_to(ROOT)) for p in (ROOT / "scidfm_megatron").rglob("*.py")
-               if not {"cli", "benchmarks"} & set(p.parts) and re.search(r"^def main\(", p.read_text(), re.M)]
+               if not {"cli", "bench", "testing"} & set(p.parts) and re.search(r"^def main\(", p.read_text(), re.M)]
     assert outside == [], outside
     parsers = []
 

@@ -221,7 +221,6 @@ class RunConfig:
         """Every check of this run that opens no file: each section's, the layout for ``world_size``
         processes (parallel.py) and the settings that span sections. Returns the layout. The file checks
         (tokenizer, data, checkpoints) and megatron-core's own are validate_run's."""
-        from ..model.builder import resolve_backend, sft_backend_error
         from ..parallel import validate_layout
 
         self.check_sections()
@@ -239,6 +238,8 @@ class RunConfig:
         if t.seq_length > self.model.max_seq_length:
             raise ConfigError(f"train.seq_length ({t.seq_length}) exceeds model.max_seq_length "
                               f"({self.model.max_seq_length})")
+        from ..model.builder import resolve_backend, sft_backend_error  # imports torch: after the cheap checks
+
         resolve_backend(self.model.backend)  # 'te' without TransformerEngine fails here, with the import error
         if t.stage == "sft":
             err = sft_backend_error(self.model)  # auto under TE: te-sdpa, whose padded SDPA takes the mask
