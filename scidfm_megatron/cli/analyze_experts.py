@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..eval import experts
-from ..eval.experts import CorpusError, analyze, domain_texts
+from ..eval.experts import analyze, domain_texts
 
 DOC = experts.__doc__ or ""  # the library module's usage text is the --help text
 
@@ -29,19 +29,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output directory (PNGs, summary.json, expert_choice.npz)")
     ap.add_argument("--tokenizer", default=None, help="megatron checkpoints: tokenizer (default: the one it keeps)")
     args = ap.parse_args(argv)
+    from ..errors import ScidfmError
     from ..eval.models import load_model
 
-    try:  # the corpus is checked before the model is loaded
+    try:  # the corpus is checked before the model is loaded; a bad corpus, --model or --tokenizer: one line
         groups = domain_texts(args.corpus, args.per_domain, text_key=args.text_key, domain_key=args.domain_key)
-    except (CorpusError, OSError) as exc:
-        print(f"scidfm-analyze-experts: error: {exc}", file=sys.stderr)
-        return 2
-    print("[scidfm] domains: " + ", ".join(f"{k} ({len(v)})" for k, v in groups.items()), file=sys.stderr)
-    from ..errors import ScidfmError
-
-    try:  # a wrong --model or --tokenizer: one line, as scidfm-evaluate says it
+        print("[scidfm] domains: " + ", ".join(f"{k} ({len(v)})" for k, v in groups.items()), file=sys.stderr)
         model = load_model(args.model, tokenizer=args.tokenizer)
-    except (ScidfmError, FileNotFoundError) as exc:
+    except (ScidfmError, OSError) as exc:  # CorpusError is a ScidfmError
         print(f"scidfm-analyze-experts: error: {exc}", file=sys.stderr)
         return 2
     try:
