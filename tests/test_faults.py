@@ -175,3 +175,51 @@ def test_loss_spikes_are_flagged():
     flagged = [det(v) for v in [3.0 + 0.01 * (i % 5) for i in range(20)]]
     assert not any(flagged)
     assert det(3.5) > 6.0 and det(3.02) is None
+
+
+_QUEUE_SCRIPT = """
+import multiprocessing as mp, os, signal, sys, time
+import torch
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+from scidfm_megatron.training.faults import orphan_safe_write_queue
+
+orphan_safe_write_queue()
+q = fa._get_write_results_queue()  # what megatron's writer gets
+item = {0: [MetadataIndex("decoder.weight", offset=torch.Size([2, 0]))]}
+p = mp.get_context("fork").Process(target=q.put, args=(item,))  # the writer is a forked process, as in megatron
+p.start(); p.join()
+assert q.get_nowait() == item
+print(fa._scidfm_manager._process.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_write_queues_manager_never_imports_torch_and_dies_with_its_rank(tmp_path):
+    """megatron's checkpoint writer returns its results through a Manager process per rank. Ours carries
+    pickled bytes (megatron's unpickled torch objects there, importing torch: ~2.5 s CPU and ~250 MB per
+    rank at the first save) and dies with its rank when the rank is SIGKILLed (megatron's stayed forever)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from scidfm_megatron.testing.distributed import cpu_env
+
+    proc = subprocess.Popen([sys.executable, "-c", _QUEUE_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=cpu_env())
+    try:
+        line = proc.stdout.readline()
+        assert line.strip().isdigit(), proc.stderr.read()[-3000:] if proc.poll() is not None else line
+        manager = int(line)
+        maps = open(f"/proc/{manager}/maps").read()
+        assert "libtorch" not in maps, "the write queue's Manager imported torch"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    deadline = time.time() + 20
+    while psutil.pid_exists(manager) and psutil.Process(manager).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the Manager outlived its SIGKILLed rank"
+        time.sleep(0.1)

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from ..config import ConfigError
 from ..errors import RunStopped, SaveFailed  # re-export: defined in scidfm_megatron/errors.py
+from .write_queue import orphan_safe_write_queue  # re-export: the checkpoint writer's queue
 
 log = logging.getLogger("scidfm.faults")
 
@@ -373,33 +374,6 @@ class _LazyNanGrad:
 
 _NanGradCls = None
 _NanGrad = _LazyNanGrad()
-
-
-def _die_with_parent() -> None:  # runs in megatron's Manager process (spawned): SIGKILL when its rank dies
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def orphan_safe_write_queue() -> None:
-    """megatron's checkpoint writer (dist_checkpointing/strategies/filesystem_async.py) keeps the write
-    results in a ``multiprocessing`` Manager process per rank, made on the first save. A rank killed by
-    SIGKILL leaves that process behind forever (holding the job's stdout open, so a launcher reading it
-    never sees the end). The same queue, from a Manager that dies with its rank (Linux: PR_SET_PDEATHSIG)."""
-    import multiprocessing as mp
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-
-    if getattr(fa, "_results_queue", "absent") is not None or not sys.platform.startswith("linux"):
-        return  # already made (or megatron changed): leave it
-    manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(initializer=_die_with_parent)
-    fa._results_queue = manager.Queue()
-    fa._scidfm_manager = manager  # keep it alive
 
 
 def disk_free_check(root: Path, expected: int) -> Optional[OSError]:

@@ -108,8 +108,10 @@ def save(root: str | Path, iteration: int, chunks, optimizer, scheduler, common:
     from megatron.core import dist_checkpointing
 
     from ...quiet import quiet_checkpoint_warnings
+    from ..write_queue import orphan_safe_write_queue
 
     quiet_checkpoint_warnings()
+    orphan_safe_write_queue()  # megatron's write-result queue, dying with its rank and never importing torch
     if optimizer_format not in FORMATS:
         raise ValueError(f"checkpoint format must be one of {FORMATS}, got {optimizer_format!r}")
     if async_queue is not None:
