@@ -96,6 +96,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         from ..training.trainer import run
 
         run(cfg, validated=True)
+        # The run is over and its files closed (Trainer.close). The interpreter's last full collection at exit
+        # would walk every object torch and megatron made (~0.8 s of CPU per rank, measured with py-spy on
+        # scidfm-tiny); frozen objects are skipped, and the process's memory goes back to the OS anyway.
+        import gc
+
+        gc.freeze()
     except (ConfigError, ParallelConfigError) as exc:
         print(f"{prog}: configuration error: {exc}", file=sys.stderr)
         return 2
