@@ -301,13 +301,6 @@ class Checker:
         finished_first = kill_p.poll() is not None
         kill_p.kill()  # SIGKILL to the tree: no handler runs anywhere, not a clean exit
         kill_p._fh.close()
-        rc = ref_p.wait(end - time.monotonic())
-        if rc != 0:
-            raise CheckFailed(f"the reference run exited {rc}\n{ref_p.tail()}")
-        self.art["s1_ckpt"] = ref / "ckpt"
-        want = train_losses(ref / "metrics.jsonl", tolerant=True)
-        fig["reference_losses"] = fmt_losses(want)
-        fig["stage1_final_loss"] = want.get(total)
         done = sorted(int(p.name[5:]) for p in (run_ / "ckpt").glob("iter_???????")
                       if (p / "scidfm_meta.json").exists())
         fig["killed_mid_run"] = not finished_first and total not in done
@@ -315,8 +308,20 @@ class Checker:
             # The run outran the kill: resume explicitly from the earliest checkpoint it kept instead.
             args = args + [f"checkpoint.resume_from={run_ / 'ckpt' / f'iter_{done[0]:07d}'}"]
         before = train_losses(run_ / "metrics.jsonl", tolerant=True)
-        pr = run(train_cmd(self.py, "tiny_stage1.yaml", args, deterministic=True), self.log("s1_resumed"),
-                 self.budget, end - time.monotonic())
+        # The resumed run starts now, beside the reference's remaining steps (its own directory; on the CPU
+        # each is one process on one core, so the pair takes the time of one).
+        pr = Proc(train_cmd(self.py, "tiny_stage1.yaml", args, deterministic=True), self.log("s1_resumed"))
+        rc = ref_p.wait(end - time.monotonic())
+        if rc != 0:
+            pr.kill()
+            raise CheckFailed(f"the reference run exited {rc}\n{ref_p.tail()}")
+        self.art["s1_ckpt"] = ref / "ckpt"
+        want = train_losses(ref / "metrics.jsonl", tolerant=True)
+        fig["reference_losses"] = fmt_losses(want)
+        fig["stage1_final_loss"] = want.get(total)
+        rc = pr.wait(end - time.monotonic())
+        if rc != 0:
+            raise CheckFailed(f"the resumed run exited {rc}\n{pr.tail()}")
         m = re.search(r"resumed from \S+: iteration (\d+)", pr.output())
         if not m:
             raise CheckFailed(f"the second run did not resume from a checkpoint\n{pr.tail()}")
