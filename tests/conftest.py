@@ -42,6 +42,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_repository():
+    """The recipes' default outputs are under the repository's runs/ (the README's main job writes there); a
+    test or a tool it runs writes under its tmp_path (a benchmark once left TensorBoard files in runs/)."""
+    def files():
+        return {p for p in (ROOT / "runs").rglob("*") if p.is_file()} if (ROOT / "runs").exists() else set()
+
+    before = files()
+    yield
+    new = sorted(str(p.relative_to(ROOT)) for p in files() - before)
+    assert not new, f"the tests wrote into the repository: {new[:5]}"
+
+
 SAMPLE = ROOT / "examples" / "sample_corpus"
 BASE_MODEL = ROOT / "examples" / "tokenizer" / "base_tokenizer.model"
 

@@ -96,8 +96,8 @@ def base_overrides(args, runs: Path, vocab: int, lay: dict | None) -> list[str]:
     over = [f"model.vocab_size={vocab}", f"model.max_seq_length={args.seq_length}",
             f"train.seq_length={args.seq_length}", f"train.global_batch_size={args.global_batch}",
             f"train.micro_batch_size={args.micro_batch}", "train.warmup_iters=1", "train.eval_interval=null",
-            "checkpoint.save=null", f"data.tokenizer_model={runs / 'tokenizer' / 'tokenizer.model'}",
-            f"data.data_root={runs / 'data'}"]
+            "checkpoint.save=null", "logging.tensorboard_dir=null",
+            f"data.tokenizer_model={runs / 'tokenizer' / 'tokenizer.model'}", f"data.data_root={runs / 'data'}"]
     if lay is not None:
         over += [f"parallel.tp={lay['tp']}", f"parallel.pp={lay['pp']}", f"parallel.ep={lay['ep']}"]
     if args.gpu_slice:
