@@ -197,8 +197,9 @@ time.sleep(60)
 
 def test_the_write_queues_manager_never_imports_torch_and_dies_with_its_rank(tmp_path):
     """megatron's checkpoint writer returns its results through a Manager process per rank. Ours carries
-    pickled bytes (megatron's unpickled torch objects there, importing torch: ~2.5 s CPU and ~250 MB per
-    rank at the first save) and dies with its rank when the rank is SIGKILLed (megatron's stayed forever)."""
+    pickled bytes (megatron's unpickled torch objects there, importing torch: 1.8 s and 275 MiB per rank at
+    the first save, tools/bench_write_queue.py) and dies with its rank when the rank is SIGKILLed (megatron's
+    stayed forever)."""
     import os
     import signal
     import subprocess
