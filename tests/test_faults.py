@@ -182,7 +182,7 @@ import multiprocessing as mp, os, signal, sys, time
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-from scidfm_megatron.training.faults import orphan_safe_write_queue
+from scidfm_megatron.training.write_queue import orphan_safe_write_queue
 
 orphan_safe_write_queue()
 q = fa._get_write_results_queue()  # what megatron's writer gets

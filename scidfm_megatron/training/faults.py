@@ -20,7 +20,6 @@ from typing import Callable, Optional
 
 from ..config import ConfigError
 from ..errors import RunStopped, SaveFailed  # re-export: defined in scidfm_megatron/errors.py
-from .write_queue import orphan_safe_write_queue  # re-export: the checkpoint writer's queue
 
 log = logging.getLogger("scidfm.faults")
 
@@ -214,8 +213,6 @@ class FaultGuard:
             model_config.finalize_model_grads_func = timed
         self._straggler_streak: dict = {}
         self.watchdog: Optional[Watchdog] = None
-        if cfg.checkpoint.save:
-            orphan_safe_write_queue()
 
     # ------------------------------------------------------------------ drills
     def _poison(self, module, args, output):
