@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _measure(which: str) -> dict:  # runs in a fresh interpreter
+def measure(which: str) -> dict:
+    """In a fresh interpreter (the queue is module state): make the queue, put and get one result; the figures."""
     import multiprocessing as mp
 
     import psutil
@@ -45,17 +46,17 @@ def _measure(which: str) -> dict:  # runs in a fresh interpreter
         raise RuntimeError("the queue returned another object")
     first = time.perf_counter() - t
     cpu = manager.cpu_times()
-    return dict(queue=which, first_put_get_s=first, manager_cpu_s=cpu.user + cpu.system,
+    return dict(queue=which, manager_pid=manager.pid, first_put_get_s=first, manager_cpu_s=cpu.user + cpu.system,
                 manager_rss_mib=manager.memory_info().rss / 2**20,
                 manager_has_torch=any("libtorch" in m.path for m in manager.memory_maps()))
 
 
 def main(argv=None) -> int:
     rows = []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     for which in ("megatron", "ours"):
-        code = (f"import json; from scidfm_megatron.bench.write_queue import _measure; "
-                f"print(json.dumps(_measure({which!r})))")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        code = (f"import json; from scidfm_megatron.bench.write_queue import measure; "
+                f"print(json.dumps(measure({which!r})))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
         if r.returncode != 0:
             print(f"bench_write_queue: the {which} queue failed:\n{r.stderr[-2000:]}", file=sys.stderr)
